@@ -1,0 +1,493 @@
+"""One typed configuration for everything: model, train, mesh, data, checkpoint.
+
+A recipe is a YAML file with those five sections. The `model` section may be a mapping or the path
+of a model YAML (``model: ../configs/tiny.yaml``, resolved relative to the recipe). Any key can be
+overridden from the command line with ``--set section.key=value`` (the value is parsed as YAML, so
+``--set model.q_lora_rank=null`` works) and ``--set model=configs/tiny.yaml`` swaps the whole model.
+
+Every field is typed; loading checks unknown keys, types and cross-field consistency and raises a
+single :class:`ConfigError` that names the key and the file (or the ``--set`` flag) it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error: names the key and where it came from."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """YaRN context extension, as in the HF `rope_scaling` / `rope_parameters` of DeepSeek-V3."""
+
+    type: Literal["yarn"] = "yarn"
+    factor: float = 40.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """DeepSeek-V3 architecture plus one lightning indexer per layer (field names follow HF)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: Optional[int] = None
+    first_k_dense_replace: int = 0
+    # MoE (n_routed_experts = 0 makes every layer a dense FFN).
+    n_routed_experts: int = 0
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 1
+    moe_intermediate_size: int = 0
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    rms_norm_eps: float = 1e-6
+    # RoPE
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+    max_position_embeddings: int = 4096
+    # Lightning indexer (use_indexer = false models a DeepSeek-V3 checkpoint without one).
+    use_indexer: bool = True
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 2048
+    # Numerics and implementation choices.
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    initializer_range: float = 0.02
+    # `auto`: Pallas kernels on GPU/TPU, the pure-JAX reference on CPU.
+    kernels: Literal["auto", "reference", "pallas"] = "auto"
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def has_moe(self) -> bool:
+        return self.n_routed_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.has_moe and layer >= self.first_k_dense_replace
+
+    def validate(self) -> list[tuple[str, str]]:
+        errors = []
+        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "intermediate_size", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                    "v_head_dim", "max_position_embeddings"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                errors.append((name, f"must be >= 1, got {getattr(self, name)}"))
+        if self.qk_rope_head_dim % 2:
+            errors.append(("qk_rope_head_dim", "must be even (RoPE rotates pairs)"))
+        if self.q_lora_rank is not None and self.q_lora_rank < 1:
+            errors.append(("q_lora_rank", "must be >= 1 or null (queries read the hidden state directly)"))
+        if self.use_indexer:
+            if self.index_topk < 1:
+                errors.append(("index_topk", f"must be >= 1, got {self.index_topk}"))
+            if self.index_n_heads < 1 or self.index_head_dim < 1:
+                errors.append(("index_n_heads", "index_n_heads and index_head_dim must be >= 1"))
+            if self.index_head_dim < self.qk_rope_head_dim:
+                errors.append(("index_head_dim", "must be >= qk_rope_head_dim (RoPE covers its first dims)"))
+        if self.has_moe:
+            if self.moe_intermediate_size < 1:
+                errors.append(("moe_intermediate_size", "must be >= 1 when n_routed_experts > 0"))
+            if self.n_group < 1 or self.n_routed_experts % self.n_group:
+                errors.append(("n_group", f"must divide n_routed_experts ({self.n_routed_experts})"))
+            elif not 1 <= self.topk_group <= self.n_group:
+                errors.append(("topk_group", f"must be in [1, n_group={self.n_group}]"))
+            elif self.num_experts_per_tok > self.topk_group * (self.n_routed_experts // self.n_group):
+                errors.append(("num_experts_per_tok", "exceeds the experts in the kept groups"))
+            if self.n_routed_experts // max(self.n_group, 1) < 2 and self.n_group > 1:
+                errors.append(("n_group", "each group needs at least 2 experts (group score = top-2 sum)"))
+            if self.num_experts_per_tok < 1:
+                errors.append(("num_experts_per_tok", "must be >= 1"))
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            errors.append(("first_k_dense_replace", "must be in [0, num_hidden_layers]"))
+        return errors
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warm-up then constant or cosine decay, for one parameter group."""
+
+    lr: float = 1e-3
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+
+    def validate(self) -> list[tuple[str, str]]:
+        errors = []
+        if self.lr < 0:
+            errors.append(("lr", "must be >= 0"))
+        if self.warmup_steps < 0:
+            errors.append(("warmup_steps", "must be >= 0"))
+        if not 0 <= self.min_lr_ratio <= 1:
+            errors.append(("min_lr_ratio", "must be in [0, 1]"))
+        if self.clip_norm <= 0:
+            errors.append(("clip_norm", "must be > 0"))
+        return errors
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What one training stage does.
+
+    stage: ``dense`` trains the whole model with dense attention on the LM loss (used to make a
+    stand-in base model for the smoke run); ``warmup`` trains only the indexers on the dense KL;
+    ``sparse`` trains everything with top-k attention (LM loss for the model, sparse KL for the
+    indexers).
+    """
+
+    stage: Literal["dense", "warmup", "sparse"] = "warmup"
+    steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 4096
+    grad_accum: int = 1
+    seed: int = 0
+    main: OptimizerConfig = field(default_factory=OptimizerConfig)
+    indexer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    # The report gives no coefficient for the indexer KL; it only matters through clipping and
+    # learning rates because the indexer's parameters and inputs are disjoint from the model's.
+    indexer_loss_weight: float = 1.0
+    moe_bias_update_rate: float = 1e-3
+    moe_balance_loss_alpha: float = 1e-4
+    max_nonfinite_steps: int = 5
+    log_every: int = 1
+    # Rows per batch on which captured mass / k90 are measured in the sparse stage.
+    diagnostic_rows: int = 64
+    # Stop the warm-up early once every layer's captured mass reaches this (0 disables).
+    stop_at_captured_mass: float = 0.0
+    run_dir: str = "runs/default"
+
+    def validate(self) -> list[tuple[str, str]]:
+        errors = []
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                errors.append((name, f"must be >= 1, got {getattr(self, name)}"))
+        if self.batch_size % self.grad_accum:
+            errors.append(("grad_accum", f"must divide batch_size ({self.batch_size})"))
+        for name in ("moe_bias_update_rate", "moe_balance_loss_alpha", "indexer_loss_weight"):
+            if getattr(self, name) < 0:
+                errors.append((name, "must be >= 0"))
+        errors += [(f"main.{k}", m) for k, m in self.main.validate()]
+        errors += [(f"indexer.{k}", m) for k, m in self.indexer.validate()]
+        return errors
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; -1 on one axis means "all remaining devices"."""
+
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+    context: int = 1
+
+    def validate(self) -> list[tuple[str, str]]:
+        sizes = dataclasses.asdict(self)
+        errors = [(k, "must be >= 1 or -1") for k, v in sizes.items() if v == 0 or v < -1]
+        if sum(v == -1 for v in sizes.values()) > 1:
+            errors.append(("data", "at most one mesh axis may be -1"))
+        return errors
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where batches come from: ``synthetic`` (built-in key-value retrieval task) or token shards."""
+
+    source: Literal["synthetic", "arrayrecord"] = "synthetic"
+    paths: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()
+    num_pairs: int = 8
+    seed: int = 0
+    shuffle: bool = True
+    prefetch: int = 2
+
+    def validate(self) -> list[tuple[str, str]]:
+        errors = []
+        if self.source == "arrayrecord" and not self.paths:
+            errors.append(("paths", "source 'arrayrecord' needs at least one path"))
+        if self.weights and len(self.weights) != len(self.paths):
+            errors.append(("weights", "needs one weight per path"))
+        return errors
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where to start from and how often to save."""
+
+    init_from: Optional[str] = None
+    save_every: int = 500
+    keep: int = 3
+    keep_every: Optional[int] = None
+    async_save: bool = True
+
+    def validate(self) -> list[tuple[str, str]]:
+        errors = []
+        if self.save_every < 1:
+            errors.append(("save_every", "must be >= 1"))
+        if self.keep < 1:
+            errors.append(("keep", "must be >= 1"))
+        return errors
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> list[tuple[str, str]]:
+        errors = []
+        for section in ("model", "train", "mesh", "data", "checkpoint"):
+            errors += [(f"{section}.{k}", m) for k, m in getattr(self, section).validate()]
+        m, mesh = self.model, self.mesh
+        if mesh.tensor > 0:
+            if m.num_attention_heads % mesh.tensor:
+                errors.append(("mesh.tensor", f"must divide model.num_attention_heads ({m.num_attention_heads})"))
+            if m.use_indexer and m.index_n_heads % mesh.tensor:
+                errors.append(("mesh.tensor", f"must divide model.index_n_heads ({m.index_n_heads})"))
+        if mesh.expert > 0 and m.has_moe and m.n_routed_experts % mesh.expert:
+            errors.append(("mesh.expert", f"must divide model.n_routed_experts ({m.n_routed_experts})"))
+        if mesh.context > 0 and self.train.seq_len % mesh.context:
+            errors.append(("mesh.context", f"must divide train.seq_len ({self.train.seq_len})"))
+        if self.train.stage in ("warmup", "sparse") and not m.use_indexer:
+            errors.append(("model.use_indexer", f"stage '{self.train.stage}' needs the indexer"))
+        return errors
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: YAML -> dict (with provenance) -> overrides -> typed, validated dataclasses
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+class _Sources:
+    """Remembers which file or flag each dotted key came from, for error messages."""
+
+    def __init__(self) -> None:
+        self._origin: dict[str, str] = {}
+
+    def record(self, prefix: str, tree: Any, origin: str) -> None:
+        self._origin[prefix] = origin
+        if isinstance(tree, dict):
+            for k, v in tree.items():
+                self.record(f"{prefix}.{k}" if prefix else str(k), v, origin)
+
+    def of(self, key: str) -> str:
+        while key:
+            if key in self._origin:
+                return self._origin[key]
+            key = key.rpartition(".")[0]
+        return self._origin.get("", "<defaults>")
+
+
+def _resolve_model_ref(raw: dict, base_dir: Path, sources: _Sources, origin: str) -> None:
+    """Replace ``model: path.yaml`` by that file's contents."""
+    ref = raw.get("model")
+    if isinstance(ref, str):
+        path = Path(ref)
+        if not path.is_absolute() and not path.exists():
+            path = base_dir / ref
+        model = _read_yaml(path)
+        model = model.get("model", model) if isinstance(model.get("model"), dict) else model
+        raw["model"] = model
+        sources.record("model", model, str(path))
+    elif ref is None and "model" in raw:
+        raise ConfigError(f"{origin}: 'model' is empty; give a mapping or a model YAML path")
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.steps=100")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _apply_override(raw: dict, key: str, value: Any, sources: _Sources) -> None:
+    origin = f"--set {key}"
+    parts = key.split(".")
+    if parts[0] == "model" and len(parts) > 1 and isinstance(raw.get("model"), str):
+        _resolve_model_ref(raw, Path.cwd(), sources, origin)
+    node = raw
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+    sources.record(key, value, origin)
+    if key == "model":
+        _resolve_model_ref(raw, Path.cwd(), sources, origin)
+
+
+def _convert(value: Any, tp: Any, key: str, sources: _Sources) -> Any:
+    """Check/convert one YAML value against a type annotation."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    where = f"{sources.of(key)}: {key}"
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key, sources)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return tuple(_convert(v, args[0], f"{key}[{i}]", sources) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, sources)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        # YAML 1.1 reads `1e-3` (no dot) as a string; accept it as the number it obviously is.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {key}")
+
+
+def _build(cls: type, raw: Any, prefix: str, sources: _Sources) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{sources.of(prefix)}: {prefix}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            close = _closest(str(key), fields)
+            hint = f" (did you mean '{close}'?)" if close else ""
+            raise ConfigError(f"{sources.of(full)}: unknown key '{full}'{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        full = f"{prefix}.{name}" if prefix else name
+        if name in raw:
+            kwargs[name] = _convert(raw[name], hints[name], full, sources)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{sources.of(prefix)}: missing required key '{full}'")
+    return cls(**kwargs)
+
+
+def _closest(key: str, options) -> Optional[str]:
+    import difflib
+
+    match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a recipe (or a bare model YAML) and apply ``--set`` overrides; validate everything."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    sources = _Sources()
+    if "model" not in raw and "vocab_size" in raw:  # a bare model config: default everything else
+        raw = {"model": raw}
+    sources.record("", raw, str(path))
+    _resolve_model_ref(raw, path.parent, sources, str(path))
+    for item in overrides:
+        key, value = _parse_override(item)
+        _apply_override(raw, key, value, sources)
+    if "model" not in raw:
+        raise ConfigError(f"{path}: missing required key 'model'")
+    config = _build(Config, raw, "", sources)
+    errors = config.validate()
+    if errors:
+        key, message = errors[0]
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise ConfigError(f"{sources.of(key)}: {key}: {message}{more}")
+    return config
+
+
+def load_model_config(path: str | Path, overrides=()) -> ModelConfig:
+    return load_config(path, overrides).model
+
+
+def to_dict(config: Any) -> dict:
+    """Plain-dict form (for saving the resolved config beside checkpoints and metrics)."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(raw: dict, origin: str = "<dict>") -> Config:
+    sources = _Sources()
+    sources.record("", raw, origin)
+    config = _build(Config, raw, "", sources)
+    errors = config.validate()
+    if errors:
+        key, message = errors[0]
+        raise ConfigError(f"{origin}: {key}: {message}")
+    return config

@@ -1,0 +1,117 @@
+"""Multi-head latent attention with a lightning indexer, in dense or top-k sparse mode."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsa_train.config import ModelConfig
+from dsa_train.model.indexer import Indexer
+from dsa_train.model.layers import DTYPES, Linear, RMSNorm
+from dsa_train.ops import losses
+from dsa_train.ops.attention import dense_attention, sparse_mla_attention
+from dsa_train.ops.diagnostics import indexer_quality
+from dsa_train.ops.indexer import indexer_topk
+from dsa_train.ops.rope import apply_rope_interleaved, softmax_scale
+
+sg = jax.lax.stop_gradient
+
+
+class ForwardMode(NamedTuple):
+    """What a forward pass computes (static under jit)."""
+
+    attention: str = "dense"  # "dense" | "sparse"
+    indexer_loss: bool = False  # dense KL in dense mode, KL over the selected set in sparse mode
+    logits: bool = True
+    diagnostic_rows: int = 0  # > 0: measure captured mass / k90 on that many query rows
+    kernels: str = "reference"  # resolved implementation for the sparse ops
+
+
+class AttentionAux(NamedTuple):
+    indexer_loss: jnp.ndarray
+    diagnostics: dict
+    indices: Optional[jnp.ndarray]
+
+
+class MLA(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = self.config = config
+        kw = dict(rngs=rngs, param_dtype=DTYPES[c.param_dtype], dtype=DTYPES[c.compute_dtype])
+        h, dqk = c.num_attention_heads, c.qk_head_dim
+        if c.q_lora_rank is None:
+            self.q_proj = Linear(c.hidden_size, h * dqk, ("heads", "embed"), **kw)
+        else:
+            self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank, ("q_lora", "embed"), **kw)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, "q_lora", c.rms_norm_eps, param_dtype=kw["param_dtype"])
+            self.q_b_proj = Linear(c.q_lora_rank, h * dqk, ("heads", "q_lora"), **kw)
+        self.kv_a_proj_with_mqa = Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim,
+                                         ("kv_lora", "embed"), **kw)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, "kv_lora", c.rms_norm_eps, param_dtype=kw["param_dtype"])
+        self.kv_b_proj = Linear(c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim), ("heads", "kv_lora"), **kw)
+        self.o_proj = Linear(h * c.v_head_dim, c.hidden_size, ("embed", "heads"), **kw)
+        self.indexer = Indexer(config, rngs=rngs) if c.use_indexer else None
+        self.sm_scale = softmax_scale(config)
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe):
+        """MQA form: q [B, S, H, kv_lora + rope], kv [B, T, kv_lora + rope], and W_UV [H, v, kv_lora]."""
+        c = self.config
+        w = self.kv_b_proj.weight[...].astype(q_nope.dtype)
+        w = w.reshape(c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
+        q_latent = jnp.einsum("bshn,hnc->bshc", q_nope, w[:, : c.qk_nope_head_dim])
+        return (jnp.concatenate([q_latent, q_pe], -1), jnp.concatenate([c_kv, k_pe], -1),
+                w[:, c.qk_nope_head_dim:])
+
+    def __call__(self, x, segment_ids, cos, sin, mode: ForwardMode) -> tuple[jnp.ndarray, AttentionAux]:
+        c = self.config
+        b, s, _ = x.shape
+        h = c.num_attention_heads
+        if c.q_lora_rank is None:
+            q_in = x
+            q = self.q_proj(x)
+        else:
+            q_in = self.q_a_layernorm(self.q_a_proj(x))
+            q = self.q_b_proj(q_in)
+        q = q.reshape(b, s, h, c.qk_head_dim)
+        q_nope, q_pe = q[..., : c.qk_nope_head_dim], apply_rope_interleaved(q[..., c.qk_nope_head_dim:], cos, sin)
+        kv_a = self.kv_a_proj_with_mqa(x)
+        c_kv = self.kv_a_layernorm(kv_a[..., : c.kv_lora_rank])
+        k_pe = apply_rope_interleaved(kv_a[..., c.kv_lora_rank:], cos, sin)
+
+        use_indexer = self.indexer is not None and (
+            mode.attention == "sparse" or mode.indexer_loss or mode.diagnostic_rows > 0)
+        if use_indexer:
+            # Detached: the indexer learns only from its own loss, never from the LM loss path.
+            q_i, k_i, w_i = self.indexer(sg(x), sg(q_in), cos, sin)
+        elif mode.attention == "sparse":
+            raise ValueError("sparse attention needs the lightning indexer (model.use_indexer)")
+
+        indices = None
+        q_mqa, kv_mqa, w_uv = self._absorbed(q_nope, q_pe, c_kv, k_pe)
+        if mode.attention == "dense":
+            kv = self.kv_b_proj(c_kv).reshape(b, s, h, c.qk_nope_head_dim + c.v_head_dim)
+            k = jnp.concatenate([kv[..., : c.qk_nope_head_dim],
+                                 jnp.broadcast_to(k_pe[:, :, None, :], (b, s, h, c.qk_rope_head_dim))], -1)
+            out, lse = dense_attention(jnp.concatenate([q_nope, q_pe], -1), k, kv[..., c.qk_nope_head_dim:],
+                                       segment_ids, self.sm_scale)
+        else:
+            indices = indexer_topk(q_i, k_i, w_i, c.index_topk, segment_ids, impl=mode.kernels)
+            latent_out, lse = sparse_mla_attention(q_mqa, kv_mqa, indices, self.sm_scale, v_dim=c.kv_lora_rank,
+                                                   impl=mode.kernels)
+            out = jnp.einsum("bshc,hvc->bshv", latent_out, w_uv)
+        y = self.o_proj(out.reshape(b, s, h * c.v_head_dim))
+
+        loss = jnp.zeros((), jnp.float32)
+        if mode.indexer_loss:
+            if mode.attention == "dense":
+                loss = losses.indexer_kl_loss(sg(q_mqa), sg(kv_mqa), self.sm_scale, q_i, k_i, w_i, segment_ids)
+            else:
+                loss = losses.sparse_indexer_kl_loss(sg(q_mqa), sg(kv_mqa), indices, sg(lse), self.sm_scale,
+                                                     q_i, k_i, w_i, segment_ids)
+        diagnostics = {}
+        if mode.diagnostic_rows > 0 and use_indexer:
+            diagnostics = indexer_quality(sg(q_mqa), sg(kv_mqa), self.sm_scale, sg(q_i), sg(k_i), sg(w_i),
+                                          segment_ids, c.index_topk, mode.diagnostic_rows)
+        return y, AttentionAux(loss, diagnostics, indices)

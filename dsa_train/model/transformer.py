@@ -1,0 +1,107 @@
+"""The whole model: DeepSeek-V3 decoder with one lightning indexer per layer (DeepSeek-V3.2).
+
+Module names mirror the Hugging Face checkpoint (`model.layers.3.self_attn.indexer.wk.weight`), so
+the converter maps names one to one (routed experts are stacked along a leading expert axis).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsa_train.config import ModelConfig
+from dsa_train.model.layers import DTYPES, Embedding, Linear, RMSNorm, SwiGLU
+from dsa_train.model.mla import MLA, ForwardMode
+from dsa_train.model.moe import MoE, MoEStats
+from dsa_train.ops.masks import default_segment_ids, document_positions
+from dsa_train.ops.rope import rope_angles
+
+
+class ModelOutput(NamedTuple):
+    logits: Optional[jnp.ndarray]  # [B, S, V] fp32, None when mode.logits is False
+    hidden: jnp.ndarray  # [B, S, D] final normed hidden state
+    indexer_loss: jnp.ndarray  # [L] per-layer indexer KL (zeros when not requested)
+    moe: tuple[MoEStats, ...]  # one per MoE layer
+    diagnostics: dict  # name -> [L] per-layer indexer quality (empty unless requested)
+    indices: tuple  # per-layer top-k indices [B, S, K] in sparse mode
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        c = config
+        pdt, cdt = DTYPES[c.param_dtype], DTYPES[c.compute_dtype]
+        self.input_layernorm = RMSNorm(c.hidden_size, "embed", c.rms_norm_eps, param_dtype=pdt)
+        self.self_attn = MLA(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, "embed", c.rms_norm_eps, param_dtype=pdt)
+        if c.is_moe_layer(layer):
+            self.mlp = MoE(config, rngs=rngs)
+        else:
+            self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, rngs=rngs, param_dtype=pdt, dtype=cdt)
+        self.is_moe = c.is_moe_layer(layer)
+
+    def __call__(self, x, segment_ids, valid, cos, sin, mode: ForwardMode):
+        attn_out, aux = self.self_attn(self.input_layernorm(x), segment_ids, cos, sin, mode)
+        x = x + attn_out
+        h = self.post_attention_layernorm(x)
+        stats = None
+        if self.is_moe:
+            ffn_out, stats = self.mlp(h, valid)
+        else:
+            ffn_out = self.mlp(h)
+        return x + ffn_out, aux, stats
+
+
+class DecoderStack(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, rngs=rngs, param_dtype=DTYPES[c.param_dtype],
+                                      dtype=DTYPES[c.compute_dtype])
+        self.layers = nnx.List([DecoderLayer(c, i, rngs=rngs) for i in range(c.num_hidden_layers)])
+        self.norm = RMSNorm(c.hidden_size, "embed", c.rms_norm_eps, param_dtype=DTYPES[c.param_dtype])
+
+
+class CausalLM(nnx.Module):
+    """`model` (embeddings, layers, final norm) + untied `lm_head`, as in `DeepseekV32ForCausalLM`."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.model = DecoderStack(config, rngs=rngs)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, ("vocab", "embed"), rngs=rngs,
+                              param_dtype=DTYPES[config.param_dtype], dtype=DTYPES[config.compute_dtype])
+
+    def __call__(self, tokens: jnp.ndarray, segment_ids: jnp.ndarray | None = None,
+                 positions: jnp.ndarray | None = None, mode: ForwardMode = ForwardMode()) -> ModelOutput:
+        """tokens [B, S] int32; segment_ids [B, S] (0 = padding; default one document per row);
+        positions [B, S] (default: position inside each document)."""
+        if segment_ids is None:
+            segment_ids = default_segment_ids(tokens)
+        if positions is None:
+            positions = document_positions(segment_ids)
+        valid = (segment_ids != 0).astype(jnp.float32)
+        cos, sin = rope_angles(positions, self.config)
+        x = self.model.embed_tokens(tokens)
+        kl, moe, diags, indices = [], [], [], []
+        for layer in self.model.layers:
+            x, aux, stats = layer(x, segment_ids, valid, cos, sin, mode)
+            kl.append(aux.indexer_loss)
+            diags.append(aux.diagnostics)
+            if aux.indices is not None:
+                indices.append(aux.indices)
+            if stats is not None:
+                moe.append(stats)
+        hidden = self.model.norm(x)
+        logits = self.lm_head(hidden).astype(jnp.float32) if mode.logits else None
+        diagnostics = {k: jnp.stack([d[k] for d in diags]) for k in diags[0]} if diags and diags[0] else {}
+        return ModelOutput(logits, hidden, jnp.stack(kl), tuple(moe), diagnostics, tuple(indices))
+
+
+def create_model(config: ModelConfig, seed: int = 0) -> CausalLM:
+    return CausalLM(config, rngs=nnx.Rngs(params=seed))
+
+
+def is_indexer_param(path, _value=None) -> bool:
+    """Filter for the indexer's parameters (the only trainable ones in the warm-up)."""
+    return "indexer" in tuple(str(p) for p in path)
