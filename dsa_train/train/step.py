@@ -1,0 +1,175 @@
+"""The train step: one pure function from (state, batch) to (state, metrics), jitted by the trainer.
+
+Stages (config.train.stage):
+- dense:  all parameters but the indexers train on the LM loss with dense attention.
+- warmup: only the indexers train, on KL(dense head-summed attention || softmax(indexer)); dense
+          attention; no LM head, no cross-entropy. Frozen parameters are closed over, not
+          differentiated, and get no optimizer state.
+- sparse: everything trains with top-k attention; the LM loss reaches only the main model and the
+          sparse KL only the indexers (the indexer's inputs are detached inside the model).
+After every step the MoE selection biases move toward balance: b += gamma * sign(mean - load).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dsa_train.config import Config
+from dsa_train.model import CausalLM, ForwardMode
+from dsa_train.model.layers import RouterBias
+from dsa_train.ops.losses import lm_cross_entropy, lm_targets, moe_sequence_balance_loss
+
+GROUPS = ("main", "indexer")
+TRAINABLE = {"dense": ("main",), "warmup": ("indexer",), "sparse": ("main", "indexer")}
+INDEXER_PARAMS = nnx.All(nnx.Param, nnx.PathContains("indexer"))
+
+
+class TrainState(NamedTuple):
+    step: jnp.ndarray  # int32 scalar: optimizer steps taken in this stage
+    params: dict  # group name -> nnx.State of that group's parameters (trained or frozen)
+    router_bias: Any  # nnx.State of the MoE selection biases
+    opt: dict  # trained group name -> optax state (frozen groups have none)
+    nonfinite: jnp.ndarray  # int32: consecutive skipped (non-finite) steps
+
+
+def split_model(model: CausalLM):
+    """graphdef and the state parts the trainer handles separately."""
+    graphdef, indexer, main, bias = nnx.split(model, INDEXER_PARAMS, nnx.Param, RouterBias)
+    return graphdef, {"main": main, "indexer": indexer}, bias
+
+
+def merge_model(graphdef, params: dict, router_bias) -> CausalLM:
+    return nnx.merge(graphdef, params["indexer"], params["main"], router_bias)
+
+
+def forward_mode(config: Config, kernels: str = "reference", diagnostics: bool = True) -> ForwardMode:
+    stage = config.train.stage
+    return ForwardMode(
+        attention="sparse" if stage == "sparse" else "dense",
+        indexer_loss=stage != "dense",
+        logits=stage != "warmup",
+        diagnostic_rows=config.train.diagnostic_rows if (diagnostics and stage != "dense") else 0,
+        kernels=kernels,
+    )
+
+
+def init_state(config: Config, params: dict, router_bias, optimizers: dict) -> TrainState:
+    trained = TRAINABLE[config.train.stage]
+    opt = {g: optimizers[g].init(params[g]) for g in trained}
+    return TrainState(jnp.zeros((), jnp.int32), params, router_bias, opt, jnp.zeros((), jnp.int32))
+
+
+def _loss_and_metrics(graphdef, config: Config, mode: ForwardMode, trained: dict, frozen: dict, router_bias,
+                      batch: dict):
+    t = config.train
+    model = merge_model(graphdef, {**frozen, **trained}, router_bias)
+    tokens, seg = batch["tokens"], batch["segment_ids"]
+    out = model(tokens, seg, batch.get("positions"), mode)
+    metrics = {}
+    loss = jnp.zeros((), jnp.float32)
+    if mode.logits:
+        lm_sum, n = lm_cross_entropy(out.logits, tokens, seg, batch.get("loss_weights"))
+        lm = lm_sum / jnp.maximum(n, 1.0)
+        targets, weights = lm_targets(tokens, seg)
+        if batch.get("loss_weights") is not None:
+            weights = weights * batch["loss_weights"]
+        correct = (jnp.argmax(out.logits, -1) == targets).astype(jnp.float32)
+        metrics["lm_loss"] = lm
+        metrics["accuracy"] = (correct * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+        loss = loss + lm
+        if out.moe and t.moe_balance_loss_alpha > 0:
+            valid = (seg != 0).astype(jnp.float32)
+            balance = sum(moe_sequence_balance_loss(s.scores, s.expert_idx, valid, t.moe_balance_loss_alpha)
+                          for s in out.moe)
+            metrics["balance_loss"] = balance
+            loss = loss + balance
+    if mode.indexer_loss:
+        metrics["indexer_kl"] = out.indexer_loss  # [L]
+        loss = loss + t.indexer_loss_weight * out.indexer_loss.sum()
+    for name, value in out.diagnostics.items():
+        metrics[name] = value  # [L]
+    counts = jnp.stack([s.expert_counts for s in out.moe]) if out.moe else jnp.zeros((0, 1))
+    metrics["loss"] = loss
+    return loss, (metrics, counts)
+
+
+def _accumulate(grad_fn, trained, batch: dict, accum: int):
+    """Average gradients and metrics over `accum` micro-batches (sequentially, to bound memory)."""
+    if accum == 1:
+        return grad_fn(trained, batch)
+    micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+    def body(carry, mb):
+        (loss, (metrics, counts)), grads = grad_fn(trained, mb)
+        return jax.tree.map(jnp.add, carry, (loss, metrics, counts, grads)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    rest = jax.tree.map(lambda x: x[1:], micro)
+    (loss, (metrics, counts)), grads = grad_fn(trained, first)
+    carry, _ = jax.lax.scan(body, (loss, metrics, counts, grads), rest)
+    loss, metrics, counts, grads = carry
+    scale = 1.0 / accum
+    return (loss * scale, (jax.tree.map(lambda m: m * scale, metrics), counts)), jax.tree.map(
+        lambda g: g * scale, grads)
+
+
+def update_router_bias(router_bias, counts: jnp.ndarray, rate: float):
+    """b_i += rate * sign(mean_load - load_i), per MoE layer (counts [L_moe, E], layer order)."""
+    flat = sorted(nnx.to_flat_state(router_bias), key=lambda kv: kv[0])
+    updated = []
+    for (path, var), load in zip(flat, counts):
+        delta = rate * jnp.sign(load.mean() - load)
+        updated.append((path, var.replace(var[...] + delta)))
+    return nnx.from_flat_state(updated)
+
+
+def make_train_step(graphdef, config: Config, optimizers: dict, schedules: dict, mode: ForwardMode):
+    t = config.train
+    trained_groups = TRAINABLE[t.stage]
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        trained = {g: state.params[g] for g in trained_groups}
+        frozen = {g: p for g, p in state.params.items() if g not in trained_groups}
+        loss_fn = lambda tr, b: _loss_and_metrics(graphdef, config, mode, tr, frozen, state.router_bias, b)  # noqa
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (metrics, counts)), grads = _accumulate(grad_fn, trained, batch, t.grad_accum)
+
+        new_params, new_opt = dict(state.params), {}
+        finite = jnp.isfinite(loss)
+        for g in trained_groups:
+            norm = optax.global_norm(grads[g])
+            metrics[f"grad_norm/{g}"] = norm
+            metrics[f"lr/{g}"] = schedules[g](state.step)
+            finite = finite & jnp.isfinite(norm)
+        for g in trained_groups:
+            updates, opt = optimizers[g].update(grads[g], state.opt[g], state.params[g])
+            new_params[g] = optax.apply_updates(state.params[g], updates)
+            new_opt[g] = opt
+        router_bias = state.router_bias
+        # The warm-up freezes the whole main model, routing included.
+        if counts.shape[0] and t.moe_bias_update_rate > 0 and t.stage != "warmup":
+            router_bias = update_router_bias(router_bias, counts, t.moe_bias_update_rate)
+        if counts.shape[0]:
+            load = counts / jnp.maximum(counts.mean(-1, keepdims=True), 1e-9)
+            metrics["moe_max_violation"] = load.max(-1) - 1.0  # [L_moe]
+            metrics["router_bias_norm"] = jnp.sqrt(sum(jnp.sum(v[...] ** 2) for _, v in nnx.to_flat_state(router_bias)))
+
+        # A non-finite loss or gradient skips the update entirely (parameters, moments, biases).
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = TrainState(
+            step=state.step + finite.astype(jnp.int32),
+            params=keep(new_params, state.params),
+            router_bias=keep(router_bias, state.router_bias),
+            opt=keep(new_opt, state.opt),
+            nonfinite=jnp.where(finite, 0, state.nonfinite + 1),
+        )
+        metrics["skipped"] = (~finite).astype(jnp.int32)
+        metrics["expert_load"] = counts
+        return new_state, metrics
+
+    return train_step
