@@ -225,12 +225,24 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where batches come from: ``synthetic`` (built-in key-value retrieval task) or token shards."""
+    """Where batches come from: ``synthetic`` (built-in key-value retrieval task) or token shards.
+
+    ``paths``: prepared dataset directories (``dsa-train data prepare``), mixed in proportion to
+    ``weights`` (default: equal). ``tokenizer``: optional tokenizer.json (or a directory holding
+    one) the model expects; every dataset must have been prepared with exactly that file.
+    Synthetic task (see dsa_train/data/synthetic.py): ``num_pairs`` key-value pairs per document,
+    ``num_queries`` of them asked at the end; ``synthetic_doc_len`` 0 makes one document per row,
+    otherwise documents of up to that many tokens are packed into each row.
+    ``prefetch``: batches prepared ahead in a background thread (0: none).
+    """
 
     source: Literal["synthetic", "arrayrecord"] = "synthetic"
     paths: tuple[str, ...] = ()
     weights: tuple[float, ...] = ()
+    tokenizer: Optional[str] = None
     num_pairs: int = 8
+    num_queries: int = 4
+    synthetic_doc_len: int = 0
     seed: int = 0
     shuffle: bool = True
     prefetch: int = 2
@@ -241,6 +253,16 @@ class DataConfig:
             errors.append(("paths", "source 'arrayrecord' needs at least one path"))
         if self.weights and len(self.weights) != len(self.paths):
             errors.append(("weights", "needs one weight per path"))
+        if any(w <= 0 for w in self.weights):
+            errors.append(("weights", "must all be > 0"))
+        if self.num_pairs < 1:
+            errors.append(("num_pairs", f"must be >= 1, got {self.num_pairs}"))
+        if not 1 <= self.num_queries <= max(self.num_pairs, 1):
+            errors.append(("num_queries", f"must be in [1, num_pairs={self.num_pairs}], got {self.num_queries}"))
+        if self.synthetic_doc_len < 0:
+            errors.append(("synthetic_doc_len", "must be >= 0 (0: one document per row)"))
+        if self.prefetch < 0:
+            errors.append(("prefetch", "must be >= 0"))
         return errors
 
 

@@ -1,0 +1,211 @@
+"""Built-in long-context task: key-value retrieval from far away, deterministic from a seed.
+
+One document (``L`` tokens)::
+
+    BOS  f f k1 v1 f f f ... f k2 v2 f ... f  Q ka va  Q kb vb  ...  EOS
+         \\______ context: pairs among filler ______/ \\____ queries ____/
+
+- ``num_pairs`` (key, value) pairs sit at random, non-overlapping places among uniformly random
+  filler tokens; keys in a document are distinct, so each query has exactly one answer.
+- ``num_queries`` queries ``Q k v`` follow, each asking for the value of a different stored key.
+  ``v`` is the answer: ``loss_weights`` is 1 on the position of ``k`` (whose next-token target is
+  ``v``) and 0 everywhere else, so the trainer's weighted accuracy *is* retrieval accuracy.
+- Answering needs one specific distant token: an induction circuit (previous-token head, then a
+  head that matches the query key against earlier keys and copies what follows). The answer can't
+  be guessed from local context: a model that copies any value of the document gets 1/num_pairs.
+
+Token ids (vocabulary ``V``): the first :data:`NUM_RESERVED` ids are special, the rest is split
+into three disjoint ranges so no filler token can be mistaken for a key or a value::
+
+    0 PAD | 1 BOS | 2 EOS | 3 QUERY | keys: n//4 ids | values: n//4 ids | filler: the rest
+    (n = V - 4)
+
+Rows: ``doc_len = 0`` makes one document per row (``L = seq_len``). Otherwise documents of random
+length in ``[max(min_len, doc_len // 2), doc_len]`` are packed into the row, each its own segment
+with positions restarting at 0; the last one may be shorter (down to ``min_len``, the length of a
+document without filler) and the tail too short for any document is padding (segment 0).
+
+Row ``r`` of the global stream is generated from ``SeedSequence([seed_a, seed_b, r])`` alone, so
+any process can produce any row: process ``p`` of ``n`` takes rows ``p*b .. p*b + b - 1`` of every
+global batch of ``n*b`` rows, and the union over processes equals the single-process stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dsa_train.data.batch import DataError
+
+PAD, BOS, EOS, QUERY = 0, 1, 2, 3
+NUM_RESERVED = 4
+
+
+@dataclass(frozen=True)
+class RetrievalTask:
+    """Shape of the task; :meth:`check` raises :class:`DataError` when it can't fit."""
+
+    vocab_size: int
+    seq_len: int
+    num_pairs: int = 8
+    num_queries: int = 4
+    doc_len: int = 0  # 0: one document fills each row
+
+    @property
+    def key_range(self) -> tuple[int, int]:
+        n = (self.vocab_size - NUM_RESERVED) // 4
+        return NUM_RESERVED, NUM_RESERVED + n
+
+    @property
+    def value_range(self) -> tuple[int, int]:
+        lo = self.key_range[1]
+        return lo, lo + (self.vocab_size - NUM_RESERVED) // 4
+
+    @property
+    def filler_range(self) -> tuple[int, int]:
+        return self.value_range[1], self.vocab_size
+
+    @property
+    def min_doc_len(self) -> int:
+        """BOS + the pairs + the queries + EOS, with no filler at all."""
+        return 2 + 2 * self.num_pairs + 3 * self.num_queries
+
+    @property
+    def max_doc_len(self) -> int:
+        return self.doc_len or self.seq_len
+
+    def check(self) -> None:
+        if self.num_pairs < 1:
+            raise DataError(f"synthetic task: num_pairs must be >= 1, got {self.num_pairs}")
+        if not 1 <= self.num_queries <= self.num_pairs:
+            raise DataError(f"synthetic task: num_queries must be in [1, num_pairs={self.num_pairs}], "
+                            f"got {self.num_queries}")
+        lo, hi = self.key_range
+        if hi - lo < self.num_pairs or self.filler_range[1] - self.filler_range[0] < 1:
+            need = NUM_RESERVED + 4 * self.num_pairs + 1
+            raise DataError(f"synthetic task: vocab_size {self.vocab_size} is too small for "
+                            f"{self.num_pairs} distinct keys and values (needs >= {need})")
+        if self.max_doc_len > self.seq_len:
+            raise DataError(f"synthetic task: synthetic_doc_len {self.doc_len} exceeds seq_len {self.seq_len}")
+        if self.max_doc_len < self.min_doc_len:
+            what = f"synthetic_doc_len {self.doc_len}" if self.doc_len else f"seq_len {self.seq_len}"
+            raise DataError(f"synthetic task: {what} is shorter than one document with {self.num_pairs} "
+                            f"pairs and {self.num_queries} queries ({self.min_doc_len} tokens)")
+
+
+def make_document(task: RetrievalTask, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One document of exactly `length` tokens: (tokens int32 [length], loss_weights float32 [length])."""
+    p, q = task.num_pairs, task.num_queries
+    context = length - 2 - 3 * q  # tokens between BOS and the first query
+    tokens = rng.integers(*task.filler_range, size=length, dtype=np.int64)
+    keys = rng.choice(np.arange(*task.key_range), size=p, replace=False)
+    values = rng.choice(np.arange(*task.value_range), size=p, replace=False)
+    # Non-overlapping pair starts: choose p of (context - p) slots, then shift the i-th by i so
+    # each pair's two tokens stay adjacent and pairs never touch each other's cells.
+    starts = np.sort(rng.choice(context - p, size=p, replace=False)) + np.arange(p) + 1
+    tokens[starts], tokens[starts + 1] = keys, values
+    tokens[0] = BOS
+    weights = np.zeros(length, np.float32)
+    asked = rng.choice(p, size=q, replace=False)
+    query_start = 1 + context
+    for j, pair in enumerate(asked):
+        at = query_start + 3 * j
+        tokens[at:at + 3] = (QUERY, keys[pair], values[pair])
+        weights[at + 1] = 1.0  # predicting the answer from the query key
+    tokens[-1] = EOS
+    return tokens.astype(np.int32), weights
+
+
+def make_row(task: RetrievalTask, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One packed row of seq_len tokens in the batch format (see dsa_train.data.batch)."""
+    s = task.seq_len
+    row = {"tokens": np.full(s, PAD, np.int32), "segment_ids": np.zeros(s, np.int32),
+           "positions": np.zeros(s, np.int32), "loss_weights": np.zeros(s, np.float32)}
+    if not task.doc_len:
+        lengths = [s]
+    else:
+        shortest = max(task.min_doc_len, task.doc_len // 2)
+        lengths, used = [], 0
+        while s - used >= shortest:
+            lengths.append(int(rng.integers(shortest, min(task.doc_len, s - used) + 1)))
+            used += lengths[-1]
+        if s - used >= task.min_doc_len:  # a shorter last document instead of a long padding tail
+            lengths.append(s - used)
+    at = 0
+    for segment, length in enumerate(lengths, start=1):
+        tokens, weights = make_document(task, length, rng)
+        row["tokens"][at:at + length] = tokens
+        row["loss_weights"][at:at + length] = weights
+        row["segment_ids"][at:at + length] = segment
+        row["positions"][at:at + length] = np.arange(length)
+        at += length
+    return row
+
+
+def make_rows(task: RetrievalTask, seeds: tuple[int, ...], first_row: int, count: int) -> dict[str, np.ndarray]:
+    """Rows ``first_row .. first_row + count - 1`` of the global stream, stacked into a batch."""
+    rows = [make_row(task, np.random.default_rng(np.random.SeedSequence([*seeds, first_row + i])))
+            for i in range(count)]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def answers(tokens: np.ndarray, segment_ids: np.ndarray) -> list[tuple[int, int]]:
+    """Reference solver: for every query in a row, (position of the query key, the correct value).
+
+    Looks each query key up among the *context* pairs of its own document, independently of the
+    generator, so tests can check the answers are right by construction."""
+    out = []
+    for seg in np.unique(segment_ids[segment_ids > 0]):
+        idx = np.flatnonzero(segment_ids == seg)
+        doc = tokens[idx]
+        query_at = np.flatnonzero(doc == QUERY)
+        context = doc[:query_at[0]] if len(query_at) else doc
+        for qa in query_at:
+            key = doc[qa + 1]
+            hits = np.flatnonzero(context == key)
+            if len(hits) != 1:
+                raise AssertionError(f"query key {key} occurs {len(hits)} times in the context")
+            out.append((int(idx[qa + 1]), int(context[hits[0] + 1])))
+    return out
+
+
+class SyntheticIterator:
+    """Infinite stream of retrieval batches; the state is the number of batches produced."""
+
+    def __init__(self, task: RetrievalTask, *, batch_size: int, seeds: tuple[int, ...],
+                 process_index: int = 0, process_count: int = 1):
+        task.check()
+        self.task, self.seeds = task, tuple(int(s) for s in seeds)
+        self.global_batch, self.local_batch = batch_size, batch_size // process_count
+        self.process_index = process_index
+        self.step = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        first = self.step * self.global_batch + self.process_index * self.local_batch
+        self.step += 1
+        return make_rows(self.task, self.seeds, first, self.local_batch)
+
+    def _fingerprint(self) -> dict:
+        t = self.task
+        return {"seeds": list(self.seeds), "vocab_size": t.vocab_size, "seq_len": t.seq_len,
+                "num_pairs": t.num_pairs, "num_queries": t.num_queries, "doc_len": t.doc_len,
+                "batch_size": self.global_batch, "process_index": self.process_index}
+
+    def get_state(self) -> dict:
+        return {"source": "synthetic", "step": self.step, "fingerprint": self._fingerprint()}
+
+    def set_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("source") != "synthetic":
+            got = state.get("source") if isinstance(state, dict) else type(state).__name__
+            raise DataError(f"data iterator state is for source {got!r}, but data.source is 'synthetic'")
+        if state.get("fingerprint") != self._fingerprint():
+            raise DataError("data iterator state was saved for a different synthetic task, seed, "
+                            "batch size or process layout; it can't be resumed with this one")
+        self.step = int(state["step"])
+
+    def close(self) -> None:
+        """Nothing to release (same interface as the grain-backed iterator)."""
