@@ -1,0 +1,287 @@
+"""Top-k sparse MLA attention (MQA/latent form) as Pallas kernels for GPU (Triton lowering).
+
+Layout (FlashMLA's): q [B, S, H, D], one shared key/value row per token kv [B, T, D], value =
+kv[..., :v_dim], indices [B, S, K] (-1 = unused slot). D splits into a "value" part (v_dim, 512)
+and a "rope" part (D - v_dim, 64); both are loaded separately so every Triton tile is a power of 2.
+
+Forward, grid (S, B, H / block_h): one program owns one query and block_h of its heads. It walks
+the query's K slots in blocks of block_k, gathers those key rows once (pointer gather, one row per
+slot) and uses them for all block_h heads (where the MQA form wins: the gathered rows are shared),
+with an online softmax in the exp2 domain; it writes out [block_h, v_dim] and lse [block_h].
+
+Backward, same grid: recompute p = exp(s - lse) per block, dp = dO . v, ds = p (dp - delta) with
+delta = <out, dO> - d_lse (so the lse cotangent IS supported), dq accumulated in registers, and
+dkv scattered with fp32 atomic adds into a [B, T + 1, D] buffer (row T swallows the invalid slots).
+Why atomics: the alternative two-step scheme (write per-slot contributions, then segment-sum)
+needs an S x K x D buffer, i.e. the memory this kernel exists to avoid; the atomics cost
+H / block_h adds per (query, key) pair and a non-deterministic summation order.
+
+The wrapper pads H to a multiple of block_h, K to a multiple of block_k and both parts of D to
+powers of two (>= 16, Triton's minimum dot size); with the real 128 heads and 576 = 512 + 64 dims
+nothing is padded apart from K when it is not a multiple of block_k. Block sizes are untuned
+defaults (no GPU was available when this was written).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from dsa_train.ops.attention import NEG_INF
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+MIN_DOT = 16  # smallest dimension Triton's tl.dot accepts
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuKernelConfig:
+    sm_scale: float
+    v_dim: int
+    block_h: int = 32
+    block_k: int = 32
+    block_h_bwd: int = 16
+    block_k_bwd: int = 32
+    num_warps: int = 8
+    num_stages: int = 2
+    interpret: bool = False
+
+
+def sparse_mla_attention_gpu(q, kv, indices, sm_scale: float, v_dim: int = 512, *, interpret: bool = False,
+                             **block_sizes):
+    """q [B, S, H, D], kv [B, T, D], indices [B, S, K] -> out [B, S, H, v_dim] (q.dtype), lse [B, S, H] fp32."""
+    cfg = GpuKernelConfig(sm_scale=float(sm_scale), v_dim=int(v_dim), interpret=bool(interpret), **block_sizes)
+    return _attention(q, kv, indices.astype(jnp.int32), cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Padding to Triton-friendly shapes.
+
+
+def _pow2(n: int) -> int:
+    return max(MIN_DOT, pl.next_power_of_2(n))
+
+
+def _split_dims(d: int, v_dim: int) -> tuple[int, int]:
+    """(value part, rope part) padded widths."""
+    return _pow2(v_dim), _pow2(max(d - v_dim, 1))
+
+
+def _pad_features(x: jnp.ndarray, v_dim: int) -> jnp.ndarray:
+    """Pad the value and rope parts of the last axis separately to their padded widths."""
+    dv, dr = _split_dims(x.shape[-1], v_dim)
+    if (dv, dr) == (v_dim, x.shape[-1] - v_dim):
+        return x
+    widths = [(0, 0)] * (x.ndim - 1)
+    return jnp.concatenate([jnp.pad(x[..., :v_dim], widths + [(0, dv - v_dim)]),
+                            jnp.pad(x[..., v_dim:], widths + [(0, dr - (x.shape[-1] - v_dim))])], axis=-1)
+
+
+def _unpad_features(x: jnp.ndarray, d: int, v_dim: int) -> jnp.ndarray:
+    dv, dr = _split_dims(d, v_dim)
+    if (dv, dr) == (v_dim, d - v_dim):
+        return x
+    return jnp.concatenate([x[..., :v_dim], x[..., dv:dv + d - v_dim]], axis=-1)
+
+
+def _pad_axis(x: jnp.ndarray, axis: int, multiple: int, fill) -> jnp.ndarray:
+    pad = -x.shape[axis] % multiple
+    if not pad:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, constant_values=fill)
+
+
+def _head_block(h: int, block_h: int) -> int:
+    return min(block_h, _pow2(h))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels.
+
+
+def _gather_rows(kv_ref, rows, start: int, width: int):
+    """kv_ref[rows, start:start + width] as a [len(rows), width] tile (one pointer per element)."""
+    return kv_ref[rows[:, None], start + jnp.arange(width)[None, :]]
+
+
+def _forward_kernel(q_ref, kv_ref, idx_ref, out_ref, lse_ref, *, scale2: float, dv: int, dr: int,
+                    block_k: int, num_k_blocks: int):
+    block_h = q_ref.shape[0]
+    q_v = q_ref[:, pl.ds(0, dv)]
+    q_r = q_ref[:, pl.ds(dv, dr)]
+
+    def body(j, carry):
+        acc, m_prev, l_prev = carry
+        idx = idx_ref[pl.ds(j * block_k, block_k)]
+        valid = (idx >= 0)[None, :]
+        rows = jnp.maximum(idx, 0)
+        k_v = _gather_rows(kv_ref, rows, 0, dv)
+        k_r = _gather_rows(kv_ref, rows, dv, dr)
+        s = (plgpu.dot(q_v, k_v, trans_b=True) + plgpu.dot(q_r, k_r, trans_b=True)) * scale2
+        s = jnp.where(valid, s, NEG_INF)
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m_prev - m_next)
+        p = jnp.where(valid, jnp.exp2(s - m_next[:, None]), 0.0)
+        l_next = l_prev * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(k_v.dtype), k_v)
+        return acc, m_next, l_next
+
+    acc = jnp.zeros((block_h, dv), jnp.float32)
+    m = jnp.full((block_h,), NEG_INF, jnp.float32)
+    l = jnp.zeros((block_h,), jnp.float32)
+    acc, m, l = jax.lax.fori_loop(0, num_k_blocks, body, (acc, m, l))
+    has_keys = l > 0
+    l_safe = jnp.where(has_keys, l, 1.0)
+    out_ref[...] = (acc / l_safe[:, None]).astype(out_ref.dtype)
+    lse_ref[...] = jnp.where(has_keys, (m + jnp.log2(l_safe)) * LN2, NEG_INF)
+
+
+def _backward_kernel(q_ref, kv_ref, idx_ref, do_ref, lse_ref, delta_ref, _dkv_in_ref, dq_ref, dkv_ref, *,
+                     sm_scale: float, dv: int, dr: int, block_k: int, num_k_blocks: int, trash_row: int):
+    del _dkv_in_ref  # aliased with dkv_ref: the zero-initialized accumulator
+    scale2 = sm_scale * LOG2E
+    q_v = q_ref[:, pl.ds(0, dv)]
+    q_r = q_ref[:, pl.ds(dv, dr)]
+    do = do_ref[...]
+    lse2 = lse_ref[...] * LOG2E
+    delta = delta_ref[...]
+
+    def body(j, carry):
+        dq_v, dq_r = carry
+        idx = idx_ref[pl.ds(j * block_k, block_k)]
+        valid = (idx >= 0)[None, :]
+        rows = jnp.maximum(idx, 0)
+        k_v = _gather_rows(kv_ref, rows, 0, dv)
+        k_r = _gather_rows(kv_ref, rows, dv, dr)
+        s = plgpu.dot(q_v, k_v, trans_b=True) + plgpu.dot(q_r, k_r, trans_b=True)
+        p = jnp.where(valid, jnp.exp2(s * scale2 - lse2[:, None]), 0.0)  # [block_h, block_k]
+        dp = plgpu.dot(do, k_v, trans_b=True)
+        ds = p * (dp - delta[:, None]) * sm_scale
+        ds_lo = ds.astype(k_v.dtype)
+        dq_v = dq_v + plgpu.dot(ds_lo, k_v)
+        dq_r = dq_r + plgpu.dot(ds_lo, k_r)
+        dk_v = plgpu.dot(ds.astype(q_v.dtype), q_v, trans_a=True) + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
+        dk_r = plgpu.dot(ds.astype(q_r.dtype), q_r, trans_a=True)
+        # Invalid slots go to the trash row, so valid rows (distinct within a query) never collide.
+        target = jnp.where(idx >= 0, idx, trash_row)[:, None]
+        plgpu.atomic_add(dkv_ref, (target, jnp.arange(dv)[None, :]), dk_v)
+        plgpu.atomic_add(dkv_ref, (target, dv + jnp.arange(dr)[None, :]), dk_r)
+        return dq_v, dq_r
+
+    block_h = q_ref.shape[0]
+    dq_v = jnp.zeros((block_h, dv), jnp.float32)
+    dq_r = jnp.zeros((block_h, dr), jnp.float32)
+    dq_v, dq_r = jax.lax.fori_loop(0, num_k_blocks, body, (dq_v, dq_r))
+    dq_ref[:, pl.ds(0, dv)] = dq_v.astype(dq_ref.dtype)
+    dq_ref[:, pl.ds(dv, dr)] = dq_r.astype(dq_ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# pallas_call wrappers and the custom VJP.
+
+
+def _prepare(q, kv, indices, cfg: GpuKernelConfig, block_h: int, block_k: int):
+    qp = _pad_axis(_pad_features(q, cfg.v_dim), 2, block_h, 0)
+    kvp = _pad_features(kv, cfg.v_dim)
+    idxp = _pad_axis(indices, 2, block_k, -1)
+    return qp, kvp, idxp
+
+
+def _forward(q, kv, indices, cfg: GpuKernelConfig):
+    b, s, h, d = q.shape
+    t = kv.shape[1]
+    block_h = _head_block(h, cfg.block_h)
+    qp, kvp, idxp = _prepare(q, kv, indices, cfg, block_h, cfg.block_k)
+    dv, dr = _split_dims(d, cfg.v_dim)
+    hp, dp, kp = qp.shape[2], qp.shape[3], idxp.shape[2]
+    kernel = functools.partial(_forward_kernel, scale2=cfg.sm_scale * LOG2E, dv=dv, dr=dr,
+                               block_k=cfg.block_k, num_k_blocks=kp // cfg.block_k)
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(s, b, hp // block_h),
+        in_specs=[
+            pl.BlockSpec((None, None, block_h, dp), lambda i, j, k: (j, i, k, 0)),
+            pl.BlockSpec((None, t, dp), lambda i, j, k: (j, 0, 0)),
+            pl.BlockSpec((None, None, kp), lambda i, j, k: (j, i, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, block_h, dv), lambda i, j, k: (j, i, k, 0)),
+            pl.BlockSpec((None, None, block_h), lambda i, j, k: (j, i, k)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((b, s, hp, dv), q.dtype),
+                   jax.ShapeDtypeStruct((b, s, hp), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=cfg.interpret,
+        name="sparse_mla_forward",
+    )(qp, kvp, idxp)
+    return out[:, :, :h, :cfg.v_dim], lse[:, :, :h]
+
+
+def _backward(q, kv, indices, out, lse, d_out, d_lse, cfg: GpuKernelConfig):
+    b, s, h, d = q.shape
+    t = kv.shape[1]
+    block_h = _head_block(h, cfg.block_h_bwd)
+    block_k = cfg.block_k_bwd
+    qp, kvp, idxp = _prepare(q, kv, indices, cfg, block_h, block_k)
+    dv, dr = _split_dims(d, cfg.v_dim)
+    hp, dp, kp = qp.shape[2], qp.shape[3], idxp.shape[2]
+    delta = jnp.einsum("bshd,bshd->bsh", out.astype(jnp.float32), d_out.astype(jnp.float32))
+    delta = _pad_axis(delta - d_lse.astype(jnp.float32), 2, block_h, 0.0)
+    # Padded heads get lse = +big so their probabilities are exactly 0.
+    lse_p = _pad_axis(lse, 2, block_h, -NEG_INF)
+    do_p = _pad_axis(jnp.pad(d_out, [(0, 0)] * 3 + [(0, dv - cfg.v_dim)]), 2, block_h, 0)
+    dkv0 = jnp.zeros((b, t + 1, dp), jnp.float32)
+    kernel = functools.partial(_backward_kernel, sm_scale=cfg.sm_scale, dv=dv, dr=dr, block_k=block_k,
+                               num_k_blocks=kp // block_k, trash_row=t)
+    row_spec = lambda width: pl.BlockSpec((None, None, block_h, width), lambda i, j, k: (j, i, k, 0))
+    head_spec = pl.BlockSpec((None, None, block_h), lambda i, j, k: (j, i, k))
+    dq, dkv = pl.pallas_call(
+        kernel,
+        grid=(s, b, hp // block_h),
+        in_specs=[
+            row_spec(dp),
+            pl.BlockSpec((None, t, dp), lambda i, j, k: (j, 0, 0)),
+            pl.BlockSpec((None, None, kp), lambda i, j, k: (j, i, 0)),
+            row_spec(dv),
+            head_spec,
+            head_spec,
+            pl.BlockSpec((None, t + 1, dp), lambda i, j, k: (j, 0, 0)),
+        ],
+        out_specs=[row_spec(dp), pl.BlockSpec((None, t + 1, dp), lambda i, j, k: (j, 0, 0))],
+        out_shape=[jax.ShapeDtypeStruct(qp.shape, q.dtype), jax.ShapeDtypeStruct(dkv0.shape, jnp.float32)],
+        input_output_aliases={6: 1},
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=cfg.interpret,
+        name="sparse_mla_backward",
+    )(qp, kvp, idxp, do_p, lse_p, delta, dkv0)
+    dq = _unpad_features(dq[:, :, :h], d, cfg.v_dim)
+    dkv = _unpad_features(dkv[:, :t], d, cfg.v_dim).astype(kv.dtype)
+    return dq, dkv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q, kv, indices, cfg: GpuKernelConfig):
+    return _forward(q, kv, indices, cfg)
+
+
+def _attention_fwd(q, kv, indices, cfg):
+    out, lse = _forward(q, kv, indices, cfg)
+    return (out, lse), (q, kv, indices, out, lse)
+
+
+def _attention_bwd(cfg, residuals, cotangents):
+    q, kv, indices, out, lse = residuals
+    d_out, d_lse = cotangents
+    dq, dkv = _backward(q, kv, indices, out, lse, d_out, d_lse, cfg)
+    return dq, dkv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
