@@ -1,0 +1,512 @@
+"""Training checkpoints: save, keep, restore (onto any mesh) and hand a model to the next stage.
+
+Layout of a run directory::
+
+    run_dir/checkpoints/<step>/train_state/   the trainer's pytree of arrays (Orbax, sharded writes)
+    run_dir/checkpoints/<step>/data_state/    the data iterator's state (JSON)
+    run_dir/checkpoints/<step>/config/        the resolved config of the run (JSON)
+
+Orbax writes each step into a temporary directory and renames it into place only once every item
+is complete, so a save that was interrupted (preemption, SIGKILL, full disk) is never listed as a
+step: :meth:`RunCheckpointer.latest_step` only sees committed checkpoints, and the next
+:class:`RunCheckpointer` removes the leftovers.
+
+The train state is opaque to this module: any pytree of ``jax.Array`` leaves (dicts, lists,
+tuples, named tuples; ``nnx.State`` is converted with :func:`to_pure_tree`). The one convention is
+for the stage handoff: the complete model state (every parameter incl. the indexers, and the MoE
+router biases) lives under ``train_state[MODEL_KEY]``, so :func:`load_model_for_init` can take the
+model and leave optimizer state, step and RNG behind.
+
+Where a stage starts from (``Config.checkpoint`` + ``train.run_dir``), in order of precedence:
+
+1. ``run_dir`` already holds a committed checkpoint: resume it exactly (train state, data iterator
+   position, step + 1). ``checkpoint.init_from`` is ignored — this is "resume my own run", e.g.
+   after a preemption, and it must not be reset to the initial weights.
+2. otherwise ``checkpoint.init_from`` is set: initialize the model from it (another run directory:
+   its latest checkpoint, or ``<run>/checkpoints/<step>`` for a specific one; or a model directory
+   written by ``dsa-train convert``), with fresh optimizer state, step 0 and a fresh data stream.
+3. otherwise: random initialization.
+
+See :func:`resolve_start`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dsa_train.config import CheckpointConfig, ConfigError
+
+CHECKPOINTS_DIR = "checkpoints"
+TRAIN_STATE = "train_state"
+DATA_STATE = "data_state"
+CONFIG = "config"
+# The subtree of the train state that holds the whole model (what a new stage inherits).
+MODEL_KEY = "model"
+
+# Model fields that change the shape (or the set) of parameters: resuming with a different value
+# cannot restore the saved arrays. Everything else (learning rates, steps, loss weights, mesh,
+# top-k, kernels, ...) may change between a run and its resumption.
+SHAPE_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "q_lora_rank",
+    "first_k_dense_replace", "n_routed_experts", "n_shared_experts", "moe_intermediate_size",
+    "use_indexer", "index_n_heads", "index_head_dim", "param_dtype",
+)
+# Train fields that change the structure of the train state (which parameters have optimizer
+# state): a different stage is a new run initialized from this one, not a resumption.
+STRUCTURE_TRAIN_FIELDS = ("stage",)
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A user-facing checkpoint problem (missing, incompatible, unreadable): one clear line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Pytree helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def to_pure_tree(tree: Any) -> Any:
+    """Replace every ``nnx.State`` in ``tree`` (at any depth, e.g. inside optax states) by its
+    plain nested-dict form: Orbax stores plain containers. :func:`from_pure_tree` undoes it."""
+    from flax import nnx
+
+    def convert(x):
+        return nnx.to_pure_dict(x) if isinstance(x, nnx.State) else x
+
+    return jax.tree.map(convert, tree, is_leaf=lambda x: isinstance(x, nnx.State))
+
+
+def fill_states(pure: Mapping, *templates: Any) -> tuple:
+    """Copies of the ``nnx.State`` templates holding the values of the matching paths of ``pure``.
+
+    ``pure`` may cover several templates (e.g. the whole model's pure dict, and the trainer's
+    disjoint parameter groups as templates); every path of every template must be in it.
+    """
+    from flax import nnx
+    from flax.nnx import traversals
+
+    flat = {tuple(str(k) for k in path): v for path, v in traversals.flatten_mapping(dict(pure)).items()}
+    filled = []
+    for template in templates:
+        sub, missing = {}, []
+        for path, _ in nnx.to_flat_state(template):
+            key = tuple(str(k) for k in path)
+            if key not in flat:
+                missing.append("/".join(key))
+            else:
+                sub[path] = flat[key]
+        if missing:
+            raise CheckpointError(f"restored tree lacks {_first(missing)}")
+        state = nnx.merge_state(template)  # a copy: the template is left untouched
+        nnx.replace_by_pure_dict(state, traversals.unflatten_mapping(sub))
+        filled.append(state)
+    return tuple(filled)
+
+
+def from_pure_tree(template: Any, pure: Any) -> Any:
+    """Inverse of :func:`to_pure_tree`: ``template``'s structure (its ``nnx.State`` nodes
+    included) with the values of ``pure``."""
+    from flax import nnx
+
+    def convert(t, p):
+        return fill_states(p, t)[0] if isinstance(t, nnx.State) else p
+
+    return jax.tree.map(convert, template, pure, is_leaf=lambda x: isinstance(x, nnx.State))
+
+
+def abstract_tree(tree: Any) -> Any:
+    """``jax.ShapeDtypeStruct`` (with sharding) for every array in ``tree``: the restore target
+    that places each restored array exactly like the corresponding live one."""
+
+    def abstract(x):
+        sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+    return jax.tree.map(abstract, tree)
+
+
+def with_sharding(tree: Any, shardings: Any) -> Any:
+    """Attach shardings (a matching tree, or one sharding for all leaves) to an abstract tree,
+    e.g. ``with_sharding(jax.eval_shape(init), NamedSharding(mesh, P()))``."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _check_no_typed_keys(tree: Any) -> None:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            raise CheckpointError(f"train state leaf '{_path_str(path)}' is a typed PRNG key: store "
+                                  "jax.random.key_data(key) and rebuild it with jax.random.wrap_key_data")
+
+
+def _json_roundtrip(value: Any, what: str) -> Any:
+    """A deep, JSON-only copy: the background writer must not see later mutations."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{what} is not JSON-serializable: {e}") from None
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple]:
+    return {_path_str(p): tuple(getattr(x, "shape", ())) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _metadata_shapes(metadata_tree: Any) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(
+        metadata_tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, (dict, list, tuple)))[0]
+    return {_path_str(p): tuple(x.shape) if getattr(x, "shape", None) is not None else () for p, x in leaves}
+
+
+def _compare_structure(saved: dict[str, tuple], wanted: dict[str, tuple], where: str) -> None:
+    """One clear line naming the first few paths that differ between a checkpoint and a target."""
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    shape = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    problems = []
+    if missing:
+        problems.append(f"not in the checkpoint: {_first(missing)}")
+    if extra:
+        problems.append(f"only in the checkpoint: {_first(extra)}")
+    if shape:
+        problems.append("different shapes: " + ", ".join(f"{k} {saved[k]} -> {wanted[k]}" for k in shape[:3])
+                        + (f" (+{len(shape) - 3} more)" if len(shape) > 3 else ""))
+    if problems:
+        raise CheckpointError(f"{where} does not match the state being restored; " + "; ".join(problems))
+
+
+def _first(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def _nested_get(tree: Mapping, dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+
+def incompatible_fields(saved_config: Mapping, new_config: Mapping) -> list[str]:
+    """``['model.hidden_size: 128 -> 256', ...]`` for every field whose change makes a saved train
+    state unrestorable (parameter shapes, the stage); empty when resuming is possible."""
+    keys = [f"model.{f}" for f in SHAPE_FIELDS] + [f"train.{f}" for f in STRUCTURE_TRAIN_FIELDS]
+    diffs = []
+    for key in keys:
+        old, new = _nested_get(saved_config, key), _nested_get(new_config, key)
+        if old is _MISSING or new is _MISSING:
+            continue
+        if old != new:
+            diffs.append(f"{key}: {old} -> {new}")
+    return diffs
+
+
+# ----------------------------------------------------------------------------------------------
+# The run checkpointer
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    step: int
+    train_state: Any
+    data_state: Optional[dict]
+    config: dict
+
+
+class RunCheckpointer:
+    """Periodic, asynchronous checkpoints of one run, kept by a last-N + every-K policy.
+
+    ``save`` returns as soon as the arrays are copied off the accelerator; the write happens in the
+    background while training continues (``async_save``). Call ``wait()`` before reading a
+    checkpoint back and ``close()`` (or use it as a context manager) before exiting, so the last
+    save is complete. All processes of a multi-host job must call the same methods in the same order.
+    """
+
+    def __init__(self, run_dir: str | Path, ckpt_config: CheckpointConfig, config_dict: Mapping):
+        self.run_dir = Path(run_dir)
+        self.ckpt_config = ckpt_config
+        self.config_dict = _json_roundtrip(dict(config_dict), "config")
+        policies: list = [ocp.checkpoint_managers.LatestN(n=ckpt_config.keep)]
+        if ckpt_config.keep_every:
+            policies.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=ckpt_config.keep_every))
+        options = ocp.CheckpointManagerOptions(
+            create=True,
+            # Interrupted saves leave a `<step>.orbax-checkpoint-tmp-*` directory behind; remove it.
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=ckpt_config.async_save,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            # Saving is decided here (`save`), not by Orbax: its policy only sees explicit calls.
+            save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(1),
+        )
+        # Registering the handlers up front lets a fresh manager read metadata before any save.
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        state_handler = ocp.handlers.StandardCheckpointHandler()
+        registry.add(TRAIN_STATE, ocp.args.StandardSave, state_handler)
+        registry.add(TRAIN_STATE, ocp.args.StandardRestore, state_handler)
+        for item in (DATA_STATE, CONFIG):
+            json_handler = ocp.handlers.JsonCheckpointHandler()
+            registry.add(item, ocp.args.JsonSave, json_handler)
+            registry.add(item, ocp.args.JsonRestore, json_handler)
+        self._manager = ocp.CheckpointManager(
+            (self.run_dir / CHECKPOINTS_DIR).absolute(), options=options, handler_registry=registry)
+
+    # -- queries -------------------------------------------------------------------------------
+
+    @property
+    def directory(self) -> Path:
+        return Path(str(self._manager.directory))
+
+    def all_steps(self) -> list[int]:
+        """Committed checkpoint steps, ascending (an in-flight async save is not listed)."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> Optional[int]:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def should_save(self, step: int) -> bool:
+        return step % self.ckpt_config.save_every == 0
+
+    # -- save ----------------------------------------------------------------------------------
+
+    def save(self, step: int, train_state: Any, data_state: Optional[Mapping] = None, *,
+             force: bool = False) -> bool:
+        """Save at ``step`` if it is a multiple of ``save_every`` (or ``force``, e.g. the last step
+        or a preemption). Returns whether a save was started. Saving a step twice is a no-op."""
+        if not force and not self.should_save(step):
+            return False
+        if step in self._manager.all_steps():
+            return False
+        _check_no_typed_keys(train_state)
+        data = _json_roundtrip(dict(data_state) if data_state is not None else {}, "data iterator state")
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(**{
+                TRAIN_STATE: ocp.args.StandardSave(train_state),
+                DATA_STATE: ocp.args.JsonSave(data),
+                CONFIG: ocp.args.JsonSave(self.config_dict),
+            }),
+            force=True,
+        )
+        return True
+
+    def wait(self) -> None:
+        """Block until every started save is committed (raises if a background write failed)."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> "RunCheckpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- restore -------------------------------------------------------------------------------
+
+    def _require_step(self, step: Optional[int]) -> int:
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise CheckpointError(f"no checkpoint in {self.directory}")
+            return steps[-1]
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory} "
+                                  f"(available: {steps or 'none'})")
+        return step
+
+    def saved_config(self, step: Optional[int] = None) -> dict:
+        step = self._require_step(step)
+        return self._manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+
+    def check_compatible(self, new_config_dict: Mapping, step: Optional[int] = None) -> None:
+        """Raise ``ConfigError`` if the run cannot resume under ``new_config_dict`` (a changed
+        parameter shape or stage), naming every differing field."""
+        diffs = incompatible_fields(self.saved_config(step), new_config_dict)
+        if diffs:
+            raise ConfigError(f"cannot resume {self.run_dir}: the config changes the saved state ("
+                              + "; ".join(diffs) + "); start a new run_dir with checkpoint.init_from "
+                              f"= {self.run_dir} to initialize from it instead")
+
+    def restore(self, step: Optional[int] = None, abstract_train_state: Any = None) -> Restored:
+        """Restore a step (default: the latest committed one).
+
+        ``abstract_train_state``: the tree of ``jax.ShapeDtypeStruct`` (with ``.sharding``) that the
+        trainer would create now; every array is read directly into its sharding, whatever mesh
+        and device count the checkpoint was written from. ``None`` restores the saved structure
+        onto the first local device (for inspection).
+        """
+        step = self._require_step(step)
+        saved_tree = self._manager.item_metadata(step)[TRAIN_STATE]
+        saved_tree = getattr(saved_tree, "tree", saved_tree)
+        if abstract_train_state is None:
+            device = jax.local_devices()[0]
+            abstract_train_state = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
+                saved_tree, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+        else:
+            _check_no_typed_keys(abstract_train_state)
+            _compare_structure(_metadata_shapes(saved_tree), _flat_shapes(abstract_train_state),
+                               f"checkpoint {self.directory / str(step)}")
+        out = self._manager.restore(step, args=ocp.args.Composite(**{
+            TRAIN_STATE: ocp.args.StandardRestore(abstract_train_state),
+            DATA_STATE: ocp.args.JsonRestore(),
+            CONFIG: ocp.args.JsonRestore(),
+        }))
+        data_state = out[DATA_STATE] or None
+        return Restored(step=step, train_state=out[TRAIN_STATE], data_state=data_state, config=out[CONFIG])
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage handoff
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_step_dir(path: Path) -> bool:
+    return path.name.isdigit() and (path / TRAIN_STATE).is_dir()
+
+
+def _committed_steps(checkpoints_dir: Path) -> list[int]:
+    if not checkpoints_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in checkpoints_dir.iterdir() if _is_step_dir(p))
+
+
+def run_has_checkpoint(run_dir: str | Path) -> bool:
+    return bool(_committed_steps(Path(run_dir) / CHECKPOINTS_DIR))
+
+
+def _find_run_step(path: Path) -> Optional[Path]:
+    """The step directory ``path`` designates: a run dir (latest step), its ``checkpoints`` dir
+    (latest step) or one step directory. None when ``path`` is not a training checkpoint."""
+    if _is_step_dir(path):
+        return path
+    for checkpoints_dir in (path / CHECKPOINTS_DIR, path):
+        steps = _committed_steps(checkpoints_dir)
+        if steps:
+            return checkpoints_dir / str(steps[-1])
+    return None
+
+
+def load_model_for_init(path: str | Path, abstract_model_state: Any, *,
+                        model_config_dict: Optional[Mapping] = None) -> Any:
+    """The model state a new stage starts from (fresh optimizer, step 0): only the model is read.
+
+    ``path``: another run directory (its latest committed checkpoint), one of its step directories
+    (``<run>/checkpoints/<step>``), or a model directory written by ``dsa-train convert``.
+    ``abstract_model_state``: the pure-dict tree of ``jax.ShapeDtypeStruct`` (with shardings) of
+    the new stage's model (``train_state[MODEL_KEY]``); arrays are placed directly into it.
+    ``model_config_dict``: the new stage's ``model`` config; if given, a source whose parameter
+    shapes differ is refused with the differing fields named.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint.init_from: {path} does not exist")
+    step_dir = _find_run_step(path)
+    if step_dir is None:
+        return _load_converted_model(path, abstract_model_state, model_config_dict)
+    if model_config_dict is not None:
+        saved = _read_json_item(step_dir / CONFIG)
+        if saved is not None:
+            diffs = incompatible_fields({"model": saved.get("model", {})}, {"model": dict(model_config_dict)})
+            if diffs:
+                raise ConfigError(f"checkpoint.init_from: {step_dir} has a different model ("
+                                  + "; ".join(diffs) + ")")
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        metadata = checkpointer.metadata(step_dir / TRAIN_STATE)
+        saved_tree = getattr(metadata, "item_metadata", metadata)
+        saved_tree = getattr(saved_tree, "tree", saved_tree)
+        if not isinstance(saved_tree, Mapping) or MODEL_KEY not in saved_tree:
+            raise CheckpointError(f"checkpoint.init_from: {step_dir} has no '{MODEL_KEY}' entry in its train state")
+        _compare_structure(_metadata_shapes(saved_tree[MODEL_KEY]), _flat_shapes(abstract_model_state),
+                           f"checkpoint.init_from: {step_dir} model")
+        restore_args = jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+            abstract_model_state)
+        restored = checkpointer.restore(step_dir / TRAIN_STATE, args=ocp.args.PyTreeRestore(
+            item={MODEL_KEY: abstract_model_state}, restore_args={MODEL_KEY: restore_args},
+            partial_restore=True))
+    finally:
+        checkpointer.close()
+    log.info("initialized the model from %s", step_dir)
+    return restored[MODEL_KEY]
+
+
+def _read_json_item(item_dir: Path) -> Optional[dict]:
+    """Read a JsonSave item (Orbax writes it as `<item>/metadata`)."""
+    for name in ("metadata", "data.json"):
+        f = item_dir / name
+        if f.is_file():
+            try:
+                return json.loads(f.read_text())
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def _load_converted_model(path: Path, abstract_model_state: Any, model_config_dict: Optional[Mapping]) -> Any:
+    """A model directory written by ``dsa-train convert`` (``dsa_train.checkpoint.model_io``)."""
+    try:
+        from dsa_train.checkpoint import model_io
+    except ImportError:
+        model_io = None
+    if model_io is None or not hasattr(model_io, "is_model_dir") or not model_io.is_model_dir(path):
+        raise CheckpointError(f"checkpoint.init_from: {path} is neither a run directory with a committed "
+                              "checkpoint nor a model directory written by `dsa-train convert`")
+    return model_io.load_model_state(path, abstract_model_state, model_config_dict=model_config_dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# Where a stage starts
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StartPoint:
+    kind: Literal["resume", "init_from", "random"]
+    path: Optional[Path] = None
+    step: Optional[int] = None
+
+    def describe(self) -> str:
+        if self.kind == "resume":
+            return f"resuming {self.path} from step {self.step}"
+        if self.kind == "init_from":
+            return f"initializing the model from {self.path}"
+        return "random initialization"
+
+
+def resolve_start(run_dir: str | Path, ckpt_config: CheckpointConfig) -> StartPoint:
+    """Apply the precedence rules (module docstring): resume > init_from > random."""
+    run_dir = Path(run_dir)
+    steps = _committed_steps(run_dir / CHECKPOINTS_DIR)
+    if steps:
+        if ckpt_config.init_from:
+            log.info("run_dir %s already has checkpoints: resuming it, ignoring checkpoint.init_from=%s",
+                     run_dir, ckpt_config.init_from)
+        return StartPoint("resume", run_dir, steps[-1])
+    if ckpt_config.init_from:
+        return StartPoint("init_from", Path(ckpt_config.init_from))
+    return StartPoint("random")
