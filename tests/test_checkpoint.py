@@ -331,3 +331,52 @@ def test_restore_onto_other_meshes_and_device_counts(tmp_path):
     run = f"RUN = {str(tmp_path / 'run')!r}\n"
     assert "OK8" in _run(run + textwrap.dedent(RESHARD_SAVE), devices=8)
     assert "OK1" in _run(run + textwrap.dedent(RESHARD_RESTORE_ONE), devices=1)
+
+
+TWO_PROCESSES = """
+    import sys, jax
+    pid, port, run = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+    import numpy as np, jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from dsa_train.config import CheckpointConfig
+    from dsa_train.checkpoint.manager import RunCheckpointer, abstract_tree
+    mesh = jax.make_mesh((4,), ("data",))
+    values = np.arange(24, dtype=np.float32).reshape(8, 3)
+    w = jax.make_array_from_callback((8, 3), NamedSharding(mesh, P("data")), lambda idx: values[idx])
+    state = {"w": w, "step": jax.device_put(jnp.int32(3), NamedSharding(mesh, P()))}
+    with RunCheckpointer(run, CheckpointConfig(), {}) as ck:
+        ck.save(3, state, {"process": pid, "position": 10 + pid}, force=True)
+    with RunCheckpointer(run, CheckpointConfig(), {}) as ck:
+        got = ck.restore(abstract_train_state=abstract_tree(state))
+    assert got.data_state == {"process": pid, "position": 10 + pid}, got.data_state
+    for shard in got.train_state["w"].addressable_shards:
+        assert np.array_equal(np.asarray(shard.data), values[shard.index])
+    print("OK", pid)
+"""
+
+
+def test_two_processes_save_one_checkpoint_with_each_data_state(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    code = textwrap.dedent(TWO_PROCESSES)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(pid), str(port), str(tmp_path / "run")], env=env,
+                              cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for pid in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for pid, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"OK {pid}" in out, out[-3000:]
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {"w": jax.ShapeDtypeStruct((8, 3), jnp.float32, sharding=one),
+                "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=one)}
+    with RunCheckpointer(tmp_path / "run", CheckpointConfig(), {}) as ck:  # a 1-process job can't take it over
+        with pytest.raises(CheckpointError, match="saved by 2 process"):
+            ck.restore(abstract_train_state=abstract)

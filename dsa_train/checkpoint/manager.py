@@ -3,7 +3,7 @@
 Layout of a run directory::
 
     run_dir/checkpoints/<step>/train_state/   the trainer's pytree of arrays (Orbax, sharded writes)
-    run_dir/checkpoints/<step>/data_state/    the data iterator's state (JSON)
+    run_dir/checkpoints/<step>/data_state/    every process's data iterator state (JSON)
     run_dir/checkpoints/<step>/config/        the resolved config of the run (JSON)
 
 Orbax writes each step into a temporary directory and renames it into place only once every item
@@ -221,6 +221,30 @@ def incompatible_fields(saved_config: Mapping, new_config: Mapping) -> list[str]
     return diffs
 
 
+def _allgather_json(value: Any) -> list:
+    """Every process's ``value`` (JSON-serializable), in process order, on every process."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    encoded = np.frombuffer(json.dumps(value).encode(), dtype=np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([encoded.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:encoded.size] = encoded
+    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+    return [json.loads(row[:n].tobytes().decode()) for row, n in zip(gathered, lengths)]
+
+
+def _this_process_data_state(saved: Any, where: Path) -> Optional[dict]:
+    if not saved:
+        return None
+    count = saved.get("process_count", 1)
+    if count != jax.process_count():
+        raise CheckpointError(f"{where}: the data iterator state was saved by {count} process(es) and this job "
+                              f"has {jax.process_count()}; resume with the same number of processes")
+    return saved["processes"][jax.process_index()]
+
+
 # ----------------------------------------------------------------------------------------------
 # The run checkpointer
 # ----------------------------------------------------------------------------------------------
@@ -299,7 +323,9 @@ class RunCheckpointer:
         if step in self._manager.all_steps():
             return False
         _check_no_typed_keys(train_state)
-        data = _json_roundtrip(dict(data_state) if data_state is not None else {}, "data iterator state")
+        local = _json_roundtrip(dict(data_state), "data iterator state") if data_state is not None else None
+        # Each process reads its own shard of the data: keep every process's iterator state.
+        data = {"process_count": jax.process_count(), "processes": _allgather_json(local)}
         self._manager.save(
             step,
             args=ocp.args.Composite(**{
@@ -375,7 +401,7 @@ class RunCheckpointer:
             DATA_STATE: ocp.args.JsonRestore(),
             CONFIG: ocp.args.JsonRestore(),
         }))
-        data_state = out[DATA_STATE] or None
+        data_state = _this_process_data_state(out[DATA_STATE], self.directory / str(step))
         return Restored(step=step, train_state=out[TRAIN_STATE], data_state=data_state, config=out[CONFIG])
 
 
