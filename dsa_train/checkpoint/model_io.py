@@ -1,0 +1,271 @@
+"""Our model checkpoint format: a *model directory* holding one model's complete state.
+
+Layout::
+
+    model_dir/model.yaml   the resolved ModelConfig (a bare model YAML, loadable as `model:`)
+    model_dir/params/      Orbax PyTree checkpoint of the whole model state: every nnx.Param
+                           (indexers included) and the MoE router biases (RouterBias)
+
+The tree is the model's pure-dict state with string keys, so its paths are the HF names split at
+the dots: ``params['model']['layers']['3']['self_attn']['q_a_proj']['weight']``. Routed experts
+are stacked ([E, F, D] / [E, D, F]). `dsa-train convert import` writes model directories; the
+training CheckpointManager reads them for ``checkpoint.init_from`` (:func:`is_model_dir`,
+:func:`load_model_state`).
+
+Writing never deep-copies host arrays and stores them uncompressed: leaves may be ``np.memmap``
+views of scratch files (the importer's staging), and tensorstore then streams them to disk
+without copying them into anonymous memory. (Orbax's default NumPy handler deep-copies every
+host array before writing and compression buffers the encoded chunks: both would hold the whole
+model in memory.) Restoring places each array directly with the requested dtype and sharding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import yaml
+from flax import nnx
+
+from dsa_train.config import ConfigError, ModelConfig, from_dict, to_dict
+
+CONFIG_FILE = "model.yaml"
+PARAMS_DIR = "params"
+
+# ModelConfig fields that change the shapes or the set of parameters.
+SHAPE_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "q_lora_rank",
+    "first_k_dense_replace", "n_routed_experts", "n_shared_experts", "moe_intermediate_size",
+    "use_indexer", "index_n_heads", "index_head_dim",
+)
+
+
+class ModelDirError(ValueError):
+    """A model directory that is missing, unreadable or does not match the requested model."""
+
+
+def is_model_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+
+def save_model_config(path: str | Path, config: ModelConfig) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig saved in a model directory (validated; errors name the file and key)."""
+    f = Path(path) / CONFIG_FILE
+    try:
+        raw = yaml.safe_load(f.read_text())
+    except FileNotFoundError:
+        raise ModelDirError(f"{path} is not a model directory (no {CONFIG_FILE})") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise ModelDirError(f"{f}: unreadable: {e}") from None
+    # A dense-stage Config only for validation: the model section alone is what we want, and the
+    # default 'warmup' stage would refuse a model saved without indexers.
+    return from_dict({"model": raw, "train": {"stage": "dense"}}, origin=str(f)).model
+
+
+# ----------------------------------------------------------------------------------------------
+# Orbax tree I/O
+# ----------------------------------------------------------------------------------------------
+
+
+def _registry() -> ocp.type_handlers.TypeHandlerRegistry:
+    return ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),
+        (int, ocp.type_handlers.get_type_handler(int)),
+        (float, ocp.type_handlers.get_type_handler(float)),
+    )
+
+
+def _pure(tree: Any) -> Any:
+    """nnx.State -> nested dicts; every key a string (layer indices too), leaves unchanged."""
+    if isinstance(tree, nnx.State):
+        tree = nnx.to_pure_dict(tree)
+    if isinstance(tree, Mapping):
+        return {str(k): _pure(v) for k, v in tree.items()}
+    return tree
+
+
+def save_tree(path: str | Path, tree: Any) -> None:
+    """Write a nested dict of arrays (numpy, memmap or jax) as an Orbax PyTree checkpoint at
+    ``path`` (which must not exist yet). Bounded memory for memmap leaves (module docstring)."""
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_registry(), use_compression=False)
+    with ocp.Checkpointer(handler) as checkpointer:
+        checkpointer.save(Path(path).absolute(), args=ocp.args.PyTreeSave(_pure(tree)))
+
+
+def tree_metadata(path: str | Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """'a/b/c' -> (shape, dtype) of every array saved at ``path`` (reads no array data)."""
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        try:
+            meta = checkpointer.metadata(Path(path).absolute())
+        except (FileNotFoundError, ValueError) as e:
+            raise ModelDirError(f"{path}: not an Orbax checkpoint ({e})") from None
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    out = {}
+
+    def walk(node, prefix):
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, f"{prefix}/{k}" if prefix else str(k))
+        else:
+            out[prefix] = (tuple(node.shape), np.dtype(node.dtype))
+
+    walk(tree, "")
+    return out
+
+
+def read_arrays(path: str | Path, keys: list[str]) -> dict[str, np.ndarray]:
+    """Only the arrays ``keys`` ('a/b/c' paths) of the checkpoint at ``path``, as numpy arrays
+    (the exporter reads a model one tensor at a time with this)."""
+    item: dict = {}
+    for key in keys:
+        node = item
+        parts = key.split("/")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = ocp.type_handlers.RestoreArgs(restore_type=np.ndarray)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        restored = checkpointer.restore(Path(path).absolute(), args=ocp.args.PyTreeRestore(
+            item=item, restore_args=item, partial_restore=True))
+    out = {}
+    for key in keys:
+        node = restored
+        for part in key.split("/"):
+            node = node[part]
+        out[key] = np.asarray(node)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Model directories
+# ----------------------------------------------------------------------------------------------
+
+
+def save_model_state(path: str | Path, state_tree: Any, config: Optional[ModelConfig] = None) -> None:
+    """Write ``path/params`` (and ``path/model.yaml`` when ``config`` is given).
+
+    ``state_tree``: ``nnx.state(model)`` or its pure-dict form (int or str keys), leaves numpy
+    arrays, memmaps or jax arrays (sharded ones are written by every host, as Orbax does).
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_tree(path / PARAMS_DIR, state_tree)
+    if config is not None:
+        save_model_config(path, config)
+
+
+def save_model(path: str | Path, model: nnx.Module) -> None:
+    """A live CausalLM -> model directory."""
+    save_model_state(path, nnx.state(model), model.config)
+
+
+def _flat_abstract(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(_flat_abstract(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _first(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def check_config_compatible(path: str | Path, model_config_dict: Mapping) -> None:
+    saved = to_dict(load_model_config(path))
+    diffs = [f"{k} {saved.get(k)!r} -> {model_config_dict.get(k)!r}" for k in SHAPE_FIELDS
+             if k in model_config_dict and saved.get(k) != model_config_dict.get(k)]
+    if diffs:
+        raise ConfigError(f"{path}: the model directory holds a different model ({'; '.join(diffs)})")
+
+
+def load_model_state(path: str | Path, abstract_model_state: Any, *,
+                     model_config_dict: Optional[Mapping] = None) -> Any:
+    """Restore a model directory into ``abstract_model_state``: the pure-dict tree (int or str
+    keys) of ``jax.ShapeDtypeStruct``; each array gets that dtype and, where given, sharding
+    (default: the first device). Returns the same structure with jax arrays.
+
+    Every path must be in the checkpoint with the same shape (else one line naming the first
+    differing paths); ``model_config_dict`` additionally names differing config fields.
+    """
+    path = Path(path)
+    if not is_model_dir(path):
+        raise ModelDirError(f"{path} is not a model directory (needs {CONFIG_FILE} and {PARAMS_DIR}/)")
+    if model_config_dict is not None:
+        check_config_compatible(path, model_config_dict)
+    abstract = _pure(abstract_model_state) if isinstance(abstract_model_state, nnx.State) else abstract_model_state
+    wanted = {k: tuple(v.shape) for k, v in _flat_abstract(abstract).items()}
+    saved = {k: shape for k, (shape, _) in tree_metadata(path / PARAMS_DIR).items()}
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    shapes = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    problems = []
+    if missing:
+        problems.append(f"not in the checkpoint: {_first(missing)}")
+    if extra:
+        problems.append(f"only in the checkpoint: {_first(extra)}")
+    if shapes:
+        problems.append("different shapes: " + ", ".join(f"{k} {saved[k]} -> {wanted[k]}" for k in shapes[:3]))
+    if problems:
+        raise ModelDirError(f"{path} does not match the model being restored; " + "; ".join(problems))
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def restore_args(x):
+        return ocp.ArrayRestoreArgs(sharding=getattr(x, "sharding", None) or default,
+                                    global_shape=tuple(x.shape), dtype=x.dtype)
+
+    args = jax.tree.map(restore_args, abstract)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        return checkpointer.restore((path / PARAMS_DIR).absolute(), args=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=args, partial_restore=True))
+
+
+def restore_into(model: nnx.Module, path: str | Path) -> None:
+    """Overwrite every variable of a live model with the model directory's arrays (cast to the
+    model's dtypes, placed like the model's arrays)."""
+    state = nnx.state(model)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                            nnx.to_pure_dict(state))
+    restored = load_model_state(path, abstract)
+    nnx.replace_by_pure_dict(state, restored)
+    nnx.update(model, state)
+
+
+def load_model_params(path: str | Path, config: Optional[ModelConfig] = None) -> nnx.Module:
+    """A CausalLM with the model directory's weights, never materializing a random init.
+
+    ``config`` (default: the directory's model.yaml) may differ in anything that keeps the
+    parameter shapes: compute_dtype, index_topk, kernels, param_dtype (arrays are cast).
+    """
+    from dsa_train.model import create_model
+
+    path = Path(path)
+    if config is None:
+        config = load_model_config(path)
+    else:
+        check_config_compatible(path, to_dict(config))
+    abstract_model = nnx.eval_shape(lambda: create_model(config))
+    graphdef, state = nnx.split(abstract_model)
+    restored = load_model_state(path, nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, restored)
+    return nnx.merge(graphdef, state)
