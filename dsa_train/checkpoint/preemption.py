@@ -66,7 +66,7 @@ class PreemptionGuard:
             self.received = signum
             self.reason = f"received {_NAMES.get(signum, f'signal {signum}')}"
 
-    def __enter__(self) -> "PreemptionGuard":
+    def install(self) -> "PreemptionGuard":
         # Signal handlers can only be installed from the main thread; elsewhere (e.g. a trainer
         # run inside a worker thread) the guard still works through request_stop / the sync point.
         if not self.multi_process and threading.current_thread() is threading.main_thread():
@@ -74,10 +74,17 @@ class PreemptionGuard:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def uninstall(self) -> None:
+        """Put back the handlers that were there before ``install`` (idempotent)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+    def __enter__(self) -> "PreemptionGuard":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
 
     def request_stop(self, reason: str) -> None:
         """Ask for a stop from code (tests, a time budget, a watchdog)."""
