@@ -380,3 +380,18 @@ def test_two_processes_save_one_checkpoint_with_each_data_state(tmp_path):
     with RunCheckpointer(tmp_path / "run", CheckpointConfig(), {}) as ck:  # a 1-process job can't take it over
         with pytest.raises(CheckpointError, match="saved by 2 process"):
             ck.restore(abstract_train_state=abstract)
+
+
+def test_load_model_for_init_reads_a_converted_model_directory(tmp_path):
+    from dsa_train.checkpoint import model_io
+    from dsa_train.model import create_model
+
+    config = load_config(TINY, ["model.num_hidden_layers=1", "model.first_k_dense_replace=0"]).model
+    model = create_model(config, seed=3)
+    model_io.save_model(tmp_path / "imported", model)
+    state = to_pure_tree(nnx.state(model))  # int layer keys; the model directory stores strings
+    got = load_model_for_init(tmp_path / "imported", abstract_tree(state), model_config_dict=to_dict(config))
+    assert_trees_equal(got, state)
+    with pytest.raises(ConfigError, match="hidden_size"):
+        load_model_for_init(tmp_path / "imported", abstract_tree(state),
+                            model_config_dict={**to_dict(config), "hidden_size": 64})

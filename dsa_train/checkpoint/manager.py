@@ -42,6 +42,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dsa_train.checkpoint import model_io
 from dsa_train.config import CheckpointConfig, ConfigError
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -51,15 +52,11 @@ CONFIG = "config"
 # The subtree of the train state that holds the whole model (what a new stage inherits).
 MODEL_KEY = "model"
 
-# Model fields that change the shape (or the set) of parameters: resuming with a different value
-# cannot restore the saved arrays. Everything else (learning rates, steps, loss weights, mesh,
-# top-k, kernels, ...) may change between a run and its resumption.
-SHAPE_FIELDS = (
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "q_lora_rank",
-    "first_k_dense_replace", "n_routed_experts", "n_shared_experts", "moe_intermediate_size",
-    "use_indexer", "index_n_heads", "index_head_dim", "param_dtype",
-)
+# Model fields that change the shape (or the set) of parameters, plus their dtype: resuming with
+# a different value cannot restore the saved state exactly. Everything else (learning rates,
+# steps, loss weights, mesh, top-k, kernels, ...) may change between a run and its resumption.
+# A new stage (init_from) may change param_dtype: arrays are cast.
+SHAPE_FIELDS = model_io.SHAPE_FIELDS + ("param_dtype",)
 # Train fields that change the structure of the train state (which parameters have optimizer
 # state): a different stage is a new run initialized from this one, not a resumption.
 STRUCTURE_TRAIN_FIELDS = ("stage",)
@@ -207,10 +204,13 @@ def _nested_get(tree: Mapping, dotted: str) -> Any:
 _MISSING = object()
 
 
-def incompatible_fields(saved_config: Mapping, new_config: Mapping) -> list[str]:
+def incompatible_fields(saved_config: Mapping, new_config: Mapping,
+                        keys: Optional[tuple[str, ...]] = None) -> list[str]:
     """``['model.hidden_size: 128 -> 256', ...]`` for every field whose change makes a saved train
-    state unrestorable (parameter shapes, the stage); empty when resuming is possible."""
-    keys = [f"model.{f}" for f in SHAPE_FIELDS] + [f"train.{f}" for f in STRUCTURE_TRAIN_FIELDS]
+    state unrestorable (parameter shapes and dtype, the stage); empty when resuming is possible.
+    ``keys``: the dotted fields to compare instead."""
+    if keys is None:
+        keys = tuple(f"model.{f}" for f in SHAPE_FIELDS) + tuple(f"train.{f}" for f in STRUCTURE_TRAIN_FIELDS)
     diffs = []
     for key in keys:
         old, new = _nested_get(saved_config, key), _nested_get(new_config, key)
@@ -456,7 +456,9 @@ def load_model_for_init(path: str | Path, abstract_model_state: Any, *,
     if model_config_dict is not None:
         saved = _read_json_item(step_dir / CONFIG)
         if saved is not None:
-            diffs = incompatible_fields({"model": saved.get("model", {})}, {"model": dict(model_config_dict)})
+            # A new stage may change the parameter dtype (arrays are cast), not the shapes.
+            keys = tuple(f"model.{f}" for f in SHAPE_FIELDS if f != "param_dtype")
+            diffs = incompatible_fields({"model": saved.get("model", {})}, {"model": dict(model_config_dict)}, keys)
             if diffs:
                 raise ConfigError(f"checkpoint.init_from: {step_dir} has a different model ("
                                   + "; ".join(diffs) + ")")
@@ -495,14 +497,12 @@ def _read_json_item(item_dir: Path) -> Optional[dict]:
 
 def _load_converted_model(path: Path, abstract_model_state: Any, model_config_dict: Optional[Mapping]) -> Any:
     """A model directory written by ``dsa-train convert`` (``dsa_train.checkpoint.model_io``)."""
-    try:
-        from dsa_train.checkpoint import model_io
-    except ImportError:
-        model_io = None
-    if model_io is None or not hasattr(model_io, "is_model_dir") or not model_io.is_model_dir(path):
+    if not model_io.is_model_dir(path):
         raise CheckpointError(f"checkpoint.init_from: {path} is neither a run directory with a committed "
                               "checkpoint nor a model directory written by `dsa-train convert`")
-    return model_io.load_model_state(path, abstract_model_state, model_config_dict=model_config_dict)
+    restored = model_io.load_model_state(path, abstract_model_state, model_config_dict=model_config_dict)
+    log.info("initialized the model from %s", path)
+    return restored
 
 
 # ----------------------------------------------------------------------------------------------
