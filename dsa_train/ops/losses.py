@@ -42,9 +42,28 @@ def kl_from_target(target: jnp.ndarray, logits: jnp.ndarray) -> jnp.ndarray:
     return (_xlogy(target) - cross).sum(-1)
 
 
-def indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids) -> jnp.ndarray:
+def _kernel_impl(impl: str) -> str:
+    """"auto" -> the implementation `dsa_train.kernels.dispatch` picks for this backend."""
+    if impl != "auto":
+        return impl
+    from dsa_train.kernels.dispatch import resolve_impl
+
+    return resolve_impl(impl)
+
+
+def indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, impl: str = "reference",
+                    lse=None) -> jnp.ndarray:
     """Dense warm-up loss: mean over valid queries of KL(p_t || softmax(I_t)) over causal,
-    same-document keys. Gradients reach only the indexer inputs (q_idx, k_idx, w_idx)."""
+    same-document keys. Gradients reach only the indexer inputs (q_idx, k_idx, w_idx).
+
+    impl "reference" (this code; builds [B, S, H, T]) or a kernel name ("auto", "blocked"/"streaming",
+    "pallas", ...; `dsa_train.kernels.indexer_kl`, no S x T buffer). `lse` [B, S, H]: optional
+    per-head log-sum-exp of the main attention, reused by the kernels (ignored by the reference)."""
+    impl = _kernel_impl(impl)
+    if impl != "reference":
+        from dsa_train.kernels.indexer_kl import indexer_kl_loss_kernel
+
+        return indexer_kl_loss_kernel(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, impl, lse=lse)
     target = head_summed_attention_probs(q, kv, sm_scale, segment_ids)
     logits = masked_indexer_scores(q_idx, k_idx, w_idx, segment_ids)
     kl = kl_from_target(target, logits)
@@ -73,8 +92,16 @@ def indexer_scores_at(q_idx, k_idx, w_idx, indices) -> jnp.ndarray:
     return jnp.where(indices >= 0, scores, -jnp.inf)
 
 
-def sparse_indexer_kl_loss(q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids) -> jnp.ndarray:
-    """Sparse-stage loss: KL(p_t,S_t || softmax(I_t,S_t)), both restricted to the selected set."""
+def sparse_indexer_kl_loss(q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids,
+                           impl: str = "reference") -> jnp.ndarray:
+    """Sparse-stage loss: KL(p_t,S_t || softmax(I_t,S_t)), both restricted to the selected set.
+
+    impl "reference" (this code) or a kernel name (query-blocked, O(S K) memory, custom_vjp)."""
+    impl = _kernel_impl(impl)
+    if impl != "reference":
+        from dsa_train.kernels.indexer_kl import sparse_indexer_kl_loss_kernel
+
+        return sparse_indexer_kl_loss_kernel(q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids, impl)
     target = sparse_target(q, kv, indices, lse, sm_scale)
     logits = indexer_scores_at(q_idx, k_idx, w_idx, indices)
     kl = kl_from_target(target, logits)
