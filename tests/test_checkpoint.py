@@ -395,3 +395,37 @@ def test_load_model_for_init_reads_a_converted_model_directory(tmp_path):
     with pytest.raises(ConfigError, match="hidden_size"):
         load_model_for_init(tmp_path / "imported", abstract_tree(state),
                             model_config_dict={**to_dict(config), "hidden_size": 64})
+
+
+def test_a_save_in_flight_is_not_a_checkpoint_yet(tmp_path, monkeypatch):
+    import asyncio
+    import threading
+
+    from orbax.checkpoint._src.path import atomicity
+
+    commit = threading.Event()
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def finalize_when_allowed(self):
+        while not commit.is_set():
+            await asyncio.sleep(0.01)
+        return await finalize(self)
+
+    state = make_state()
+    with checkpointer(tmp_path) as ck:
+        ck.save(1, state, force=True)
+        ck.wait()
+        monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize_when_allowed)
+        ck.save(2, state, force=True)
+        assert not ck.save(2, state, force=True)  # saving the same step again is still a no-op
+        assert ck.all_steps() == [1] and ck.latest_step() == 1
+        assert resolve_start(tmp_path / "run", CheckpointConfig()).step == 1
+        with pytest.raises(CheckpointError, match="no checkpoint for step 2"):
+            ck.restore(2)
+        commit.set()
+        ck.wait()
+        assert ck.all_steps() == [1, 2]
+        # shardings left out: arrays land on the first device, not as numpy arrays
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        restored = ck.restore(2, abstract).train_state
+        assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(restored))

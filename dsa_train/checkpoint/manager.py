@@ -49,6 +49,7 @@ CHECKPOINTS_DIR = "checkpoints"
 TRAIN_STATE = "train_state"
 DATA_STATE = "data_state"
 CONFIG = "config"
+COMMIT_MARKER = "commit_success.txt"
 # The subtree of the train state that holds the whole model (what a new stage inherits).
 MODEL_KEY = "model"
 
@@ -302,8 +303,9 @@ class RunCheckpointer:
         return Path(str(self._manager.directory))
 
     def all_steps(self) -> list[int]:
-        """Committed checkpoint steps, ascending (an in-flight async save is not listed)."""
-        return sorted(self._manager.all_steps())
+        """Committed checkpoint steps, ascending. A save still in flight is not listed (Orbax's own
+        list already holds it), so this is what a restarted process would find."""
+        return _committed_steps(self.directory)
 
     def latest_step(self) -> Optional[int]:
         steps = self.all_steps()
@@ -394,6 +396,11 @@ class RunCheckpointer:
                 saved_tree, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
         else:
             _check_no_typed_keys(abstract_train_state)
+            # Without a sharding Orbax would return numpy arrays: place those on the first device.
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            abstract_train_state = jax.tree.map(
+                lambda x: x if getattr(x, "sharding", None) is not None
+                else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_train_state)
             _compare_structure(_metadata_shapes(saved_tree), _flat_shapes(abstract_train_state),
                                f"checkpoint {self.directory / str(step)}")
         out = self._manager.restore(step, args=ocp.args.Composite(**{
@@ -411,7 +418,9 @@ class RunCheckpointer:
 
 
 def _is_step_dir(path: Path) -> bool:
-    return path.name.isdigit() and (path / TRAIN_STATE).is_dir()
+    """A committed step: Orbax writes the commit marker just before it renames the temporary
+    directory into place (or, on object stores, instead of renaming)."""
+    return path.name.isdigit() and (path / TRAIN_STATE).is_dir() and (path / COMMIT_MARKER).is_file()
 
 
 def _committed_steps(checkpoints_dir: Path) -> list[int]:
