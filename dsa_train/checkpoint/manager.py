@@ -389,15 +389,14 @@ class RunCheckpointer:
         step = self._require_step(step)
         saved_tree = self._manager.item_metadata(step)[TRAIN_STATE]
         saved_tree = getattr(saved_tree, "tree", saved_tree)
+        # Without a sharding Orbax would return numpy arrays: place those on the first device.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         if abstract_train_state is None:
-            device = jax.local_devices()[0]
             abstract_train_state = jax.tree.map(
-                lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
+                lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
                 saved_tree, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
         else:
             _check_no_typed_keys(abstract_train_state)
-            # Without a sharding Orbax would return numpy arrays: place those on the first device.
-            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             abstract_train_state = jax.tree.map(
                 lambda x: x if getattr(x, "sharding", None) is not None
                 else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_train_state)
