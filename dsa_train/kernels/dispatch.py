@@ -3,7 +3,8 @@
 Implementation names (`impl`):
 - "reference": the pure-JAX reference in `dsa_train.ops` (materializes [B, S, K, D]).
 - "blocked": pure JAX, query blocks + custom_vjp; memory O(block_q K D). The CPU path.
-- "pallas": the Pallas kernel of the current backend (Triton on GPU, Mosaic on TPU).
+- "pallas": the Pallas kernel of the platform the program is lowered for (Triton on CUDA/ROCm,
+  Mosaic on TPU, the GPU kernel in interpret mode anywhere else).
 - "pallas_interpret": the Pallas GPU kernel run with interpret=True (CPU tests).
 - "pallas_gpu" / "pallas_tpu": a specific kernel; with the "_interpret" suffix, in interpret mode
   (the TPU one through the Mosaic TPU interpreter, which models DMAs and semaphores).
@@ -30,17 +31,9 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
 
 
 def _pallas_platform(impl: str) -> tuple[str, bool]:
-    """(platform, interpret) of a Pallas implementation name."""
+    """(platform, interpret) of an explicit Pallas implementation name ("pallas" itself excluded)."""
     if impl == "pallas_interpret":
         return "gpu", True
-    if impl == "pallas":
-        backend = jax.default_backend()
-        if backend in ("gpu", "cuda"):
-            return "gpu", False
-        if backend == "tpu":
-            return "tpu", False
-        raise ValueError(f"impl 'pallas' needs a GPU (CUDA) or TPU backend, got {backend!r}; "
-                         "use 'blocked' or 'pallas_interpret' on CPU")
     platform = impl.split("_")[1]
     return platform, impl.endswith("_interpret")
 
@@ -73,14 +66,22 @@ def sparse_mla_attention(q, kv, indices, sm_scale: float, v_dim: int = 512, impl
         from dsa_train.kernels.sparse_attention_blocked import sparse_mla_attention_blocked
 
         return sparse_mla_attention_blocked(q, kv, indices, sm_scale, v_dim)
-    platform, interpret = _pallas_platform(impl)
-    if platform == "gpu":
-        from dsa_train.kernels.sparse_attention_gpu import sparse_mla_attention_gpu
-
-        return sparse_mla_attention_gpu(q, kv, indices, sm_scale, v_dim, interpret=interpret)
+    from dsa_train.kernels.sparse_attention_gpu import sparse_mla_attention_gpu
     from dsa_train.kernels.sparse_attention_tpu import sparse_mla_attention_tpu
 
-    return sparse_mla_attention_tpu(q, kv, indices, sm_scale, v_dim, interpret=interpret)
+    gpu = lambda q, kv, idx: sparse_mla_attention_gpu(q, kv, idx, sm_scale, v_dim)
+    tpu = lambda q, kv, idx: sparse_mla_attention_tpu(q, kv, idx, sm_scale, v_dim)
+    interpret = lambda q, kv, idx: sparse_mla_attention_gpu(q, kv, idx, sm_scale, v_dim, interpret=True)
+    if impl == "pallas":
+        # Chosen per lowering platform, not per default backend: `jax.export(..., platforms=["tpu"])`
+        # from a CPU host then lowers the TPU kernel. Elsewhere (CPU) the GPU kernel is interpreted.
+        return jax.lax.platform_dependent(q, kv, indices, cuda=gpu, rocm=gpu, tpu=tpu, default=interpret)
+    platform, interpreted = _pallas_platform(impl)
+    if not interpreted:
+        return (gpu if platform == "gpu" else tpu)(q, kv, indices)
+    if platform == "gpu":
+        return interpret(q, kv, indices)
+    return sparse_mla_attention_tpu(q, kv, indices, sm_scale, v_dim, interpret=True)
 
 
 def indexer_topk(q, k, weights, topk: int, segment_ids, impl: str = "auto"):

@@ -14,7 +14,9 @@ delta = <out, dO> - d_lse (so the lse cotangent IS supported), dq accumulated in
 dkv scattered with fp32 atomic adds into a [B, T + 1, D] buffer (row T swallows the invalid slots).
 Why atomics: the alternative two-step scheme (write per-slot contributions, then segment-sum)
 needs an S x K x D buffer, i.e. the memory this kernel exists to avoid; the atomics cost
-H / block_h adds per (query, key) pair and a non-deterministic summation order.
+H / block_h adds per (query, key) pair and a non-deterministic summation order. Valid indices of
+one query are assumed distinct (top-k output): on a GPU repeated ones would still be summed, but in
+interpret mode an atomic add of a tile with a repeated row keeps only one of the updates.
 
 The wrapper pads H to a multiple of block_h, K to a multiple of block_k and both parts of D to
 powers of two (>= 16, Triton's minimum dot size); with the real 128 heads and 576 = 512 + 64 dims
