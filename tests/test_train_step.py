@@ -1,0 +1,143 @@
+"""The train step: what each stage differentiates, what stays frozen, MoE balancing, skipped steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsa_train.config import load_config
+from dsa_train.model import ForwardMode, create_model
+from dsa_train.ops import moe as moe_ops
+from dsa_train.ops.losses import lm_cross_entropy
+from dsa_train.train import step as S
+from dsa_train.train.optim import make_optimizer
+
+B, L = 2, 48
+
+
+def _setup(stage, *extra):
+    cfg = load_config("configs/tiny.yaml", [f"train.stage={stage}", f"train.batch_size={B}", f"train.seq_len={L}",
+                                            "model.index_topk=8", "train.diagnostic_rows=4", *extra])
+    graphdef, params, bias = S.split_model(create_model(cfg.model))
+    opt = {g: make_optimizer(getattr(cfg.train, g), cfg.train.steps) for g in S.GROUPS}
+    txs, scheds = {g: o[0] for g, o in opt.items()}, {g: o[1] for g, o in opt.items()}
+    state = S.init_state(cfg, params, bias, txs)
+    step = jax.jit(S.make_train_step(graphdef, cfg, txs, scheds, S.forward_mode(cfg)))
+    return cfg, graphdef, state, step
+
+
+def _batch(seed=0):
+    rng = np.random.default_rng(seed)
+    seg = np.array([[1] * 30 + [2] * 18, [1] * 40 + [0] * 8], np.int32)
+    tokens = np.where(seg > 0, rng.integers(4, 512, size=(B, L)), 0).astype(np.int32)
+    return {"tokens": jnp.asarray(tokens), "segment_ids": jnp.asarray(seg),
+            "loss_weights": jnp.asarray((seg > 0).astype(np.float32))}
+
+
+def test_sparse_stage_gradient_isolation():
+    cfg, graphdef, state, _ = _setup("sparse")
+    batch = _batch()
+    mode = ForwardMode("sparse", indexer_loss=True)
+
+    def losses(params):
+        model = S.merge_model(graphdef, params, state.router_bias)
+        out = model(batch["tokens"], batch["segment_ids"], mode=mode)
+        lm, n = lm_cross_entropy(out.logits, batch["tokens"], batch["segment_ids"])
+        return lm / n, out.indexer_loss.sum()
+
+    g_lm = jax.grad(lambda p: losses(p)[0])(state.params)
+    g_kl = jax.grad(lambda p: losses(p)[1])(state.params)
+    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g_lm["indexer"]))
+    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g_kl["main"]))
+    # ... and each loss does reach its own side.
+    assert sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(g_lm["main"])) > 0
+    assert sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(g_kl["indexer"])) > 0
+
+
+def test_warmup_trains_only_the_indexer():
+    cfg, _, state, step = _setup("warmup")
+    before = jax.tree.map(np.asarray, state.params["main"])
+    bias_before = jax.tree.map(np.asarray, state.router_bias)
+    idx_before = jax.tree.map(np.asarray, state.params["indexer"])
+    assert list(state.opt) == ["indexer"]  # no moments for frozen parameters
+    n_idx = len(jax.tree.leaves(state.params["indexer"]))
+    mu = [x for x in jax.tree.leaves(state.opt["indexer"]) if getattr(x, "ndim", 0) > 0]
+    assert len(mu) == 2 * n_idx  # Adam's mu and nu, for indexer parameters only
+    for i in range(3):
+        state, metrics = step(state, _batch(i))
+    assert float(metrics["indexer_kl"].sum()) > 0 and "lm_loss" not in metrics
+    same = jax.tree.map(lambda a, b: np.array_equal(a, np.asarray(b)), before, state.params["main"])
+    assert all(jax.tree.leaves(same))
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: np.array_equal(a, np.asarray(b)), bias_before,
+                                            state.router_bias)))
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), idx_before, state.params["indexer"])
+    assert all(jax.tree.leaves(changed))
+
+
+def test_sparse_step_updates_both_groups_and_reports_metrics():
+    _, _, state, step = _setup("sparse")
+    state2, m = step(state, _batch())
+    for key in ("lm_loss", "indexer_kl", "captured_mass", "k90", "grad_norm/main", "grad_norm/indexer",
+                "lr/main", "lr/indexer", "moe_max_violation", "router_bias_norm"):
+        assert key in m, key
+    assert int(state2.step) == 1 and sorted(state2.opt) == ["indexer", "main"]
+
+
+def test_nonfinite_loss_skips_the_update():
+    _, _, state, step = _setup("dense")
+    poisoned = jax.tree.map(lambda x: x, state.params)
+    emb = poisoned["main"]["model"]["embed_tokens"]["weight"]
+    emb[...] = emb[...].at[5].set(jnp.nan)
+    state = state._replace(params=poisoned)
+    batch = _batch()
+    batch["tokens"] = batch["tokens"].at[0, 3].set(5)
+    new, m = step(state, batch)
+    assert int(m["skipped"]) == 1 and int(new.nonfinite) == 1 and int(new.step) == 0
+    a = np.asarray(state.params["main"]["model"]["norm"]["weight"][...])
+    b = np.asarray(new.params["main"]["model"]["norm"]["weight"][...])
+    assert np.array_equal(a, b)
+
+
+def test_bias_rule_balances_a_skewed_router_and_gates_ignore_bias():
+    rng = np.random.default_rng(0)
+    n, e, d = 512, 8, 16
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    w = rng.normal(size=(e, d)).astype(np.float32) * 0.3
+    w[0] += 0.8 * x.mean(0) / np.linalg.norm(x.mean(0))  # experts 0 and 1 attract most tokens
+    w[1] += 0.6 * x.mean(0) / np.linalg.norm(x.mean(0))
+    logits = jnp.asarray(x @ w.T)
+    bias = jnp.zeros(e)
+    violations = []
+    for _ in range(200):
+        gates, idx, scores = moe_ops.route(logits, bias, top_k=2, n_group=2, topk_group=2,
+                                           norm_topk_prob=True, routed_scaling_factor=2.5)
+        load = moe_ops.expert_counts(idx, e)
+        violations.append(float(load.max() / load.mean() - 1))
+        bias = bias + 0.01 * jnp.sign(load.mean() - load)
+    assert violations[-1] < 0.5 * violations[0]
+    # gates: the unbiased affinities of the chosen experts, normalized, times the scale
+    s = jax.nn.sigmoid(logits)
+    want = jnp.take_along_axis(s, idx, -1)
+    want = want / want.sum(-1, keepdims=True) * 2.5
+    np.testing.assert_allclose(np.asarray(gates), np.asarray(want), rtol=1e-6)
+
+
+def test_router_bias_state_is_updated_by_the_rule_in_training():
+    _, _, state, step = _setup("dense", "train.moe_bias_update_rate=0.01")
+    new, m = step(state, _batch())
+    (path, var), = nnx.to_flat_state(new.router_bias)
+    load = np.asarray(m["expert_load"][0])
+    np.testing.assert_allclose(np.asarray(var[...]), 0.01 * np.sign(load.mean() - load), atol=1e-7)
+
+
+def test_grad_accumulation_matches_full_batch():
+    _, _, state_a, step_a = _setup("dense", "train.grad_accum=2", "train.moe_bias_update_rate=0.0",
+                                     "train.moe_balance_loss_alpha=0.0")
+    _, _, _, step_1 = _setup("dense", "train.grad_accum=1", "train.moe_bias_update_rate=0.0",
+                             "train.moe_balance_loss_alpha=0.0")
+    batch = _batch()
+    batch["segment_ids"] = jnp.ones_like(batch["segment_ids"])  # equal token counts per micro-batch
+    batch["loss_weights"] = jnp.ones_like(batch["loss_weights"])
+    _, m_a = step_a(state_a, batch)
+    _, m_1 = step_1(state_a, batch)
+    np.testing.assert_allclose(float(m_a["grad_norm/main"]), float(m_1["grad_norm/main"]), rtol=2e-4)
