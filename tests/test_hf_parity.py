@@ -35,7 +35,8 @@ CASES = {
     "v32-base": dict(kind="v32"),
     "v32-yarn-groups-allmoe": dict(kind="v32", rope=R.YARN, q_lora_rank=24, kv_lora_rank=16, n_group=4,
                                    topk_group=2, num_experts_per_tok=3, first_k_dense_replace=0,
-                                   qk_nope_head_dim=8, v_head_dim=24, index_n_heads=6, index_head_dim=24),
+                                   qk_nope_head_dim=8, v_head_dim=24, index_n_heads=6, index_head_dim=24,
+                                   rms_norm_eps=1e-2),
 }
 
 

@@ -12,12 +12,15 @@ from dsa_train.config import ModelConfig
 from dsa_train.model.indexer import Indexer
 from dsa_train.model.layers import DTYPES, Linear, RMSNorm
 from dsa_train.ops import losses
-from dsa_train.ops.attention import dense_attention, sparse_mla_attention
+from dsa_train.ops.attention import dense_attention_impl, sparse_mla_attention
 from dsa_train.ops.diagnostics import indexer_quality
 from dsa_train.ops.indexer import indexer_topk
 from dsa_train.ops.rope import apply_rope_interleaved, softmax_scale
 
 sg = jax.lax.stop_gradient
+# The q / kv latent RMSNorms use a fixed eps of 1e-6 in DeepSeek's reference code and in
+# transformers (`RMSNorm(q_lora_rank)`), whatever rms_norm_eps says (that one is for the layer norms).
+LATENT_NORM_EPS = 1e-6
 
 
 class ForwardMode(NamedTuple):
@@ -45,11 +48,11 @@ class MLA(nnx.Module):
             self.q_proj = Linear(c.hidden_size, h * dqk, ("heads", "embed"), **kw)
         else:
             self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank, ("q_lora", "embed"), **kw)
-            self.q_a_layernorm = RMSNorm(c.q_lora_rank, "q_lora", c.rms_norm_eps, param_dtype=kw["param_dtype"])
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, "q_lora", LATENT_NORM_EPS, param_dtype=kw["param_dtype"])
             self.q_b_proj = Linear(c.q_lora_rank, h * dqk, ("heads", "q_lora"), **kw)
         self.kv_a_proj_with_mqa = Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim,
                                          ("kv_lora", "embed"), **kw)
-        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, "kv_lora", c.rms_norm_eps, param_dtype=kw["param_dtype"])
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, "kv_lora", LATENT_NORM_EPS, param_dtype=kw["param_dtype"])
         self.kv_b_proj = Linear(c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim), ("heads", "kv_lora"), **kw)
         self.o_proj = Linear(h * c.v_head_dim, c.hidden_size, ("embed", "heads"), **kw)
         self.indexer = Indexer(config, rngs=rngs) if c.use_indexer else None
@@ -94,8 +97,8 @@ class MLA(nnx.Module):
             kv = self.kv_b_proj(c_kv).reshape(b, s, h, c.qk_nope_head_dim + c.v_head_dim)
             k = jnp.concatenate([kv[..., : c.qk_nope_head_dim],
                                  jnp.broadcast_to(k_pe[:, :, None, :], (b, s, h, c.qk_rope_head_dim))], -1)
-            out, lse = dense_attention(jnp.concatenate([q_nope, q_pe], -1), k, kv[..., c.qk_nope_head_dim:],
-                                       segment_ids, self.sm_scale)
+            out, lse = dense_attention_impl(jnp.concatenate([q_nope, q_pe], -1), k, kv[..., c.qk_nope_head_dim:],
+                                            segment_ids, self.sm_scale, impl=mode.kernels)
         else:
             indices = indexer_topk(q_i, k_i, w_i, c.index_topk, segment_ids, impl=mode.kernels)
             latent_out, lse = sparse_mla_attention(q_mqa, kv_mqa, indices, self.sm_scale, v_dim=c.kv_lora_rank,
@@ -106,10 +109,11 @@ class MLA(nnx.Module):
         loss = jnp.zeros((), jnp.float32)
         if mode.indexer_loss:
             if mode.attention == "dense":
-                loss = losses.indexer_kl_loss(sg(q_mqa), sg(kv_mqa), self.sm_scale, q_i, k_i, w_i, segment_ids)
+                loss = losses.indexer_kl_loss(sg(q_mqa), sg(kv_mqa), self.sm_scale, q_i, k_i, w_i, segment_ids,
+                                              impl=mode.kernels)
             else:
                 loss = losses.sparse_indexer_kl_loss(sg(q_mqa), sg(kv_mqa), indices, sg(lse), self.sm_scale,
-                                                     q_i, k_i, w_i, segment_ids)
+                                                     q_i, k_i, w_i, segment_ids, impl=mode.kernels)
         diagnostics = {}
         if mode.diagnostic_rows > 0 and use_indexer:
             diagnostics = indexer_quality(sg(q_mqa), sg(kv_mqa), self.sm_scale, sg(q_i), sg(k_i), sg(w_i),
