@@ -443,3 +443,77 @@ def test_cli_import_export_and_errors(hf_v32, tmp_path, capsys):
     assert err.startswith("error: ") and "config.json" in err and err.count("\n") == 1
     assert convert_main(["export", str(hf_dir), str(tmp_path / "y")]) == 2
     assert "is not a model directory" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------------
+
+
+def _rss_anon_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon"):
+                return int(line.split()[1]) / 1024
+    pytest.skip("no /proc/self/status RssAnon on this platform")
+
+
+def test_import_memory_is_bounded_by_a_block_not_the_model(tmp_path, monkeypatch):
+    """A ~130 MB (fp32) import with 1 MB conversion blocks: anonymous memory grows by a few MB,
+    not by the model (tensors go through file-backed scratch memmaps into Orbax, uncopied)."""
+    import threading
+    import time
+
+    import ml_dtypes
+
+    from dsa_train.convert.hf_import import _abstract_variables
+    from dsa_train.convert.safetensors_io import PlannedTensor, write_safetensors
+
+    raw = dict(model_type="deepseek_v32", vocab_size=8192, hidden_size=1024, intermediate_size=2048,
+               num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=8, q_lora_rank=256,
+               kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=8,
+               n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=512, n_group=1, topk_group=1,
+               index_n_heads=8, index_head_dim=64, index_topk=64)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(raw))
+    config, _ = model_config_from_hf(raw)
+    rng = np.random.default_rng(0)
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+
+    def chunks(shape):
+        n = int(np.prod(shape))
+        for i in range(0, n, 1 << 20):
+            yield rng.standard_normal(min(1 << 20, n - i), dtype=np.float32).astype(bf16)
+
+    tensors = []
+    for key, (shape, _) in _abstract_variables(config).items():
+        name = key.replace("/", ".")
+        if "/experts/" in key:
+            tensors += [PlannedTensor(name.replace(".experts.", f".experts.{e}.") + ".weight", bf16, shape[1:],
+                                      lambda s=shape[1:]: chunks(s)) for e in range(shape[0])]
+        else:
+            dtype = np.dtype(np.float32) if name.endswith("e_score_correction_bias") else bf16
+            tensors.append(PlannedTensor(name, dtype, shape, lambda s=shape: chunks(s)))
+    write_safetensors(tmp_path / "hf" / "model.safetensors", tensors)
+
+    monkeypatch.setattr(hf_import, "CHUNK_ELEMENTS", 1 << 18)  # 1 MB fp32 blocks
+    import_hf_checkpoint(tmp_path / "hf", tmp_path / "warm")  # imports, eval_shape, Orbax set-up
+    shutil.rmtree(tmp_path / "warm")
+    base = _rss_anon_mb()
+    peak, done = [base], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_anon_mb())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        import_hf_checkpoint(tmp_path / "hf", tmp_path / "out")
+    finally:
+        done.set()
+        sampler.join()
+    output_mb = sum(f.stat().st_size for f in (tmp_path / "out").rglob("*") if f.is_file()) / 2**20
+    assert output_mb > 120
+    assert peak[0] - base < 24, f"anonymous memory grew by {peak[0] - base:.0f} MB for a {output_mb:.0f} MB model"

@@ -30,13 +30,15 @@ REPORTED: dict[str, float] = {}
 CASES = {
     # Between them: both q/kv ranks, group-limited routing with 1 of 2 and 2 of 4 groups, a dense
     # first layer and an all-MoE stack, RoPE without and with YaRN (mscale != mscale_all_dim, so
-    # both the cos/sin factor and the softmax scale are exercised). Other RoPE settings are
-    # checked against HF's own RoPE code in test_convert.py, without the cost of a compile.
+    # both the cos/sin factor and the softmax scale are exercised), unnormalized gates, two shared
+    # experts, and an rms_norm_eps far from the 1e-6 that HF's latent q/kv norms always use. Other
+    # RoPE settings are checked against HF's own RoPE code in test_convert.py (no compile needed).
     "v32-base": dict(kind="v32"),
     "v32-yarn-groups-allmoe": dict(kind="v32", rope=R.YARN, q_lora_rank=24, kv_lora_rank=16, n_group=4,
                                    topk_group=2, num_experts_per_tok=3, first_k_dense_replace=0,
                                    qk_nope_head_dim=8, v_head_dim=24, index_n_heads=6, index_head_dim=24,
-                                   rms_norm_eps=1e-2),
+                                   rms_norm_eps=1e-2, norm_topk_prob=False, routed_scaling_factor=1.5,
+                                   n_shared_experts=2),
 }
 
 
