@@ -75,7 +75,7 @@ def cmd_smoke(args) -> None:
 def cmd_convert(args) -> None:
     from dsa_train.convert import convert_main
 
-    convert_main(args.rest)
+    return convert_main(args.rest)
 
 
 def cmd_data(args) -> None:
@@ -83,7 +83,7 @@ def cmd_data(args) -> None:
 
     if args.action != "prepare":
         raise ValueError(f"unknown data action {args.action!r}; try 'dsa-train data prepare --help'")
-    prepare_main(args.rest)
+    return prepare_main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,14 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     from dsa_train.train.trainer import TrainingError
 
     try:
-        args.func(args)
+        status = args.func(args)
     except (ConfigError, TrainingError, *USER_ERRORS) as e:
         print(f"dsa-train {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dsa-train {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ class MLA(nnx.Module):
         if mode.indexer_loss:
             if mode.attention == "dense":
                 loss = losses.indexer_kl_loss(sg(q_mqa), sg(kv_mqa), self.sm_scale, q_i, k_i, w_i, segment_ids,
-                                              impl=mode.kernels)
+                                              impl=mode.kernels, lse=sg(lse))
             else:
                 loss = losses.sparse_indexer_kl_loss(sg(q_mqa), sg(kv_mqa), indices, sg(lse), self.sm_scale,
                                                      q_i, k_i, w_i, segment_ids, impl=mode.kernels)
