@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
-torch = __import__("pytest").importorskip("torch")
-transformers = __import__("pytest").importorskip("transformers")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
 
 BASE = dict(
     vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,

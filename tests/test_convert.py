@@ -309,6 +309,22 @@ def test_v3_checkpoint_exports_as_v32_with_its_new_indexers(tmp_path):
     np.testing.assert_allclose(R.hf_logits(exported, tokens), R.hf_logits(hf, tokens), rtol=0, atol=1e-5)
 
 
+def test_v3_without_q_lora_and_indexer_round_trips_as_v3(tmp_path):
+    hf = R.build_hf_model(R.hf_config("v3", q_lora_rank=None), seed=6)
+    hf.save_pretrained(tmp_path / "v3")
+    report = import_hf_checkpoint(tmp_path / "v3", tmp_path / "ours", use_indexer=False)
+    assert not report.initialized and not report.notes
+    export_hf_checkpoint(tmp_path / "ours", tmp_path / "back", dtype="float32")
+    exported = _load_hf(tmp_path / "back")
+    assert type(exported).__name__ == "DeepseekV3ForCausalLM" and exported.config.q_lora_rank is None
+    tokens = _tokens()
+    np.testing.assert_array_equal(R.hf_logits(exported, tokens), R.hf_logits(hf, tokens))
+    # With an indexer, q_lora_rank null has no transformers (DeepseekV32) form: refused up front.
+    with_indexer = dataclasses.replace(model_io.load_model_config(tmp_path / "ours"), use_indexer=True)
+    with pytest.raises(ConfigError, match="q_lora_rank: null cannot be exported"):
+        hf_config_from_model_config(with_indexer)
+
+
 def test_mtp_layer_skipped_by_default_and_kept_on_request(hf_v32, tmp_path):
     _, hf_dir = hf_v32
     src = tmp_path / "with_mtp"
@@ -437,6 +453,12 @@ def test_cli_import_export_and_errors(hf_v32, tmp_path, capsys):
     assert convert_main(["export", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0
     assert "exported deepseek_v32" in capsys.readouterr().out
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["index_topk"] == 4
+
+    assert convert_main(["import", str(hf_dir), str(tmp_path / "ours")]) == 2  # exists: refused ...
+    assert "already exists" in capsys.readouterr().err
+    assert convert_main(["import", str(hf_dir), str(tmp_path / "ours"), "--overwrite"]) == 0  # ... unless asked
+    assert model_io.load_model_config(tmp_path / "ours").param_dtype == "float32"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
     assert convert_main(["import", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
