@@ -236,7 +236,7 @@ def test_topk_kernel_lowers(platform):
               jax.ShapeDtypeStruct((1, s, 4), jnp.float32), jax.ShapeDtypeStruct((1, s), jnp.int32))
     text = _export(lambda q, k, w, sg: indexer_topk.indexer_topk_kernel(q, k, w, 64, sg, impl="pallas"),
                    platform, *shapes)
-    assert _kernel_call_target(platform) in text
+    assert _kernel_call_target(platform) in text and "indexer_score_tiles" in text
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
@@ -248,6 +248,10 @@ def test_dense_kl_kernel_lowers(platform, grad):
               jax.ShapeDtypeStruct((1, s, 4), jnp.float32), jax.ShapeDtypeStruct((1, s), jnp.int32),
               jax.ShapeDtypeStruct((1, s, h), jnp.float32))
     f = lambda q, kv, a, b, c, sg, lse: losses.indexer_kl_loss(q, kv, 0.07, a, b, c, sg, impl="pallas", lse=lse)
-    if grad:
+    kernels = ["indexer_kl_stats"]
+    if grad:  # the backward is Pallas too: the dq/dw (query-major) and dk (key-major) kernels
         f = jax.grad(f, argnums=(2, 3, 4))
-    assert _kernel_call_target(platform) in _export(f, platform, *shapes)
+        kernels += ["indexer_kl_dq_dw", "indexer_kl_dk"]
+    text = _export(f, platform, *shapes)
+    assert text.count(f"custom_call @{_kernel_call_target(platform)}") == len(kernels)
+    assert all(name in text for name in kernels)

@@ -16,11 +16,12 @@ Dense warm-up, per query t (p sums to one over the candidates, kept as psum for 
   (query block, key block) with the saved lse_I and psum, and backpropagates through the indexer
   score by hand (dw, dq per query block, dk accumulated in one [B, T, Di] fp32 buffer).
 
-Implementations: "streaming" = pure JAX (lax.map over query blocks, fori_loop over the causal key
-blocks of each). "pallas" = a Pallas kernel for the pass-2 tile loop (Triton: one program per query
-block loops over its key blocks; Mosaic TPU: the key blocks are the innermost "arbitrary" grid axis
-with VMEM accumulators), the streaming JAX pass 1 when no lse is given, and the streaming JAX
-backward. "pallas_interpret" = the same kernel in the Pallas interpreter (CPU tests).
+Implementations: "streaming" (also "blocked") = pure JAX (lax.map over query blocks, fori_loop over
+the causal key blocks of each; dk accumulated in the backward's scan carry). "pallas" = Pallas
+kernels (`indexer_kl_pallas`) for the pass-2 forward and both backward kernels (dq/dw query-major,
+dk key-major), Triton on GPU and Mosaic on TPU, chosen per lowering platform; pass 1 stays the
+streaming JAX loop when no lse is given. "pallas_gpu" / "pallas_tpu" force a variant;
+"..._interpret" run them in the Pallas interpreter (CPU tests).
 
 Sparse stage: per query block, gather the selected main keys and indexer keys (O(bq K D)), form the
 target from the sparse attention's own lse, and save dKL/dI [B, S, K] (O(S K)) for the backward,
@@ -35,17 +36,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
+from dsa_train.kernels import indexer_kl_pallas as kl_pallas
 from dsa_train.kernels import indexer_tiles as tiles
 
 F32 = jnp.float32
 NEG = -jnp.inf
 
 STREAMING_BLOCKS = (64, 256)  # (block_q, block_k) of the pure-JAX loops
-TRITON_BLOCKS = (16, 64)
-TPU_BLOCKS = (128, 256)
-INTERPRET_BLOCKS = (16, 16)
 SPARSE_BLOCK_Q = 16
 
 
@@ -217,182 +215,6 @@ def _dense_grads_streaming(q, kv, lse, q_idx, k_idx, w_idx, segment_ids, lse_i, 
     return dq.astype(q_idx.dtype), dk[:, :s].astype(k_idx.dtype), dw.astype(w_idx.dtype)
 
 
-# ---- pass 2 as a Pallas kernel ----------------------------------------------------------------------
-
-def _pow2_pieces(d: int, minimum: int = 16) -> list[int]:
-    """Split a head dim into power-of-two pieces for Triton (576 -> [512, 64]); the last piece is
-    zero-padded up to `minimum` (the smallest tl.dot size)."""
-    pieces, rest = [], d
-    while rest > 0:
-        piece = max(1 << (rest.bit_length() - 1), minimum)
-        pieces.append(piece)
-        rest -= piece
-    return pieces
-
-
-def _split_dim(x, pieces: list[int]):
-    x = tiles.pad_to(x, x.ndim - 1, sum(pieces))
-    starts = [sum(pieces[:i]) for i in range(len(pieces))]
-    return [x[..., a:a + n] for a, n in zip(starts, pieces)]
-
-
-def _kl_tile_update(carry, kv_tiles, q_refs, lse_ref, ki_tile, qi_ref, w_ref, vis, *, n_heads, n_idx_heads,
-                    sm_scale, idx_scale):
-    """Fold one keys-major tile [bk, bq] into the per-query running statistics (rows [1, bq])."""
-    bk, bq = vis.shape
-
-    def head(h, acc):
-        a = sum(tiles.dot_nt(kv_t, q_ref[h]) for kv_t, q_ref in zip(kv_tiles, q_refs)) * sm_scale
-        return acc + jnp.exp(a - lse_ref[pl.ds(h, 1), :])
-
-    probs = jax.lax.fori_loop(0, n_heads, head, jnp.zeros((bk, bq), F32))
-    p = jnp.where(vis, probs * (1.0 / n_heads), 0.0)
-    score = jnp.where(vis, tiles.tile_indexer_scores(ki_tile, qi_ref, w_ref, n_idx_heads, idx_scale), NEG)
-    m, l, plogp, p_dot_i, psum = carry
-    m_new = jnp.maximum(m, score.max(axis=0, keepdims=True))
-    m_safe = jnp.where(m_new == NEG, 0.0, m_new)
-    l = l * jnp.exp(m - m_safe) + jnp.exp(score - m_safe).sum(axis=0, keepdims=True)
-    positive = p > 0
-    plogp = plogp + jnp.where(positive, p * jnp.log(jnp.where(positive, p, 1.0)), 0.0).sum(axis=0, keepdims=True)
-    p_dot_i = p_dot_i + jnp.where(positive, p * score, 0.0).sum(axis=0, keepdims=True)
-    return m_new, l, plogp, p_dot_i, psum + p.sum(axis=0, keepdims=True)
-
-
-def _kl_finalize(carry, kl_ref, lse_i_ref, psum_ref):
-    m, l, plogp, p_dot_i, psum = carry
-    lse_i = m + jnp.log(l)
-    kl_ref[...] = plogp - p_dot_i + lse_i * psum
-    lse_i_ref[...] = lse_i
-    psum_ref[...] = psum
-
-
-def _kl_init(bq):
-    return (jnp.full((1, bq), NEG, F32),) + tuple(jnp.zeros((1, bq), F32) for _ in range(4))
-
-
-def _kl_triton_kernel(*refs, n_pieces, n_heads, n_idx_heads, sm_scale, idx_scale, block_q, block_k, n_k):
-    """Grid (B, query blocks); this program loops over the causal key blocks of its query block,
-    reading key tiles straight from the full HBM arrays."""
-    q_refs, kv_refs = refs[:n_pieces], refs[n_pieces:2 * n_pieces]
-    lse_ref, qi_ref, ki_ref, w_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref = refs[2 * n_pieces:2 * n_pieces + 8]
-    kl_ref, lse_i_ref, psum_ref = refs[2 * n_pieces + 8:]
-    bi, qb = pl.program_id(0), pl.program_id(1)
-    qpos, qseg = qpos_ref[...], qseg_ref[...]
-
-    def body(kj, carry):
-        keys = pl.ds(pl.multiple_of(kj * block_k, block_k), block_k)
-        vis = (kseg_ref[bi, keys, :] == qseg) & (kpos_ref[bi, keys, :] <= qpos)
-        kv_tiles = [r[bi, keys, :] for r in kv_refs]
-        return _kl_tile_update(carry, kv_tiles, q_refs, lse_ref, ki_ref[bi, keys, :], qi_ref, w_ref, vis,
-                               n_heads=n_heads, n_idx_heads=n_idx_heads, sm_scale=sm_scale, idx_scale=idx_scale)
-
-    n_visible = jnp.minimum(tiles.last_visible_key_block(qb, block_q, block_k) + 1, n_k)
-    _kl_finalize(jax.lax.fori_loop(0, n_visible, body, _kl_init(block_q)), kl_ref, lse_i_ref, psum_ref)
-
-
-def _kl_tpu_kernel(*refs, n_pieces, n_heads, n_idx_heads, sm_scale, idx_scale, block_q, block_k, n_k):
-    """Grid (B, query blocks, key blocks); key tiles arrive by BlockSpec pipelining, the running
-    statistics live in VMEM scratch across the innermost ("arbitrary") key axis."""
-    q_refs, kv_refs = refs[:n_pieces], refs[n_pieces:2 * n_pieces]
-    lse_ref, qi_ref, ki_ref, w_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref = refs[2 * n_pieces:2 * n_pieces + 8]
-    kl_ref, lse_i_ref, psum_ref = refs[2 * n_pieces + 8:2 * n_pieces + 11]
-    acc_refs = refs[2 * n_pieces + 11:]
-    qb, kj = pl.program_id(1), pl.program_id(2)
-    n_visible = jnp.minimum(tiles.last_visible_key_block(qb, block_q, block_k) + 1, n_k)
-
-    @pl.when(kj == 0)
-    def _init():
-        for r, v in zip(acc_refs, _kl_init(block_q)):
-            r[...] = v
-
-    @pl.when(kj < n_visible)
-    def _update():
-        vis = (kseg_ref[...] == qseg_ref[...]) & (kpos_ref[...] <= qpos_ref[...])
-        carry = tuple(r[...] for r in acc_refs)
-        carry = _kl_tile_update(carry, [r[...] for r in kv_refs], q_refs, lse_ref, ki_ref[...], qi_ref, w_ref, vis,
-                                n_heads=n_heads, n_idx_heads=n_idx_heads, sm_scale=sm_scale, idx_scale=idx_scale)
-        for r, v in zip(acc_refs, carry):
-            r[...] = v
-
-    @pl.when(kj == n_k - 1)
-    def _finish():
-        _kl_finalize(tuple(r[...] for r in acc_refs), kl_ref, lse_i_ref, psum_ref)
-
-
-def _dense_stats_pallas(q, kv, lse, q_idx, k_idx, w_idx, segment_ids, *, sm_scale, block_q, block_k,
-                        backend: str, interpret: bool):
-    """Pallas pass 2 -> KL_t, lse_I(t), psum(t), each [B, S]. backend: "triton" | "tpu" (layout and
-    loop structure; both run under the interpreter when interpret=True)."""
-    b, s, h, d = q.shape
-    n_idx_heads, di = q_idx.shape[2], q_idx.shape[3]
-    length = _padded_length(s, block_q, block_k)
-    pad, (q_p, kv_p, lse_p, qi_p, ki_p, w_p) = _pad_all(length, segment_ids, q, kv, lse, q_idx, k_idx, w_idx)
-    pieces = _pow2_pieces(d) if backend == "triton" else [d]
-    q_t = jnp.swapaxes(q_p, 1, 2)  # [B, H, L, D]: one head = one [L, D] slab
-    q_pieces, kv_pieces = _split_dim(q_t, pieces), _split_dim(kv_p, pieces)
-    lse_t, qi_t, w_t = jnp.swapaxes(lse_p, 1, 2), jnp.swapaxes(qi_p, 1, 2), jnp.swapaxes(w_p, 1, 2)
-    n_q, n_k = length // block_q, length // block_k
-    kw = dict(n_pieces=len(pieces), n_heads=h, n_idx_heads=n_idx_heads, sm_scale=sm_scale, idx_scale=di ** -0.5,
-              block_q=block_q, block_k=block_k, n_k=n_k)
-    sq = pl.squeezed
-    row_shape = jax.ShapeDtypeStruct((b, 1, length), F32)
-    operands = (*q_pieces, *kv_pieces, lse_t, qi_t, ki_p, w_t, tiles.rows(pad.pos), tiles.rows(pad.seg),
-                tiles.cols(pad.pos), tiles.cols(pad.seg))
-
-    if backend == "triton":
-        qmap2, qmap3 = (lambda i, qb: (i, 0, qb)), (lambda i, qb: (i, 0, qb, 0))
-        full = pl.BlockSpec(memory_space=pl.ANY)  # key-side arrays: sliced in the kernel loop
-        in_specs = ([pl.BlockSpec((sq, h, block_q, n), qmap3) for n in pieces] + [full] * len(pieces)
-                    + [pl.BlockSpec((sq, h, block_q), qmap2), pl.BlockSpec((sq, n_idx_heads, block_q, di), qmap3),
-                       full, pl.BlockSpec((sq, n_idx_heads, block_q), qmap2),
-                       pl.BlockSpec((sq, 1, block_q), qmap2), pl.BlockSpec((sq, 1, block_q), qmap2), full, full])
-        out_spec = pl.BlockSpec((sq, 1, block_q), qmap2)
-        kernel, grid, scratch = _kl_triton_kernel, (b, n_q), ()
-        params = None if interpret else tiles.triton_params()
-    else:
-        from jax.experimental.pallas import tpu as pltpu
-
-        def kmap(i, qb, kj):  # clamp: invisible key blocks re-use the last block (no extra DMA)
-            return (i, jnp.minimum(kj, tiles.last_visible_key_block(qb, block_q, block_k)), 0)
-
-        qmap2, qmap3 = (lambda i, qb, kj: (i, 0, qb)), (lambda i, qb, kj: (i, 0, qb, 0))
-        in_specs = ([pl.BlockSpec((sq, h, block_q, n), qmap3) for n in pieces]
-                    + [pl.BlockSpec((sq, block_k, n), kmap) for n in pieces]
-                    + [pl.BlockSpec((sq, h, block_q), qmap2), pl.BlockSpec((sq, n_idx_heads, block_q, di), qmap3),
-                       pl.BlockSpec((sq, block_k, di), kmap), pl.BlockSpec((sq, n_idx_heads, block_q), qmap2),
-                       pl.BlockSpec((sq, 1, block_q), qmap2), pl.BlockSpec((sq, 1, block_q), qmap2),
-                       pl.BlockSpec((sq, block_k, 1), kmap), pl.BlockSpec((sq, block_k, 1), kmap)])
-        out_spec = pl.BlockSpec((sq, 1, block_q), qmap2)
-        kernel, grid = _kl_tpu_kernel, (b, n_q, n_k)
-        scratch = [pltpu.VMEM((1, block_q), F32) for _ in range(5)]
-        params = None if interpret else tiles.tpu_params(("parallel", "parallel", "arbitrary"),
-                                                        vmem_limit_bytes=96 * 2 ** 20)
-    kl, lse_i, psum = pl.pallas_call(
-        partial(kernel, **kw), out_shape=(row_shape,) * 3, grid=grid, in_specs=in_specs,
-        out_specs=(out_spec,) * 3, scratch_shapes=scratch, compiler_params=params, interpret=interpret,
-        name="indexer_dense_kl_tiles")(*operands)
-    return tuple(x[:, 0, :s] for x in (kl, lse_i, psum))
-
-
-def _dense_stats_pallas_dispatch(q, kv, lse, q_idx, k_idx, w_idx, segment_ids, *, sm_scale, interpret,
-                                 variant):
-    """Pick the pass-2 kernel variant: explicit (`variant` "triton"/"tpu"), or per lowering platform."""
-    s = q.shape[1]
-    block_sizes = {"triton": _blocks_for(s, *TRITON_BLOCKS), "tpu": TPU_BLOCKS,
-                   None: _blocks_for(s, *INTERPRET_BLOCKS)}
-
-    def run(which, interp, *args):
-        bq, bk = block_sizes[which]
-        return _dense_stats_pallas(*args, sm_scale=sm_scale, block_q=bq, block_k=bk,
-                                   backend=which or "triton", interpret=interp)
-
-    args = (q, kv, lse, q_idx, k_idx, w_idx, segment_ids)
-    if interpret or variant is not None:
-        return run(variant, interpret, *args)
-    return tiles.pallas_platform_dispatch(partial(run, "triton", False), partial(run, "tpu", False),
-                                          partial(run, None, True), *args)
-
-
 # ---- the differentiable dense loss -----------------------------------------------------------------
 
 class _DenseConfig(NamedTuple):
@@ -403,11 +225,18 @@ class _DenseConfig(NamedTuple):
 
 
 def _dense_stats(cfg: _DenseConfig, q, kv, lse, q_idx, k_idx, w_idx, segment_ids):
+    args = (q, kv, lse, q_idx, k_idx, w_idx, segment_ids)
     if cfg.impl.kind == "streaming":
-        return _dense_stats_streaming(q, kv, lse, q_idx, k_idx, w_idx, segment_ids, sm_scale=cfg.sm_scale,
-                                      block_q=cfg.block_q, block_k=cfg.block_k)
-    return _dense_stats_pallas_dispatch(q, kv, lse, q_idx, k_idx, w_idx, segment_ids, sm_scale=cfg.sm_scale,
-                                        interpret=cfg.impl.interpret, variant=cfg.impl.variant)
+        return _dense_stats_streaming(*args, sm_scale=cfg.sm_scale, block_q=cfg.block_q, block_k=cfg.block_k)
+    return kl_pallas.by_variant(kl_pallas.dense_stats, *args, sm_scale=cfg.sm_scale, variant=cfg.impl.variant,
+                                interpret=cfg.impl.interpret)
+
+
+def _dense_grads(cfg: _DenseConfig, *args):
+    if cfg.impl.kind == "streaming":
+        return _dense_grads_streaming(*args, sm_scale=cfg.sm_scale, block_q=cfg.block_q, block_k=cfg.block_k)
+    return kl_pallas.by_variant(kl_pallas.dense_grads, *args, sm_scale=cfg.sm_scale, variant=cfg.impl.variant,
+                                interpret=cfg.impl.interpret)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -423,9 +252,8 @@ def _dense_kl_fwd(cfg, q_idx, k_idx, w_idx, q, kv, lse, segment_ids):
 
 def _dense_kl_bwd(cfg, res, ct):
     q_idx, k_idx, w_idx, q, kv, lse, segment_ids, lse_i, psum = res
-    dq, dk, dw = _dense_grads_streaming(q, kv, lse, q_idx, k_idx, w_idx, segment_ids, lse_i, psum,
-                                        _query_weights(ct, segment_ids), sm_scale=cfg.sm_scale,
-                                        block_q=cfg.block_q, block_k=cfg.block_k)
+    dq, dk, dw = _dense_grads(cfg, q, kv, lse, q_idx, k_idx, w_idx, segment_ids, lse_i, psum,
+                              _query_weights(ct, segment_ids))
     return dq, dk, dw, jnp.zeros_like(q), jnp.zeros_like(kv), jnp.zeros_like(lse), None
 
 

@@ -139,16 +139,17 @@ def dot_nt(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def tile_indexer_scores(k_tile: jnp.ndarray, q_ref, w_ref, n_heads: int, scale: float) -> jnp.ndarray:
+def tile_indexer_scores(k_tile: jnp.ndarray, q_head, w_row, n_heads: int, scale: float) -> jnp.ndarray:
     """Keys-major indexer score tile [bk, bq] = sum_j w[j] * relu(k . q[j]^T * scale).
 
-    k_tile [bk, Di] (a value), q_ref [Hi, bq, Di], w_ref [Hi, bq] (refs: one head is a leading /
-    sublane slice, which both Mosaic and Triton load cheaply). The head loop keeps the live tile at
-    [bk, bq] instead of [bk, Hi * bq]."""
-    bk, bq = k_tile.shape[0], q_ref.shape[1]
+    k_tile [bk, Di] (a value); q_head(j) -> [bq, Di] and w_row(j) -> [1, bq] load one head (a leading
+    / sublane slice, cheap for Mosaic and Triton; accessors because Triton cannot compose ref views).
+    The head loop keeps the live tile at [bk, bq] instead of [bk, Hi * bq]."""
+    bk = k_tile.shape[0]
 
     def head(j, acc):
-        z = dot_nt(k_tile, q_ref[j]) * scale
-        return acc + jnp.maximum(z, 0.0) * w_ref[pl.ds(j, 1), :].astype(jnp.float32)
+        z = dot_nt(k_tile, q_head(j)) * scale
+        return acc + jnp.maximum(z, 0.0) * w_row(j).astype(jnp.float32)
 
+    bq = w_row(0).shape[-1]
     return jax.lax.fori_loop(0, n_heads, head, jnp.zeros((bk, bq), jnp.float32))

@@ -35,7 +35,7 @@ from dsa_train.kernels import indexer_tiles as tiles
 NEG = -jnp.inf
 
 # (q_chunk, k_chunk) of the XLA driver and (block_q, block_k) of the Pallas tile, per variant.
-STREAMING_CHUNKS = (128, 512)
+STREAMING_CHUNKS = (128, 512)  # (q_chunk, minimum k_chunk)
 TRITON_CONFIG = dict(q_chunk=1024, k_chunk=2048, block_q=32, block_k=64)
 TPU_CONFIG = dict(q_chunk=1024, k_chunk=2048, block_q=128, block_k=256)
 INTERPRET_CONFIG = dict(q_chunk=64, k_chunk=32, block_q=16, block_k=16)
@@ -90,11 +90,16 @@ def _gcd(a: int, b: int) -> int:
 
 
 def indexer_topk_streaming(q, k, weights, topk: int, segment_ids, q_chunk: int = STREAMING_CHUNKS[0],
-                           k_chunk: int = STREAMING_CHUNKS[1]) -> jnp.ndarray:
-    """Pure-JAX streaming top-k (the CPU path). Returns int32 [B, S, min(topk, T)], -1 = unused."""
+                           k_chunk: int | None = None) -> jnp.ndarray:
+    """Pure-JAX streaming top-k (the CPU path). Returns int32 [B, S, min(topk, T)], -1 = unused.
+
+    k_chunk default: max(512, min(K, 2048)): each merge sorts K + k_chunk candidates, so chunks
+    narrower than K would spend most of the time re-sorting the running top-k."""
     b, s, _, _ = q.shape
     tiles.check_self_attention(s, k.shape[1])
     k_out = min(topk, k.shape[1])
+    if k_chunk is None:
+        k_chunk = max(STREAMING_CHUNKS[1], min(k_out, 2048))
     qc, kc, length = _chunk_sizes(s, q_chunk, k_chunk)
     pos, seg = tiles.padded_positions_segments(segment_ids, length)
     q_side = dict(q=(tiles.pad_to(q, 1, length), 1), w=(tiles.pad_to(weights, 1, length), 1),
@@ -114,7 +119,7 @@ def indexer_topk_streaming(q, k, weights, topk: int, segment_ids, q_chunk: int =
 def _score_tile_kernel(q_ref, k_ref, w_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, o_ref, *,
                        n_heads: int, scale: float):
     """One keys-major tile: o [bk, bq] = masked sum_j w[j] relu(k . q[j] * scale)."""
-    scores = tiles.tile_indexer_scores(k_ref[...], q_ref, w_ref, n_heads, scale)
+    scores = tiles.tile_indexer_scores(k_ref[...], lambda j: q_ref[j], lambda j: w_ref[pl.ds(j, 1), :], n_heads, scale)
     vis = (kseg_ref[...] == qseg_ref[...]) & (kpos_ref[...] <= qpos_ref[...])
     o_ref[...] = jnp.where(vis, scores, NEG)
 
