@@ -31,12 +31,16 @@ class ForwardMode(NamedTuple):
     logits: bool = True
     diagnostic_rows: int = 0  # > 0: measure captured mass / k90 on that many query rows
     kernels: str = "reference"  # resolved implementation for the sparse ops
+    capture: bool = False  # return the layer's attention inputs in AttentionAux.captured (evaluation)
 
 
 class AttentionAux(NamedTuple):
     indexer_loss: jnp.ndarray
     diagnostics: dict
     indices: Optional[jnp.ndarray]
+    # With mode.capture: (q_mqa [B, S, H, kv_lora + rope], kv_mqa [B, T, kv_lora + rope], indexer q
+    # [B, S, Hi, Di], k [B, T, Di], weights [B, S, Hi]); the indexer parts are None without an indexer.
+    captured: Optional[tuple] = None
 
 
 class MLA(nnx.Module):
@@ -84,7 +88,7 @@ class MLA(nnx.Module):
         k_pe = apply_rope_interleaved(kv_a[..., c.kv_lora_rank:], cos, sin)
 
         use_indexer = self.indexer is not None and (
-            mode.attention == "sparse" or mode.indexer_loss or mode.diagnostic_rows > 0)
+            mode.attention == "sparse" or mode.indexer_loss or mode.diagnostic_rows > 0 or mode.capture)
         if use_indexer:
             # Detached: the indexer learns only from its own loss, never from the LM loss path.
             q_i, k_i, w_i = self.indexer(sg(x), sg(q_in), cos, sin)
@@ -118,4 +122,7 @@ class MLA(nnx.Module):
         if mode.diagnostic_rows > 0 and use_indexer:
             diagnostics = indexer_quality(sg(q_mqa), sg(kv_mqa), self.sm_scale, sg(q_i), sg(k_i), sg(w_i),
                                           segment_ids, c.index_topk, mode.diagnostic_rows)
-        return y, AttentionAux(loss, diagnostics, indices)
+        captured = None
+        if mode.capture:
+            captured = (sg(q_mqa), sg(kv_mqa), *((sg(q_i), sg(k_i), sg(w_i)) if use_indexer else (None,) * 3))
+        return y, AttentionAux(loss, diagnostics, indices, captured)

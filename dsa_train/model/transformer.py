@@ -27,6 +27,7 @@ class ModelOutput(NamedTuple):
     moe: tuple[MoEStats, ...]  # one per MoE layer
     diagnostics: dict  # name -> [L] per-layer indexer quality (empty unless requested)
     indices: tuple  # per-layer top-k indices [B, S, K] in sparse mode
+    captured: tuple = ()  # per-layer AttentionAux.captured when mode.capture (see mla.py)
 
 
 class DecoderLayer(nnx.Module):
@@ -83,19 +84,21 @@ class CausalLM(nnx.Module):
         valid = (segment_ids != 0).astype(jnp.float32)
         cos, sin = rope_angles(positions, self.config)
         x = self.model.embed_tokens(tokens)
-        kl, moe, diags, indices = [], [], [], []
+        kl, moe, diags, indices, captured = [], [], [], [], []
         for layer in self.model.layers:
             x, aux, stats = layer(x, segment_ids, valid, cos, sin, mode)
             kl.append(aux.indexer_loss)
             diags.append(aux.diagnostics)
             if aux.indices is not None:
                 indices.append(aux.indices)
+            if aux.captured is not None:
+                captured.append(aux.captured)
             if stats is not None:
                 moe.append(stats)
         hidden = self.model.norm(x)
         logits = self.lm_head(hidden).astype(jnp.float32) if mode.logits else None
         diagnostics = {k: jnp.stack([d[k] for d in diags]) for k in diags[0]} if diags and diags[0] else {}
-        return ModelOutput(logits, hidden, jnp.stack(kl), tuple(moe), diagnostics, tuple(indices))
+        return ModelOutput(logits, hidden, jnp.stack(kl), tuple(moe), diagnostics, tuple(indices), tuple(captured))
 
 
 def create_model(config: ModelConfig, seed: int = 0) -> CausalLM:
