@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsa_train.kernels import dispatch, indexer_kl, indexer_topk
+from dsa_train.kernels import dispatch, indexer_kl, indexer_kl_pallas, indexer_topk
 from dsa_train.ops import losses
 from dsa_train.ops.attention import sparse_mla_attention_reference
 from dsa_train.ops.indexer import indexer_topk_reference
@@ -120,6 +120,17 @@ def test_attention_lse_streaming_matches_dense():
     mask = causal_document_mask(seg, seg)[:, :, None, :]
     want = jax.nn.logsumexp(jnp.where(mask, scores, -jnp.inf), axis=-1)
     got = jax.jit(indexer_kl.attention_lse_streaming, static_argnums=(2, 4, 5))(q, kv, D ** -0.5, seg, 8, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["triton", "tpu"])
+def test_attention_lse_pallas_interpret_matches_dense(variant):
+    s = 21
+    q, kv, *_, seg = _inputs(s, seed=9)
+    scores = jnp.einsum("bshd,btd->bsht", q, kv) * D ** -0.5
+    want = jax.nn.logsumexp(jnp.where(causal_document_mask(seg, seg)[:, :, None, :], scores, -jnp.inf), axis=-1)
+    got = jax.jit(lambda q_, kv_, sg: indexer_kl_pallas.by_variant(
+        indexer_kl_pallas.attention_lse, q_, kv_, sg, sm_scale=D ** -0.5, variant=variant, interpret=True))(q, kv, seg)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -241,14 +252,16 @@ def test_topk_kernel_lowers(platform):
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 @pytest.mark.parametrize("grad", [False, True])
-def test_dense_kl_kernel_lowers(platform, grad):
+@pytest.mark.parametrize("given_lse", [False, True])
+def test_dense_kl_kernel_lowers(platform, grad, given_lse):
     s, h, d = 512, 4, 576  # MLA's 576 = 512 + 64 pieces on Triton
     shapes = (jax.ShapeDtypeStruct((1, s, h, d), jnp.bfloat16), jax.ShapeDtypeStruct((1, s, d), jnp.bfloat16),
               jax.ShapeDtypeStruct((1, s, 4, 128), jnp.bfloat16), jax.ShapeDtypeStruct((1, s, 128), jnp.bfloat16),
               jax.ShapeDtypeStruct((1, s, 4), jnp.float32), jax.ShapeDtypeStruct((1, s), jnp.int32),
               jax.ShapeDtypeStruct((1, s, h), jnp.float32))
-    f = lambda q, kv, a, b, c, sg, lse: losses.indexer_kl_loss(q, kv, 0.07, a, b, c, sg, impl="pallas", lse=lse)
-    kernels = ["indexer_kl_stats"]
+    f = lambda q, kv, a, b, c, sg, lse: losses.indexer_kl_loss(q, kv, 0.07, a, b, c, sg, impl="pallas",
+                                                               lse=lse if given_lse else None)
+    kernels = ["indexer_kl_stats"] + ([] if given_lse else ["indexer_kl_attention_lse"])
     if grad:  # the backward is Pallas too: the dq/dw (query-major) and dk (key-major) kernels
         f = jax.grad(f, argnums=(2, 3, 4))
         kernels += ["indexer_kl_dq_dw", "indexer_kl_dk"]

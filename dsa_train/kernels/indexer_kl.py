@@ -19,8 +19,8 @@ Dense warm-up, per query t (p sums to one over the candidates, kept as psum for 
 Implementations: "streaming" (also "blocked") = pure JAX (lax.map over query blocks, fori_loop over
 the causal key blocks of each; dk accumulated in the backward's scan carry). "pallas" = Pallas
 kernels (`indexer_kl_pallas`) for the pass-2 forward and both backward kernels (dq/dw query-major,
-dk key-major), Triton on GPU and Mosaic on TPU, chosen per lowering platform; pass 1 stays the
-streaming JAX loop when no lse is given. "pallas_gpu" / "pallas_tpu" force a variant;
+dk key-major) and pass 1 (when no lse is given), Triton on GPU and Mosaic on TPU, chosen per
+lowering platform. "pallas_gpu" / "pallas_tpu" force a variant;
 "..._interpret" run them in the Pallas interpreter (CPU tests).
 
 Sparse stage: per query block, gather the selected main keys and indexer keys (O(bq K D)), form the
@@ -271,7 +271,10 @@ def indexer_kl_loss_streaming(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids,
     block_q, block_k = _blocks_for(q.shape[1], block_q, block_k)
     sg = jax.lax.stop_gradient
     q, kv = sg(q), sg(kv)
-    if lse is None:
+    if lse is None and chosen.kind == "pallas":
+        lse = kl_pallas.by_variant(kl_pallas.attention_lse, q, kv, segment_ids, sm_scale=float(sm_scale),
+                                   variant=chosen.variant, interpret=chosen.interpret)
+    elif lse is None:
         lse = attention_lse_streaming(q, kv, sm_scale, segment_ids, block_q, block_k)
     cfg = _DenseConfig(float(sm_scale), chosen, block_q, block_k)
     return _dense_kl(cfg, q_idx, k_idx, w_idx, q, kv, sg(lse).astype(F32), segment_ids)

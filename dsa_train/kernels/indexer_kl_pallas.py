@@ -154,6 +154,25 @@ def _target_tile(qs: _QuerySide, ks: _KeySide, vis, d: _Dims):
     return jnp.where(vis, probs * (1.0 / d.n_heads), 0.0)
 
 
+def _lse_update(qs: _QuerySide, ks: _KeySide, d: _Dims, m_ref, l_ref):
+    """Pass 1: fold one tile into the per-head online log-sum-exp of the main attention; m_ref,
+    l_ref [H, bq] are fp32 output blocks (running max and sum)."""
+    vis = _visible(qs, ks)
+    kv_tiles = ks.kv()
+
+    def head(h, carry):
+        a = sum(tiles.dot_nt(kv_t, q_h) for kv_t, q_h in zip(kv_tiles, qs.q_main(h))) * d.sm_scale
+        a = jnp.where(vis, a, NEG)
+        m_old, l_old = m_ref[pl.ds(h, 1), :], l_ref[pl.ds(h, 1), :]
+        m_new = jnp.maximum(m_old, a.max(axis=0, keepdims=True))
+        m_safe = jnp.where(m_new == NEG, 0.0, m_new)
+        l_ref[pl.ds(h, 1), :] = l_old * jnp.exp(m_old - m_safe) + _sum0(jnp.exp(a - m_safe))
+        m_ref[pl.ds(h, 1), :] = m_new
+        return carry
+
+    jax.lax.fori_loop(0, d.n_heads, head, 0)
+
+
 def _index_tile(qs: _QuerySide, ks: _KeySide, vis, d: _Dims):
     scores = tiles.tile_indexer_scores(ks.tile("ki"), qs.qi, qs.w_row, d.n_idx_heads, d.idx_scale)
     return jnp.where(vis, scores, NEG)
@@ -278,6 +297,35 @@ def _stats_kernel_tpu(*refs, q_names, k_names, d: _Dims):
         _stats_finish(tuple(r[...] for r in acc_refs), kl_ref, lse_i_ref, psum_ref)
 
 
+def _lse_kernel_triton(*refs, q_names, k_names, d: _Dims):
+    q_refs, k_refs, (m_ref, l_ref) = _split_refs(refs, q_names, k_names)
+    bi, qb = pl.program_id(0), pl.program_id(1)
+    qs = _QuerySide(q_refs, d.n_pieces)
+    m_ref[...] = jnp.full(m_ref.shape, NEG, F32)
+    l_ref[...] = jnp.zeros(l_ref.shape, F32)
+
+    def body(kj, carry):
+        ks = _KeySide(k_refs, d.n_pieces, bi, pl.multiple_of(kj * d.block_k, d.block_k), d.block_k)
+        _lse_update(qs, ks, d, m_ref, l_ref)
+        return carry
+
+    jax.lax.fori_loop(0, _n_visible_k(qb, d), body, 0)
+
+
+def _lse_kernel_tpu(*refs, q_names, k_names, d: _Dims):
+    q_refs, k_refs, (m_ref, l_ref) = _split_refs(refs, q_names, k_names)
+    qb, kj = pl.program_id(1), pl.program_id(2)
+
+    @pl.when(kj == 0)
+    def _init():
+        m_ref[...] = jnp.full(m_ref.shape, NEG, F32)
+        l_ref[...] = jnp.zeros(l_ref.shape, F32)
+
+    @pl.when(kj < _n_visible_k(qb, d))
+    def _update():
+        _lse_update(_QuerySide(q_refs, d.n_pieces), _KeySide(k_refs, d.n_pieces), d, m_ref, l_ref)
+
+
 def _dq_dw_kernel_triton(*refs, q_names, k_names, d: _Dims):
     q_refs, k_refs, (dq_ref, dw_ref) = _split_refs(refs, q_names, k_names)
     bi, qb = pl.program_id(0), pl.program_id(1)
@@ -393,6 +441,20 @@ def _setup(q, kv, lse, q_idx, k_idx, w_idx, segment_ids, sm_scale, block_q, bloc
     d = _Dims(len(pieces), h, q_idx.shape[2], float(sm_scale), q_idx.shape[3] ** -0.5, block_q, block_k,
               length // block_q, length // block_k)
     return q_side, k_side, d, length
+
+
+def attention_lse(q, kv, segment_ids, *, sm_scale, block_q, block_k, backend, interpret):
+    """Pass 1: per-head log-sum-exp of the causal, document-masked MQA attention -> [B, S, H] fp32."""
+    b, s, h, _ = q.shape
+    dummy_idx = jnp.zeros((b, s, 1, 16), q.dtype)  # the indexer operands are not used by this kernel
+    q_side, k_side, d, length = _setup(q, kv, jnp.zeros((b, s, h), F32), dummy_idx, dummy_idx[:, :, 0],
+                                       dummy_idx[:, :, :, 0], segment_ids, sm_scale, block_q, block_k, backend)
+    q_side = {name: x for name, x in q_side.items() if name[1:].isdigit() or name in ("qpos", "qseg")}
+    k_side = {name: x for name, x in k_side.items() if name != "ki"}  # only what the kernel reads gets DMA'd
+    heads = jax.ShapeDtypeStruct((b, h, length), F32)
+    m, l = _call(_lse_kernel_triton if backend == "triton" else _lse_kernel_tpu, d, q_side, k_side, [heads, heads],
+                 major="q", backend=backend, interpret=interpret, name="indexer_kl_attention_lse")
+    return jnp.swapaxes(m + jnp.log(l), 1, 2)[:, :s]
 
 
 def dense_stats(q, kv, lse, q_idx, k_idx, w_idx, segment_ids, *, sm_scale, block_q, block_k, backend, interpret):
