@@ -114,6 +114,11 @@ def build(method: str, length: int, heads: int, topk: int, dtype_name: str, impl
     return step, args
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
@@ -138,12 +143,16 @@ def run_child(opts) -> dict:
         if rec["xla_total_gb"] > budget:
             rec["status"] = f"does not fit: XLA needs {rec['xla_total_gb']:.1f} GB > budget {budget:.1f} GB"
             return rec
-    times = []
+    times, cpu_times = [], []
     for _ in range(opts.repeats + 1):  # the first call is a warm-up
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - t0)
+        cpu_times.append(cpu_seconds() - c0)
     rec["times_s"] = times[1:]
+    # CPU seconds of all the process's threads: less sensitive than wall time to other jobs'
+    # load on a shared machine (wall ~ cpu / cores when the machine is otherwise idle).
+    rec["cpu_s"] = min(cpu_times[1:])
     rec["load_avg_1min_after"] = os.getloadavg()[0]  # the machine is shared: context for the timings
     rec["fwd_bwd_s"] = min(times[1:])
     rec["peak_rss_gb"] = rss_gb()
@@ -210,44 +219,53 @@ def environment(opts) -> dict:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "jax": jax.__version__,
+        "load_avg_1min_at_start": os.getloadavg()[0],
         "note": ("CPU run on a machine shared with other jobs (2 cores); no GPU was available, "
                  "GPU TFLOPS remain to be measured with --gpu." if not opts.gpu else "GPU run"),
     }
 
 
+def loglog_slope(points: list[tuple[int, float]]) -> float | None:
+    """Least-squares slope of log(value) vs log(length)."""
+    if len(points) < 2:
+        return None
+    xs = [math.log(l) for l, _ in points]
+    ys = [math.log(v) for _, v in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
 def summarize(entries: list[dict]) -> dict:
     by = {(e["method"], e["length"]): e for e in entries}
-    ratios, sparse_pts = {}, []
-    for (method, length), e in sorted(by.items()):
-        if method != "sparse" or e.get("status") != "ok":
-            continue
-        sparse_pts.append((length, e["fwd_bwd_s"]))
-        for base in ("dense", "dense_mask"):
-            b = by.get((base, length))
-            if b is None:
+    summary = {}
+    for metric in ("fwd_bwd_s", "cpu_s"):
+        ratios, pts = {}, []
+        for (method, length), e in sorted(by.items()):
+            if method != "sparse" or e.get("status") != "ok" or metric not in e:
                 continue
-            if b.get("status") == "ok":
-                ratios[f"{base}/sparse@{length}"] = b["fwd_bwd_s"] / e["fwd_bwd_s"]
-            else:
-                ratios[f"{base}/sparse@{length}"] = b.get("status")
-    pts = [(l, t) for l, t in sparse_pts if 4096 <= l <= 32768]
-    slope = None
-    if len(pts) >= 2:
-        xs = [math.log(l) for l, _ in pts]
-        ys = [math.log(t) for _, t in pts]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return {"time_ratios": ratios, "sparse_loglog_slope_4k_32k": slope,
-            "sparse_slope_points": [l for l, _ in pts]}
+            if 4096 <= length <= 32768:
+                pts.append((length, e[metric]))
+            for base in ("dense", "dense_mask"):
+                b = by.get((base, length))
+                if b is None:
+                    continue
+                ok = b.get("status") == "ok" and metric in b
+                status = b.get("status")
+                ratios[f"{base}/sparse@{length}"] = (b[metric] / e[metric] if ok else
+                                                      status if status != "ok" else "not measured")
+        summary[metric] = {"time_ratios": ratios, "sparse_loglog_slope_4k_32k": loglog_slope(pts),
+                           "sparse_slope_points": [l for l, _ in pts]}
+    return summary
 
 
 def print_table(entries: list[dict]) -> None:
     def fmt(value, spec):
         return "" if value is None else format(value, spec)
 
-    print(f"{'method':<11} {'L':>6} {'fwd+bwd s':>10} {'GFLOP/s':>8} {'peak RSS GB':>11} {'XLA GB':>7}  status")
+    print(f"{'method':<11} {'L':>6} {'fwd+bwd s':>10} {'cpu s':>8} {'GFLOP/s':>8} {'peak RSS GB':>11} "
+          f"{'XLA GB':>7}  status")
     for e in sorted(entries, key=lambda e: (e["method"], e["length"])):
-        print(f"{e['method']:<11} {e['length']:>6} {fmt(e.get('fwd_bwd_s'), '.3f'):>10} "
+        print(f"{e['method']:<11} {e['length']:>6} {fmt(e.get('fwd_bwd_s'), '.3f'):>10} {fmt(e.get('cpu_s'), '.1f'):>8} "
               f"{fmt(e.get('fwd_bwd_gflops'), '.1f'):>8} {fmt(e.get('peak_rss_gb'), '.2f'):>11} "
               f"{fmt(e.get('xla_total_gb'), '.2f'):>7}  {e.get('status')}")
 
@@ -259,15 +277,22 @@ def plot(entries: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = {"dense": "tab:blue", "dense_mask": "tab:orange", "sparse": "tab:green"}
     for method in sorted({e["method"] for e in entries}):
+        color = colors.get(method)
         ok = sorted((e for e in entries if e["method"] == method and e.get("status") == "ok"),
                     key=lambda e: e["length"])
         if ok:
-            ax_t.plot([e["length"] for e in ok], [e["fwd_bwd_s"] for e in ok], "o-", label=method)
-            ax_m.plot([e["length"] for e in ok], [e["peak_rss_gb"] for e in ok], "o-", label=f"{method} (RSS)")
+            ax_t.plot([e["length"] for e in ok], [e["fwd_bwd_s"] for e in ok], "o-", color=color, label=f"{method} (wall)")
+            cpu = [e for e in ok if "cpu_s" in e]
+            if cpu:
+                ax_t.plot([e["length"] for e in cpu], [e["cpu_s"] for e in cpu], "s:", color=color,
+                          label=f"{method} (CPU s, all threads)")
+            ax_m.plot([e["length"] for e in ok], [e["peak_rss_gb"] for e in ok], "o-", color=color, label=f"{method} (RSS)")
         est = sorted((e for e in entries if e["method"] == method and "xla_total_gb" in e), key=lambda e: e["length"])
         if est:
-            ax_m.plot([e["length"] for e in est], [e["xla_total_gb"] for e in est], "x--", label=f"{method} (XLA est.)")
+            ax_m.plot([e["length"] for e in est], [e["xla_total_gb"] for e in est], "x--", color=color,
+                      label=f"{method} (XLA compiled)")
     for ax, ylabel in ((ax_t, "fwd+bwd time [s]"), (ax_m, "peak memory [GB]")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -296,8 +321,11 @@ def parent_main(opts) -> None:
         print(f"{json_path} holds results for another configuration; starting a new file", flush=True)
         doc = {}
     doc["config"] = config
-    doc["environment"] = environment(opts)
+    if not (opts.summarize_only and "environment" in doc):
+        doc["environment"] = environment(opts)
     entries = {(e["method"], e["length"]): e for e in doc.get("entries", [])}
+    if opts.summarize_only:
+        opts.lengths = []
     # GPU: the child takes 90% of the device's memory when no budget is given.
     mem_budget = opts.mem_budget_gb or (0.0 if opts.gpu else 0.75 * available_memory_gb())
     for length in opts.lengths:
@@ -335,6 +363,12 @@ def parent_main(opts) -> None:
             plot(doc["entries"], results_dir / f"{stem}.png",
                  f"{doc['environment']['device']}, B=1 H={opts.heads} K={opts.topk} {opts.dtype}; "
                  f"dense: MHA 192/128, sparse: MQA 576/512 ({opts.impl})")
+    doc["entries"] = sorted(entries.values(), key=lambda e: (e["method"], e["length"]))
+    doc["summary"] = summarize(doc["entries"])
+    json_path.write_text(json.dumps(doc, indent=1))
+    plot(doc["entries"], results_dir / f"{stem}.png",
+         f"{doc['environment']['device']}, B=1 H={opts.heads} K={opts.topk} {opts.dtype}; "
+         f"dense: MHA 192/128, sparse: MQA 576/512 ({opts.impl})")
     print_table(doc["entries"])
     print(json.dumps(doc["summary"], indent=1))
 
@@ -364,6 +398,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration")
     parser.add_argument("--gpu", action="store_true", help="accelerator run: bf16, Pallas kernel, TFLOPS")
     parser.add_argument("--results-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--summarize-only", action="store_true", help="recompute summary, table and plot")
     opts = parser.parse_args()
     opts.dtype = opts.dtype or ("bfloat16" if opts.gpu else "float32")
     opts.impl = opts.impl or ("pallas" if opts.gpu else "blocked")

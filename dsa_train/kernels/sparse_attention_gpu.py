@@ -4,14 +4,14 @@ Layout (FlashMLA's): q [B, S, H, D], one shared key/value row per token kv [B, T
 kv[..., :v_dim], indices [B, S, K] (-1 = unused slot). D splits into a "value" part (v_dim, 512)
 and a "rope" part (D - v_dim, 64); both are loaded separately so every Triton tile is a power of 2.
 
-Forward, grid (S, B, H / block_h): one program owns one query and block_h of its heads. It walks
+Forward, grid (H / block_h, S, B): one program owns one query and block_h of its heads. It walks
 the query's K slots in blocks of block_k, gathers those key rows once (pointer gather, one row per
 slot) and uses them for all block_h heads (where the MQA form wins: the gathered rows are shared),
 with an online softmax in the exp2 domain; it writes out [block_h, v_dim] and lse [block_h].
 
-Backward, same grid: recompute p = exp(s - lse) per block, dp = dO . v, ds = p (dp - delta) with
-delta = <out, dO> - d_lse (so the lse cotangent IS supported), dq accumulated in registers, and
-dkv scattered with fp32 atomic adds into a [B, T + 1, D] buffer (row T swallows the invalid slots).
+Backward, grid (S, B, H / block_h): recompute p = exp(s - lse) per block, dp = dO . v,
+ds = p (dp - delta) with delta = <out, dO> - d_lse (so the lse cotangent IS supported), dq
+accumulated in registers, and dkv scattered with fp32 atomic adds into a [B, T + 1, D] buffer (row T swallows the invalid slots).
 Why atomics: the alternative two-step scheme (write per-slot contributions, then segment-sum)
 needs an S x K x D buffer, i.e. the memory this kernel exists to avoid; the atomics cost
 H / block_h adds per (query, key) pair and a non-deterministic summation order. Valid indices of
@@ -208,15 +208,17 @@ def _forward(q, kv, indices, cfg: GpuKernelConfig):
                                block_k=cfg.block_k, num_k_blocks=kp // cfg.block_k)
     out, lse = pl.pallas_call(
         kernel,
-        grid=(s, b, hp // block_h),
+        # Head blocks fastest: the programs of one query run side by side and share its gathered
+        # key rows through L2.
+        grid=(hp // block_h, s, b),
         in_specs=[
-            pl.BlockSpec((None, None, block_h, dp), lambda i, j, k: (j, i, k, 0)),
-            pl.BlockSpec((None, t, dp), lambda i, j, k: (j, 0, 0)),
-            pl.BlockSpec((None, None, kp), lambda i, j, k: (j, i, 0)),
+            pl.BlockSpec((None, None, block_h, dp), lambda h, i, j: (j, i, h, 0)),
+            pl.BlockSpec((None, t, dp), lambda h, i, j: (j, 0, 0)),
+            pl.BlockSpec((None, None, kp), lambda h, i, j: (j, i, 0)),
         ],
         out_specs=[
-            pl.BlockSpec((None, None, block_h, dv), lambda i, j, k: (j, i, k, 0)),
-            pl.BlockSpec((None, None, block_h), lambda i, j, k: (j, i, k)),
+            pl.BlockSpec((None, None, block_h, dv), lambda h, i, j: (j, i, h, 0)),
+            pl.BlockSpec((None, None, block_h), lambda h, i, j: (j, i, h)),
         ],
         out_shape=[jax.ShapeDtypeStruct((b, s, hp, dv), q.dtype),
                    jax.ShapeDtypeStruct((b, s, hp), jnp.float32)],
@@ -247,6 +249,8 @@ def _backward(q, kv, indices, out, lse, d_out, d_lse, cfg: GpuKernelConfig):
     head_spec = pl.BlockSpec((None, None, block_h), lambda i, j, k: (j, i, k))
     dq, dkv = pl.pallas_call(
         kernel,
+        # Queries fastest: concurrent programs are mostly different queries, which spreads the
+        # atomic adds over different rows (one query's head blocks all hit the same K rows).
         grid=(s, b, hp // block_h),
         in_specs=[
             row_spec(dp),
