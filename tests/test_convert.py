@@ -120,6 +120,7 @@ def test_config_round_trip_through_transformers(tmp_path):
     ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope type 'linear'"),
     ({"n_group": 3}, "n_group"),
+    ({"hidden_size": "big"}, "unreadable value"),
 ])
 def test_unsupported_configs_are_refused(change, message):
     raw = {**R.BASE, "model_type": "deepseek_v3", **change}

@@ -143,6 +143,17 @@ def model_config_from_hf(hf: dict, *, origin: str = "config.json", param_dtype: 
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"{origin}: model_type {model_type!r} is not supported "
                           f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    try:
+        return _model_config_from_hf(hf, model_type, origin, param_dtype, compute_dtype, use_indexer,
+                                     index_n_heads, index_head_dim, index_topk)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # e.g. a string where a number belongs
+        raise ConfigError(f"{origin}: unreadable value ({type(e).__name__}: {e})") from None
+
+
+def _model_config_from_hf(hf, model_type, origin, param_dtype, compute_dtype, use_indexer, index_n_heads,
+                          index_head_dim, index_topk) -> tuple[ModelConfig, HFSourceInfo]:
     defaults = dict(_HF_DEFAULTS, **(_HF_DEFAULTS_V32 if model_type == "deepseek_v32" else {}))
 
     def get(key: str, default: Any = None) -> Any:

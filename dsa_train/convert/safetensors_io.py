@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Optional
 import ml_dtypes
 import numpy as np
 
-from dsa_train.convert.common import ConversionError
+from dsa_train.convert.common import ConversionError, one_line
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -61,6 +61,8 @@ def read_header(path: Path) -> tuple[dict, int]:
             header = json.loads(f.read(n))
     except FileNotFoundError:
         raise ConversionError(f"missing checkpoint file {path}") from None
+    except OSError as e:
+        raise ConversionError(f"cannot read {path}: {one_line(e)}") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ConversionError(f"{path}: not a safetensors file (unreadable header)") from None
     if not isinstance(header, dict):
@@ -81,6 +83,8 @@ class SafetensorsCheckpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError, TypeError):
                 raise ConversionError(f"{index}: not a valid safetensors index (no 'weight_map')") from None
+            except OSError as e:
+                raise ConversionError(f"cannot read {index}: {one_line(e)}") from None
             files = {name: self.dir / file for name, file in weight_map.items()}
         elif (self.dir / SINGLE_FILE).is_file():
             files = None
