@@ -15,7 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
+from flax import nnx
 
+from dsa_train.checkpoint.manager import (MODEL_KEY, RunCheckpointer, abstract_tree, fill_states, from_pure_tree,
+                                          load_model_for_init, resolve_start, to_pure_tree)
+from dsa_train.checkpoint.preemption import PreemptionGuard
 from dsa_train.config import Config, to_dict
 from dsa_train.flops import train_flops_per_token
 from dsa_train.model import create_model
@@ -52,6 +56,27 @@ def _write_config(run_dir: Path, config: Config) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
+def checkpoint_tree(state: step_lib.TrainState) -> dict:
+    """The train state as checkpoints store it: plain dicts, the whole model (parameters of both
+    groups + router biases: what the next stage inherits) under MODEL_KEY."""
+    model = nnx.merge_state(state.params["main"], state.params["indexer"], state.router_bias)
+    return {MODEL_KEY: to_pure_tree(model), "opt": to_pure_tree(state.opt), "step": state.step,
+            "nonfinite": state.nonfinite}
+
+
+def model_from_tree(template: step_lib.TrainState, model_tree: dict) -> tuple[dict, object]:
+    """(params by group, router biases) with `template`'s structure and `model_tree`'s values."""
+    main, indexer, router_bias = fill_states(model_tree, template.params["main"], template.params["indexer"],
+                                             template.router_bias)
+    return {"main": main, "indexer": indexer}, router_bias
+
+
+def state_from_tree(template: step_lib.TrainState, tree: dict) -> step_lib.TrainState:
+    params, router_bias = model_from_tree(template, tree[MODEL_KEY])
+    return step_lib.TrainState(tree["step"], params, router_bias, from_pure_tree(template.opt, tree["opt"]),
+                               tree["nonfinite"])
+
+
 def train(config: Config, console: bool = True) -> RunResult:
     t = config.train
     run_dir = Path(t.run_dir)
@@ -72,6 +97,22 @@ def train(config: Config, console: bool = True) -> RunResult:
                                vocab_size=config.model.vocab_size, seed=t.seed)
     start_step = 0
     # checkpoint integration point: resume (own run) > init_from (another run / converted HF) > random
+    checkpointer = RunCheckpointer(run_dir, config.checkpoint, to_dict(config))
+    start = resolve_start(run_dir, config.checkpoint)
+    if start.kind == "resume":
+        checkpointer.check_compatible(to_dict(config), start.step)
+        restored = checkpointer.restore(start.step, abstract_tree(checkpoint_tree(state)))
+        state = state_from_tree(state, restored.train_state)
+        if restored.data_state is not None:
+            data.set_state(restored.data_state)
+        start_step = start.step
+    elif start.kind == "init_from":
+        model_tree = load_model_for_init(start.path, abstract_tree(checkpoint_tree(state)[MODEL_KEY]),
+                                         model_config_dict=to_dict(config.model))
+        params, router_bias = model_from_tree(state, model_tree)
+        state = step_lib.init_state(config, params, router_bias, optimizers)  # fresh optimizer, step 0
+    if console:
+        print(f"{t.stage}: {start.describe()}")
 
     mode = step_lib.forward_mode(config, kernels=resolve_kernels(config.model.kernels))
     step_fn = jax.jit(step_lib.make_train_step(graphdef, config, optimizers, schedules, mode), donate_argnums=0)
@@ -82,11 +123,16 @@ def train(config: Config, console: bool = True) -> RunResult:
     writer = MetricsWriter(run_dir, t.steps, t.stage, console=console)
     last, stopped_early = {}, False
     tick, ticked_steps = None, 0
+    step = start_step
+    guard = PreemptionGuard().install()
     try:
         for step in range(start_step + 1, t.steps + 1):
             batch = {k: jnp.asarray(v) for k, v in next(data).items()}
             state, metrics = step_fn(state, batch)
-            if step % t.log_every and step != t.steps:
+            # Steps that save or stop are always logged, before their checkpoint is written: the
+            # metrics of a resumed run have no hole.
+            stop, save = guard.should_stop(step), checkpointer.should_save(step)
+            if step % t.log_every and step != t.steps and not (stop or save):
                 continue
             record = summarize(jax.device_get(metrics))
             record.pop("expert_load", None)
@@ -105,16 +151,25 @@ def train(config: Config, console: bool = True) -> RunResult:
                 raise TrainingError(f"stopping at step {step}: {t.max_nonfinite_steps} consecutive steps had a "
                                     "non-finite loss or gradient (updates were skipped); lower the learning rate "
                                     "or check the data")
-            # checkpoint integration point: periodic save and preemption check
+            # checkpoint integration point: periodic save (async) and preemption check
+            if save:
+                checkpointer.save(step, checkpoint_tree(state), data.get_state())
+            if stop:
+                break
             if (t.stage == "warmup" and t.stop_at_captured_mass > 0 and "captured_mass" in record
                     and min(record["captured_mass"]) >= t.stop_at_captured_mass):
                 stopped_early = True
                 writer.write(step, {"stopped_early": True, "reason": "captured_mass >= "
                                     f"{t.stop_at_captured_mass} in every layer"})
                 break
+        # checkpoint integration point: final save (also after a preemption or an early stop)
+        checkpointer.save(step, checkpoint_tree(state), data.get_state(), force=True)
     finally:
+        guard.uninstall()
+        checkpointer.close()  # waits until the last save is committed
         writer.close()
-    # checkpoint integration point: final save
+    if guard.reason:
+        print(guard.message(step))
     (run_dir / "summary.json").write_text(json.dumps({"stage": t.stage, "steps": step, "last": last,
                                                        "stopped_early": stopped_early}, indent=1))
     return RunResult(run_dir, step, last, stopped_early)
