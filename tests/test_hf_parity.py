@@ -16,8 +16,7 @@ import pytest
 
 import hf_reference as R
 
-import jax  # noqa: E402  (after the importorskip of torch/transformers in hf_reference)
-from flax import nnx  # noqa: E402
+from flax import nnx  # noqa: E402  (after the importorskip of torch/transformers in hf_reference)
 
 from dsa_train.checkpoint import model_io  # noqa: E402
 from dsa_train.convert import import_hf_checkpoint  # noqa: E402
