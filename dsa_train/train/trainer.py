@@ -22,6 +22,7 @@ from dsa_train.checkpoint.manager import (MODEL_KEY, RunCheckpointer, abstract_t
 from dsa_train.checkpoint.preemption import PreemptionGuard
 from dsa_train.config import Config, to_dict
 from dsa_train.flops import train_flops_per_token
+from dsa_train.kernels.dispatch import resolve_impl
 from dsa_train.model import create_model
 from dsa_train.train import step as step_lib
 from dsa_train.train.metrics import MetricsWriter, summarize
@@ -84,7 +85,6 @@ def train(config: Config, console: bool = True) -> RunResult:
     _write_config(run_dir, config)
 
     from dsa_train.data.pipeline import make_train_iterator
-    from dsa_train.kernels_select import resolve_kernels
 
     model = create_model(config.model, seed=t.seed)
     graphdef, params, router_bias = step_lib.split_model(model)
@@ -114,7 +114,7 @@ def train(config: Config, console: bool = True) -> RunResult:
     if console:
         print(f"{t.stage}: {start.describe()}")
 
-    mode = step_lib.forward_mode(config, kernels=resolve_kernels(config.model.kernels))
+    mode = step_lib.forward_mode(config, kernels=resolve_impl(config.model.kernels))
     step_fn = jax.jit(step_lib.make_train_step(graphdef, config, optimizers, schedules, mode), donate_argnums=0)
     flops_per_token = train_flops_per_token(config.model, t.seq_len, t.stage)
     peak = device_peak_flops(jax.devices()[0])
@@ -135,7 +135,6 @@ def train(config: Config, console: bool = True) -> RunResult:
             if step % t.log_every and step != t.steps and not (stop or save):
                 continue
             record = summarize(jax.device_get(metrics))
-            record.pop("expert_load", None)
             now = time.perf_counter()
             if tick is not None:  # the first interval includes compilation: not timed
                 dt = (now - tick) / (step - ticked_steps)
