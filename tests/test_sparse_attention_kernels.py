@@ -122,10 +122,10 @@ def test_real_mla_dims(impl):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", ["blocked", "gpu"])
+@pytest.mark.parametrize("impl", ["blocked", "gpu", "tpu"])
 def test_bfloat16(impl):
     q, kv, idx = make_inputs(seed=3, dtype=jnp.bfloat16)
-    fn = {"blocked": blocked(4), "gpu": gpu_kernel()}[impl]
+    fn = {"blocked": blocked(4), "gpu": gpu_kernel(), "tpu": tpu_kernel()}[impl]
     out, _, grads = value_and_grads(fn, q, kv, idx, 0.3, 32)
     ref_out, _, ref_grads = value_and_grads(sparse_mla_attention_reference, q.astype(jnp.float32),
                                             kv.astype(jnp.float32), idx, 0.3, 32)

@@ -16,10 +16,11 @@ Forward: online softmax over the K blocks; out [H, v_dim] and lse [H] per query.
 Backward, grid (B, S) with S sequential: p is recomputed from lse; dq per query; the [T, D] fp32
 dkv of the current batch row is an output block that stays resident in VMEM while the grid walks
 S (its block index depends on b only) and receives each slot's row with a dynamic-row
-read-modify-write. TPU has no atomics, and the sequential S axis makes this race-free. Limit: T x D
-x 4 bytes must fit VMEM with the buffers (about T <= 32K on 128 MiB-VMEM chips, half that on
-64 MiB ones); beyond that the backward needs tiling T (rerunning the S sweep per T tile) or a
-per-chunk HBM scatter, which is not implemented. The lse cotangent is supported.
+read-modify-write. TPU has no atomics, and the sequential S axis makes this race-free. Limit: the
+double-buffered [T, D] fp32 block must fit VMEM (2 x T x D x 4 bytes: T <= about 14K on 128 MiB-VMEM
+chips, 7K on 64 MiB ones; a clear error is raised on a TPU beyond that). Longer sequences need T
+tiles (rerunning the S sweep per tile) or a per-chunk HBM scatter: not implemented. The lse
+cotangent is supported.
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ def _wait_gather(kv_hbm, buf, sem, b, slot, block_k):
     jax.lax.fori_loop(0, block_k, wait, 0)
 
 
-def _gathered_blocks(kv_hbm, buf, sem, idx_smem, b, num_blocks, block_k, body, carry):
-    """Run body(block, keys [block_k, D], carry) over the blocks, prefetching block + 1."""
+def _gathered_blocks(kv_hbm, buf, sem, idx_smem, b, num_blocks, block_k, body, carry, key_dtype):
+    """Run body(block, keys [block_k, D] in key_dtype, carry) over the blocks, prefetching block + 1."""
     _start_gather(kv_hbm, buf, sem, idx_smem, b, 0, 0, block_k)
 
     def step(block, carry):
@@ -106,14 +107,14 @@ def _gathered_blocks(kv_hbm, buf, sem, idx_smem, b, num_blocks, block_k, body, c
         def _prefetch():
             _start_gather(kv_hbm, buf, sem, idx_smem, b, block + 1, 1 - slot, block_k)
 
-        return body(block, buf[slot], carry)
+        return body(block, buf[slot].astype(key_dtype), carry)
 
     return jax.lax.fori_loop(0, num_blocks, step, carry)
 
 
-def _valid_mask(idx_vmem, block, block_k):
-    start = pl.multiple_of(block * block_k, block_k)
-    return idx_vmem[:, pl.ds(start, block_k)] >= 0  # [1, block_k]
+def _valid_mask(idx_vmem, block):
+    # idx_vmem is [num_blocks, block_k]: a dynamic sublane (row) index, no dynamic lane slicing.
+    return idx_vmem[pl.ds(block, 1), :] >= 0  # [1, block_k]
 
 
 def _dot_nt(a, b):
@@ -135,14 +136,14 @@ def _dot(a, b):
 
 
 def _forward_kernel(idx_smem, idx_vmem, q_ref, kv_hbm, out_ref, lse_ref, buf, sem, *, sm_scale: float,
-                    v_dim: int, block_k: int, num_blocks: int):
+                    v_dim: int, block_k: int, num_blocks: int, key_dtype):
     b = pl.program_id(0)
     q = q_ref[...]
     heads = q.shape[0]
 
     def body(block, keys, carry):
         acc, m_prev, l_prev = carry
-        valid = _valid_mask(idx_vmem, block, block_k)
+        valid = _valid_mask(idx_vmem, block)
         s = jnp.where(valid, _dot_nt(q, keys) * sm_scale, NEG_INF)  # [H, block_k]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
         alpha = jnp.exp(m_prev - m_next)
@@ -153,7 +154,7 @@ def _forward_kernel(idx_smem, idx_vmem, q_ref, kv_hbm, out_ref, lse_ref, buf, se
 
     carry = (jnp.zeros((heads, v_dim), jnp.float32), jnp.full((heads, 1), NEG_INF, jnp.float32),
              jnp.zeros((heads, 1), jnp.float32))
-    acc, m, l = _gathered_blocks(kv_hbm, buf, sem, idx_smem, b, num_blocks, block_k, body, carry)
+    acc, m, l = _gathered_blocks(kv_hbm, buf, sem, idx_smem, b, num_blocks, block_k, body, carry, key_dtype)
     has_keys = l > 0
     l_safe = jnp.where(has_keys, l, 1.0)
     out_ref[...] = (acc / l_safe).astype(out_ref.dtype)
@@ -161,7 +162,8 @@ def _forward_kernel(idx_smem, idx_vmem, q_ref, kv_hbm, out_ref, lse_ref, buf, se
 
 
 def _backward_kernel(idx_smem, idx_vmem, q_ref, kv_hbm, do_ref, lse_ref, delta_ref, dq_ref, dkv_ref,
-                     buf, sem, dk_buf, *, sm_scale: float, v_dim: int, block_k: int, num_blocks: int):
+                     buf, sem, dk_buf, *, sm_scale: float, v_dim: int, block_k: int, num_blocks: int,
+                     key_dtype):
     b, s_idx = pl.program_id(0), pl.program_id(1)
 
     @pl.when(s_idx == 0)
@@ -174,7 +176,7 @@ def _backward_kernel(idx_smem, idx_vmem, q_ref, kv_hbm, do_ref, lse_ref, delta_r
     delta = delta_ref[...]  # [H, 1]
 
     def body(block, keys, dq):
-        valid = _valid_mask(idx_vmem, block, block_k)
+        valid = _valid_mask(idx_vmem, block)
         s = _dot_nt(q, keys) * sm_scale
         p = jnp.where(valid, jnp.exp(s - lse), 0.0)  # [H, block_k]
         dp = _dot_nt(do, keys[:, :v_dim])
@@ -198,7 +200,7 @@ def _backward_kernel(idx_smem, idx_vmem, q_ref, kv_hbm, do_ref, lse_ref, delta_r
         return dq
 
     dq = _gathered_blocks(kv_hbm, buf, sem, idx_smem, b, num_blocks, block_k, body,
-                          jnp.zeros(q.shape, jnp.float32))
+                          jnp.zeros(q.shape, jnp.float32), key_dtype)
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
@@ -206,16 +208,36 @@ def _backward_kernel(idx_smem, idx_vmem, q_ref, kv_hbm, do_ref, lse_ref, delta_r
 # pallas_call wrappers and the custom VJP.
 
 
-def _index_specs(kp: int):
+def _index_specs(kp: int, block_k: int):
+    """The query's indices twice: [1, Kp] scalars in SMEM (DMA addresses) and [Kp / block_k, block_k]
+    vectors in VMEM (validity masks)."""
     return [
         pl.BlockSpec((None, None, 1, kp), lambda b, s: (b, s, 0, 0), memory_space=pltpu.SMEM),
-        pl.BlockSpec((None, None, 1, kp), lambda b, s: (b, s, 0, 0)),
+        pl.BlockSpec((None, None, kp // block_k, block_k), lambda b, s: (b, s, 0, 0)),
     ]
+
+
+def _index_operands(idxp: jnp.ndarray, block_k: int):
+    b, s, kp = idxp.shape
+    return idxp.reshape(b, s, 1, kp), idxp.reshape(b, s, kp // block_k, block_k)
+
+
+def _gather_source(kv: jnp.ndarray) -> jnp.ndarray:
+    """kv as the DMAs read it: 16-bit rows are widened to fp32 first, because one bf16 row is half
+    of a packed 32-bit sublane and a single-row DMA at a dynamic row offset into a (16, 128)-tiled
+    bf16 buffer is not a pattern Mosaic is known to accept. Costs 2x gather bytes; the kernels cast
+    the rows back to kv.dtype before the matmuls, so the math is unchanged."""
+    return kv if kv.dtype.itemsize >= 4 else kv.astype(jnp.float32)
 
 
 def _vmem_limit(nbytes: int) -> int | None:
     """Raise the scoped VMEM limit only when the kernel needs more than the default (16 MiB)."""
     need = nbytes + VMEM_HEADROOM
+    if jax.default_backend() == "tpu":
+        capacity = pltpu.get_tpu_info().vmem_capacity_bytes
+        if need > capacity:
+            raise ValueError(f"sparse attention backward on TPU keeps dkv [T, D] in VMEM: needs {need / 2**20:.0f} "
+                             f"MiB, this TPU core has {capacity / 2**20:.0f} MiB; use shorter sequences or impl='blocked'")
     return need if need > 16 * 2**20 else None
 
 
@@ -225,11 +247,11 @@ def _forward(q, kv, indices, cfg: TpuKernelConfig):
     idxp = _pad_indices(indices, block_k)
     kp = idxp.shape[-1]
     kernel = functools.partial(_forward_kernel, sm_scale=cfg.sm_scale, v_dim=cfg.v_dim, block_k=block_k,
-                               num_blocks=kp // block_k)
+                               num_blocks=kp // block_k, key_dtype=kv.dtype)
     out, lse = pl.pallas_call(
         kernel,
         grid=(b, s),
-        in_specs=_index_specs(kp) + [
+        in_specs=_index_specs(kp, block_k) + [
             pl.BlockSpec((None, None, h, d), lambda b, s: (b, s, 0, 0)),
             pl.BlockSpec(memory_space=pl.ANY),
         ],
@@ -239,11 +261,11 @@ def _forward(q, kv, indices, cfg: TpuKernelConfig):
         ],
         out_shape=[jax.ShapeDtypeStruct((b, s, h, cfg.v_dim), q.dtype),
                    jax.ShapeDtypeStruct((b, s, h, 1), jnp.float32)],
-        scratch_shapes=[pltpu.VMEM((2, block_k, d), kv.dtype), pltpu.SemaphoreType.DMA((2,))],
+        scratch_shapes=[pltpu.VMEM((2, block_k, d), _gather_source(kv).dtype), pltpu.SemaphoreType.DMA((2,))],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=_interpret_arg(cfg.interpret),
         name="sparse_mla_forward",
-    )(idxp[:, :, None, :], idxp[:, :, None, :], q, kv)
+    )(*_index_operands(idxp, block_k), q, _gather_source(kv))
     return out, lse[..., 0]
 
 
@@ -256,13 +278,13 @@ def _backward(q, kv, indices, out, lse, d_out, d_lse, cfg: TpuKernelConfig):
     delta = jnp.einsum("bshd,bshd->bsh", out.astype(jnp.float32), d_out.astype(jnp.float32))
     delta = delta - d_lse.astype(jnp.float32)
     kernel = functools.partial(_backward_kernel, sm_scale=cfg.sm_scale, v_dim=cfg.v_dim, block_k=block_k,
-                               num_blocks=kp // block_k)
+                               num_blocks=kp // block_k, key_dtype=kv.dtype)
     per_query = lambda width: pl.BlockSpec((None, None, h, width), lambda b, s: (b, s, 0, 0))
     dkv_bytes = t * max(d, LANES) * 4
     dq, dkv = pl.pallas_call(
         kernel,
         grid=(b, s),
-        in_specs=_index_specs(kp) + [
+        in_specs=_index_specs(kp, block_k) + [
             per_query(d),
             pl.BlockSpec(memory_space=pl.ANY),
             per_query(cfg.v_dim),
@@ -271,14 +293,14 @@ def _backward(q, kv, indices, out, lse, d_out, d_lse, cfg: TpuKernelConfig):
         ],
         out_specs=[per_query(d), pl.BlockSpec((None, t, d), lambda b, s: (b, 0, 0))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, t, d), jnp.float32)],
-        scratch_shapes=[pltpu.VMEM((2, block_k, d), kv.dtype), pltpu.SemaphoreType.DMA((2,)),
+        scratch_shapes=[pltpu.VMEM((2, block_k, d), _gather_source(kv).dtype), pltpu.SemaphoreType.DMA((2,)),
                         pltpu.VMEM((block_k, d), jnp.float32)],
         # S must run in order on one core: dkv is accumulated in place across it.
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
                                              vmem_limit_bytes=_vmem_limit(2 * dkv_bytes)),
         interpret=_interpret_arg(cfg.interpret),
         name="sparse_mla_backward",
-    )(idxp[:, :, None, :], idxp[:, :, None, :], q, kv, d_out, lse[..., None], delta[..., None])
+    )(*_index_operands(idxp, block_k), q, _gather_source(kv), d_out, lse[..., None], delta[..., None])
     return dq, dkv.astype(kv.dtype)
 
 
