@@ -138,7 +138,7 @@ def test_attention_lse_pallas_interpret_matches_dense(variant):
 def test_dense_kl_streaming_matches_reference(s, blocks, given_lse):
     q, kv, q_idx, k_idx, w_idx, seg = _inputs(s, seed=3)
     lse = jax.jit(indexer_kl.attention_lse_streaming, static_argnums=2)(q, kv, D ** -0.5, seg) if given_lse else None
-    f = lambda q_, kv_, a, b, c, sg: indexer_kl.indexer_kl_loss_streaming(
+    f = lambda q_, kv_, a, b, c, sg: indexer_kl.dense_indexer_kl_loss(
         q_, kv_, D ** -0.5, a, b, c, sg, lse, block_q=blocks[0], block_k=blocks[1])
     got = _value_and_indexer_grads(f, q, kv, q_idx, k_idx, w_idx, seg)
     _check_loss_and_grads(got, _dense_reference(q, kv, q_idx, k_idx, w_idx, seg))
@@ -177,7 +177,7 @@ def test_dense_kl_against_uniform_indexer():
     KL(p || uniform) = log n_t - H(p_t), averaged over the valid queries."""
     s = 11
     q, kv, _, _, _, seg = _inputs(s, seed=7)
-    loss = jax.jit(indexer_kl.indexer_kl_loss_streaming, static_argnums=2)(
+    loss = jax.jit(indexer_kl.dense_indexer_kl_loss, static_argnums=2)(
         q, kv, D ** -0.5, jnp.zeros((2, s, 1, DI)), jnp.zeros((2, s, DI)), jnp.ones((2, s, 1)), seg)
     target = losses.head_summed_attention_probs(q, kv, D ** -0.5, seg)
     n = causal_document_mask(seg, seg).sum(-1)

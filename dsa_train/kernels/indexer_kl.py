@@ -254,18 +254,19 @@ def _dense_kl_bwd(cfg, res, ct):
     q_idx, k_idx, w_idx, q, kv, lse, segment_ids, lse_i, psum = res
     dq, dk, dw = _dense_grads(cfg, q, kv, lse, q_idx, k_idx, w_idx, segment_ids, lse_i, psum,
                               _query_weights(ct, segment_ids))
-    return dq, dk, dw, jnp.zeros_like(q), jnp.zeros_like(kv), jnp.zeros_like(lse), None
+    return dq, dk, dw, None, None, None, None  # None: zero cotangents for the main model's inputs
 
 
 _dense_kl.defvjp(_dense_kl_fwd, _dense_kl_bwd)
 
 
-def indexer_kl_loss_streaming(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, lse=None, *,
+def dense_indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, lse=None, *,
                               impl: str = "streaming", block_q: int = STREAMING_BLOCKS[0],
                               block_k: int = STREAMING_BLOCKS[1]):
     """Dense warm-up KL without an S x T buffer. `lse` [B, S, H]: the main attention's per-head
-    log-sum-exp if already known (pass 1 is skipped). `impl` (see `indexer_tiles.IMPLS`) picks the
-    pass-2 forward; block_q/block_k size the pure-JAX passes."""
+    log-sum-exp if already known (pass 1 is skipped). `impl` (see `indexer_tiles.IMPLS`): "streaming"
+    (pure JAX) or a Pallas variant for pass 1, pass 2 and the backward; block_q/block_k size the
+    pure-JAX loops (the Pallas tiles are per variant, `indexer_kl_pallas`)."""
     chosen = tiles.resolve(impl)
     tiles.check_self_attention(q.shape[1], kv.shape[1])
     block_q, block_k = _blocks_for(q.shape[1], block_q, block_k)
@@ -365,8 +366,7 @@ def _sparse_kl_bwd(cfg, res, ct):
     dk, (dq, dw) = jax.lax.scan(per_query_block, jnp.zeros(k_idx.shape, F32), jnp.arange(length // bq))
     dq = jnp.moveaxis(dq, 0, 1).reshape(b, length, *q_idx.shape[2:])[:, :s]
     dw = jnp.moveaxis(dw, 0, 1).reshape(b, length, w_idx.shape[-1])[:, :s]
-    return (dq.astype(q_idx.dtype), dk.astype(k_idx.dtype), dw.astype(w_idx.dtype), jnp.zeros_like(q),
-            jnp.zeros_like(kv), None, jnp.zeros_like(lse), None)
+    return dq.astype(q_idx.dtype), dk.astype(k_idx.dtype), dw.astype(w_idx.dtype), None, None, None, None, None
 
 
 _sparse_kl.defvjp(_sparse_kl_fwd, _sparse_kl_bwd)
@@ -385,7 +385,7 @@ def sparse_indexer_kl_loss_streaming(q, kv, indices, lse, sm_scale, q_idx, k_idx
 
 def indexer_kl_loss_kernel(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, impl: str, lse=None):
     """Dense warm-up KL; impl: any name in `indexer_tiles.IMPLS` (as resolved by dispatch)."""
-    return indexer_kl_loss_streaming(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, lse, impl=impl)
+    return dense_indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, lse, impl=impl)
 
 
 def sparse_indexer_kl_loss_kernel(q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids, impl: str):

@@ -425,7 +425,7 @@ def _call(kernel, d: _Dims, q_side: dict, k_side: dict, out_shape, *, major: str
     elif backend == "triton":
         params = tiles.triton_params()
     else:
-        params = tiles.tpu_params(("parallel", "parallel", "arbitrary"), vmem_limit_bytes=96 * 2 ** 20)
+        params = tiles.tpu_params(("parallel", "parallel", "arbitrary"), vmem_limit_bytes=64 * 2 ** 20)
     return pl.pallas_call(
         partial(kernel, q_names=q_names, k_names=k_names, d=d),
         out_shape=[jax.ShapeDtypeStruct(s.shape, F32) for s in out_shape], grid=grid, in_specs=in_specs,
