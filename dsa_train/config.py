@@ -186,6 +186,10 @@ class TrainConfig:
     moe_balance_loss_alpha: float = 1e-4
     max_nonfinite_steps: int = 5
     log_every: int = 1
+    # Every eval_every steps (0: never): indexer diagnostics on eval_batches held-out batches
+    # (dsa_train.eval.heldout), logged as heldout/*; stop_at_captured_mass then uses them.
+    eval_every: int = 0
+    eval_batches: int = 1
     # Rows per batch on which captured mass / k90 are measured in the sparse stage.
     diagnostic_rows: int = 64
     # Stop the warm-up early once every layer's captured mass reaches this (0 disables).
@@ -202,6 +206,10 @@ class TrainConfig:
         for name in ("moe_bias_update_rate", "moe_balance_loss_alpha", "indexer_loss_weight"):
             if getattr(self, name) < 0:
                 errors.append((name, "must be >= 0"))
+        if self.eval_every < 0:
+            errors.append(("eval_every", "must be >= 0 (0: no held-out evaluation)"))
+        if self.eval_batches < 1:
+            errors.append(("eval_batches", f"must be >= 1, got {self.eval_batches}"))
         errors += [(f"main.{k}", m) for k, m in self.main.validate()]
         errors += [(f"indexer.{k}", m) for k, m in self.indexer.validate()]
         return errors
