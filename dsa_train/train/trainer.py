@@ -119,6 +119,11 @@ def train(config: Config, console: bool = True) -> RunResult:
     flops_per_token = train_flops_per_token(config.model, t.seq_len, t.stage)
     peak = device_peak_flops(jax.devices()[0])
     tokens_per_step = t.batch_size * t.seq_len
+    heldout = None  # every train.eval_every steps: indexer diagnostics on held-out batches
+    if t.eval_every:
+        from dsa_train.eval.heldout import HeldoutIndexerEval
+
+        heldout = HeldoutIndexerEval(config, resolve_impl(config.model.kernels))
 
     writer = MetricsWriter(run_dir, t.steps, t.stage, console=console)
     last, stopped_early = {}, False
@@ -132,7 +137,8 @@ def train(config: Config, console: bool = True) -> RunResult:
             # Steps that save or stop are always logged, before their checkpoint is written: the
             # metrics of a resumed run have no hole.
             stop, save = guard.should_stop(step), checkpointer.should_save(step)
-            if step % t.log_every and step != t.steps and not (stop or save):
+            evaluate = heldout is not None and (step % t.eval_every == 0 or step == t.steps)
+            if step % t.log_every and step != t.steps and not (stop or save or evaluate):
                 continue
             record = summarize(jax.device_get(metrics))
             now = time.perf_counter()
@@ -144,6 +150,9 @@ def train(config: Config, console: bool = True) -> RunResult:
                 if peak:
                     record["mfu"] = record["tflops_per_device"] * 1e12 / peak
             tick, ticked_steps = now, step
+            if evaluate:
+                record.update(heldout(step_lib.merge_model(graphdef, state.params, state.router_bias)))
+                tick = time.perf_counter()  # evaluation time is not step time
             writer.write(step, record)
             last = record
             if int(state.nonfinite) >= t.max_nonfinite_steps:
@@ -155,10 +164,11 @@ def train(config: Config, console: bool = True) -> RunResult:
                 checkpointer.save(step, checkpoint_tree(state), data.get_state())
             if stop:
                 break
-            if (t.stage == "warmup" and t.stop_at_captured_mass > 0 and "captured_mass" in record
-                    and min(record["captured_mass"]) >= t.stop_at_captured_mass):
+            mass_key = "heldout/captured_mass" if heldout is not None else "captured_mass"
+            if (t.stage == "warmup" and t.stop_at_captured_mass > 0 and record.get(mass_key)
+                    and None not in record[mass_key] and min(record[mass_key]) >= t.stop_at_captured_mass):
                 stopped_early = True
-                writer.write(step, {"stopped_early": True, "reason": "captured_mass >= "
+                writer.write(step, {"stopped_early": True, "reason": f"{mass_key} >= "
                                     f"{t.stop_at_captured_mass} in every layer"})
                 break
         # checkpoint integration point: final save (also after a preemption or an early stop)
