@@ -18,6 +18,7 @@ import numpy as np
 
 DEFAULT_BUCKET_EDGES = (1024, 8192, 32768)
 PERCENTILE = 0.1
+REPORTED_HIST_BINS = 32  # the captured-mass histogram in the summary (for the CDF figure)
 
 
 def _tokens_label(n: int) -> str:
@@ -62,6 +63,8 @@ class IndexerAccumulator:
                  bins: int = 4096):
         if rows not in ("selective", "all"):
             raise ValueError(f"rows must be 'selective' or 'all', got {rows!r}")
+        if bins % REPORTED_HIST_BINS:
+            raise ValueError(f"bins must be a multiple of {REPORTED_HIST_BINS}, got {bins}")
         self.edges, self.topk, self.rows, self.bins = check_edges(edges), topk, rows, bins
         self.num_layers = num_layers
         shape = (num_layers, len(self.edges) + 1)
@@ -112,6 +115,9 @@ class IndexerAccumulator:
             "captured_mass": total("captured_mass") / n,
             "captured_mass_p10": self._percentile(hist.reshape(-1, self.bins).sum(0), lo, hi),
             "captured_mass_min": lo,
+            # Row counts in REPORTED_HIST_BINS equal bins of [0, 1].
+            "captured_mass_hist": hist.reshape(-1, REPORTED_HIST_BINS, self.bins // REPORTED_HIST_BINS)
+            .sum((0, 2)).tolist(),
             "k50": total("k50") / n, "k90": total("k90") / n, "k99": total("k99") / n,
             "kl": total("kl") / n,
             # 1 - KL / KL(p || uniform): 1 when the indexer matches p, 0 when it is no better than uniform.

@@ -42,6 +42,7 @@ def plot_indexer_layers(results: list[dict], out: Path) -> Path | None:
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("layer")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0].set_ylim(top=1.02)
@@ -69,6 +70,34 @@ def plot_indexer_positions(results: list[dict], out: Path) -> Path | None:
         ax.set_xlabel("query position in document")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_captured_mass_cdf(results: list[dict], out: Path) -> Path | None:
+    """Share of query rows whose captured mass is below x, one curve per layer, one panel per checkpoint."""
+    runs = [(r["checkpoint"]["name"], r["indexer"]["layers"]) for r in results if r.get("indexer")]
+    if not runs:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 3.8), squeeze=False, sharey=True)
+    for ax, (name, layers) in zip(axes[0], runs):
+        colors = plt.cm.viridis(np.linspace(0, 1, max(len(layers), 2)))
+        for e, color in zip(layers, colors):
+            hist = np.asarray(e.get("captured_mass_hist") or [], dtype=float)
+            if hist.sum() == 0:
+                continue
+            edges = np.linspace(0, 1, len(hist) + 1)
+            ax.step(edges, np.concatenate([[0], np.cumsum(hist) / hist.sum()]), where="post", color=color,
+                    label=f"layer {e['layer']}" if len(layers) <= 12 else None)
+        ax.set_title(f"{name}: captured mass CDF over query rows", fontsize=10)
+        ax.set_xlabel("captured mass")
+        ax.grid(alpha=0.3)
+        if len(layers) <= 12:
+            ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("share of rows below")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -156,7 +156,7 @@ def _single(result: dict, meta: dict, images: dict) -> list[str]:
              f"tokens, seed {meta['seed']}", ""]
     lines += ["## Summary", ""] + _table(["metric", "value"], [[k, v] for k, v in headline(result).items()])
     lines += ["## Indexer diagnostics (dense pass)", ""] + _indexer_sections(result, meta["diagnostics"])
-    for key in ("indexer_layers", "indexer_positions"):
+    for key in ("indexer_layers", "captured_mass_cdf", "indexer_positions"):
         if key in images.get("common", {}):
             lines += [f"![{key}]({images['common'][key]})", ""]
     lines += ["## Quality: dense vs sparse attention, same weights", ""] + _quality_section(result)
@@ -200,7 +200,7 @@ def _comparison(results: list[dict], meta: dict, images: dict) -> list[str]:
             for key, label in LAYER_COLUMNS[1:]:
                 rows.append([str(ea["layer"]), label, ea.get(key), eb.get(key), _delta(key, ea.get(key), eb.get(key))])
         lines += _table(["layer", "metric", "A", "B", "Δ B - A"], rows)
-    for key in ("indexer_layers", "indexer_positions", "quality_positions"):
+    for key in ("indexer_layers", "captured_mass_cdf", "indexer_positions", "quality_positions"):
         if key in images.get("common", {}):
             lines += [f"![{key}]({images['common'][key]})", ""]
     for tag, r in (("A", a), ("B", b)):
@@ -226,7 +226,8 @@ def write_report(results: list[dict], meta: dict, out_dir: Path) -> dict[str, Pa
     written = {"json": out_dir / "eval.json"}
     written["json"].write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     images: dict = {"common": {}}
-    for key, fn in (("indexer_layers", plots.plot_indexer_layers), ("indexer_positions", plots.plot_indexer_positions),
+    for key, fn in (("indexer_layers", plots.plot_indexer_layers), ("captured_mass_cdf", plots.plot_captured_mass_cdf),
+                    ("indexer_positions", plots.plot_indexer_positions),
                     ("quality_positions", plots.plot_quality_positions)):
         path = fn(results, out_dir / f"{key}.png")
         if path is not None:

@@ -73,14 +73,15 @@ def needle_cases(data_config: DataConfig, batches: list[dict], *, vocab_size: in
     from dsa_train.data.synthetic import RetrievalTask
 
     cases = []
+    synthetic = data_config.source == "synthetic"
+    stream = None if synthetic else np.concatenate([b["tokens"][b["segment_ids"] > 0] for b in batches])
     for length in lengths:
         for depth in depths:
-            if data_config.source == "synthetic":
+            if synthetic:
                 task = RetrievalTask(vocab_size=vocab_size, seq_len=length, num_pairs=data_config.num_pairs,
                                      num_queries=1)
                 cases.append(needle_lib.synthetic_case(task, length, depth, trials, seed))
             else:
-                stream = np.concatenate([b["tokens"][b["segment_ids"] > 0] for b in batches])
                 cases.append(needle_lib.token_case(stream, length, depth, trials, seed))
     return cases
 
