@@ -69,7 +69,8 @@ def plot_indexer_positions(results: list[dict], out: Path) -> Path | None:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("query position in document")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # nothing to draw when no row had to be selected
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -95,7 +96,7 @@ def plot_captured_mass_cdf(results: list[dict], out: Path) -> Path | None:
         ax.set_title(f"{name}: captured mass CDF over query rows", fontsize=10)
         ax.set_xlabel("captured mass")
         ax.grid(alpha=0.3)
-        if len(layers) <= 12:
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     axes[0][0].set_ylabel("share of rows below")
     fig.tight_layout()
@@ -116,7 +117,8 @@ def plot_quality_positions(results: list[dict], out: Path) -> Path:
     ax.set_title("LM loss (training-weighted targets) by position", fontsize=10)
     ax.set_xlabel("position in document")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
