@@ -86,6 +86,12 @@ def cmd_data(args) -> None:
     return prepare_main(args.rest)
 
 
+def cmd_eval(args) -> int:
+    from dsa_train.eval import run_eval
+
+    return run_eval(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsa-train", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", default="prepare")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_data)
+
+    from dsa_train.eval import DESCRIPTION, build_parser as eval_parser  # argparse only, no JAX
+
+    p = sub.add_parser("eval", parents=[eval_parser(add_help=False)], description=DESCRIPTION,
+                       help="indexer diagnostics, dense vs sparse quality and needle sweep of one or two checkpoints")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -13,6 +13,7 @@ from flax import nnx
 
 from dsa_train.checkpoint import model_io
 from dsa_train.checkpoint.manager import MODEL_KEY, RunCheckpointer, to_pure_tree
+from dsa_train.cli import main as cli_main
 from dsa_train.config import CheckpointConfig, load_config, load_model_config, to_dict
 from dsa_train.eval import eval_main
 from dsa_train.eval.checkpoints import EvalInputError, load_checkpoint
@@ -44,7 +45,7 @@ def _results(out):
 
 def test_single_checkpoint_report_and_full_topk_invariants(model_dirs, tmp_path):
     out = tmp_path / "single"
-    assert eval_main([str(model_dirs[0]), *ARGS, "--out", str(out)]) == 0
+    assert cli_main(["eval", str(model_dirs[0]), *ARGS, "--out", str(out)]) == 0  # through `dsa-train eval`
     for name in ("eval.json", "report.md", "indexer_layers.png", "indexer_positions.png", "quality_positions.png",
                  "needle_base_dense.png", "needle_base_sparse.png"):
         assert (out / name).stat().st_size > 0, name
@@ -100,6 +101,7 @@ def test_run_directory_defaults_come_from_the_run(config, tmp_path):
         eval_main([str(run), "--seed", "0", "--no-progress"])
     with pytest.raises(EvalInputError, match="does not exist"):
         eval_main([str(tmp_path / "nowhere")])
+    assert cli_main(["eval", str(tmp_path / "nowhere")]) == 2  # one line on stderr, no traceback
     (tmp_path / "empty").mkdir()
     with pytest.raises(EvalInputError, match="neither a run directory"):
         eval_main([str(tmp_path / "empty")])

@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dsa_train.eval.defaults import DEFAULT_BUCKET_EDGES, DEFAULT_DEPTHS, DEFAULT_HELDOUT_SEED
+
 DESCRIPTION = __doc__.split("\n\n")[0]
 
 
@@ -56,12 +58,9 @@ def _positive(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from dsa_train.eval.aggregate import DEFAULT_BUCKET_EDGES
-    from dsa_train.eval.needle import DEFAULT_DEPTHS
-    from dsa_train.eval.run import DEFAULT_HELDOUT_SEED
-
-    p = argparse.ArgumentParser(prog="dsa-train eval", description=DESCRIPTION)
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The command's arguments (also the `dsa-train eval` subparser's parent; imports no JAX)."""
+    p = argparse.ArgumentParser(prog="dsa-train eval", description=DESCRIPTION, add_help=add_help)
     p.add_argument("checkpoint", help="run directory, <run>/checkpoints/<step>, or model directory")
     p.add_argument("checkpoint_b", nargs="?", help="a second checkpoint to compare with the first (B vs A)")
     p.add_argument("--data", action="append", default=[], metavar="DIR",
@@ -102,6 +101,11 @@ def _default_out(a: Path, b: Path | None) -> Path:
 
 def eval_main(argv: list[str] | None = None) -> int:
     """The `dsa-train eval` command. User errors raise ValueError subclasses (one line)."""
+    return run_eval(build_parser().parse_args(argv))
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Run the command on parsed arguments (see :func:`build_parser`)."""
     import dataclasses
 
     from dsa_train.eval.aggregate import check_edges
@@ -112,7 +116,6 @@ def eval_main(argv: list[str] | None = None) -> int:
     from dsa_train.eval.run import (EvalOptions, check_comparable, evaluate, heldout_data_config, load_batches,
                                     needle_cases)
 
-    args = build_parser().parse_args(argv)
     edges = check_edges(args.buckets)
     changes = {k: v for k, v in (("index_topk", args.topk), ("kernels", args.kernels)) if v is not None}
     checkpoints = [load_checkpoint(args.checkpoint, **changes)]
@@ -154,4 +157,4 @@ def eval_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["eval_main", "build_parser"]
+__all__ = ["build_parser", "eval_main", "run_eval"]

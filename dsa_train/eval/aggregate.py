@@ -16,7 +16,8 @@ from typing import Optional
 
 import numpy as np
 
-DEFAULT_BUCKET_EDGES = (1024, 8192, 32768)
+from dsa_train.eval.defaults import DEFAULT_BUCKET_EDGES
+
 PERCENTILE = 0.1
 REPORTED_HIST_BINS = 32  # the captured-mass histogram in the summary (for the CDF figure)
 

@@ -16,7 +16,8 @@ import jax
 from dsa_train.config import Config
 from dsa_train.eval.aggregate import IndexerAccumulator
 from dsa_train.eval.forward import DiagnosticOptions, LayerRunner
-from dsa_train.eval.run import DEFAULT_HELDOUT_SEED, load_batches
+from dsa_train.eval.defaults import DEFAULT_HELDOUT_SEED
+from dsa_train.eval.run import load_batches
 
 PREFIX = "heldout/"
 REPORTED = {"captured_mass": "captured_mass", "captured_mass_p10": "captured_mass_p10", "k90": "k90",

@@ -22,8 +22,6 @@ import numpy as np
 
 from dsa_train.data.synthetic import BOS, EOS, QUERY, RetrievalTask
 
-DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-
 
 @dataclasses.dataclass(frozen=True)
 class NeedleCase:

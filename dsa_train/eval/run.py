@@ -15,16 +15,13 @@ import jax
 import numpy as np
 
 from dsa_train.config import DataConfig
-from dsa_train.eval.aggregate import DEFAULT_BUCKET_EDGES, IndexerAccumulator, QualityAccumulator
+from dsa_train.eval.aggregate import IndexerAccumulator, QualityAccumulator
 from dsa_train.eval.checkpoints import EvalInputError, LoadedCheckpoint
 from dsa_train.eval.forward import DiagnosticOptions, LayerRunner
 from dsa_train.eval import needle as needle_lib
+from dsa_train.eval.defaults import DEFAULT_BUCKET_EDGES, DEFAULT_HELDOUT_SEED
 from dsa_train.kernels.dispatch import resolve_impl
 from dsa_train.ops.losses import lm_targets
-
-# Held-out data: the training streams use seeds (data.seed, train.seed); this one never collides
-# with a training seed of the recipes (0 unless changed).
-DEFAULT_HELDOUT_SEED = 1_000_003
 
 
 @dataclasses.dataclass(frozen=True)
