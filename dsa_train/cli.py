@@ -52,8 +52,10 @@ def cmd_info(args) -> None:
 
 def cmd_train(args) -> None:
     from dsa_train.config import load_config
+    from dsa_train.parallel.distributed import initialize_from_env
     from dsa_train.train.trainer import train
 
+    initialize_from_env()  # multi-process jobs (launch/): before any device is touched
     config = load_config(args.recipe, args.overrides)
     result = train(config)
     print(f"{config.train.stage} finished at step {result.steps}; results in {result.run_dir}")

@@ -194,6 +194,9 @@ class TrainConfig:
     diagnostic_rows: int = 64
     # Stop the warm-up early once every layer's captured mass reaches this (0 disables).
     stop_at_captured_mass: float = 0.0
+    # Activation rematerialization per decoder layer: none | full (recompute everything in the
+    # backward pass) | dots (keep matmul outputs without a batch dimension, recompute the rest).
+    remat: Literal["none", "full", "dots"] = "none"
     run_dir: str = "runs/default"
 
     def validate(self) -> list[tuple[str, str]]:
@@ -217,19 +220,33 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh axis sizes; -1 on one axis means "all remaining devices"."""
+    """Device mesh axis sizes; -1 on one axis means "all remaining devices".
+
+    ``rules`` overrides entries of the logical-to-mesh axis rules (defaults:
+    ``dsa_train.parallel.rules.DEFAULT_RULES``), e.g. ``rules: {vocab: null, batch: [data, fsdp]}``;
+    null replicates. ``expert_capacity``: with expert parallelism, the rows each device may send to
+    another per MoE layer, as a multiple of the even share (tokens x k / expert axis size); rows
+    beyond it are dropped. 0 never drops (buffers sized for the worst case).
+    """
 
     data: int = -1
     fsdp: int = 1
     expert: int = 1
     tensor: int = 1
     context: int = 1
+    rules: dict[str, Optional[tuple[str, ...]]] = field(default_factory=dict)
+    expert_capacity: float = 0.0
 
     def validate(self) -> list[tuple[str, str]]:
-        sizes = dataclasses.asdict(self)
+        sizes = {k: getattr(self, k) for k in ("data", "fsdp", "expert", "tensor", "context")}
         errors = [(k, "must be >= 1 or -1") for k, v in sizes.items() if v == 0 or v < -1]
         if sum(v == -1 for v in sizes.values()) > 1:
             errors.append(("data", "at most one mesh axis may be -1"))
+        from dsa_train.parallel.rules import validate_rules
+
+        errors += [(f"rules.{k}", m) for k, m in validate_rules(self.rules)]
+        if self.expert_capacity < 0:
+            errors.append(("expert_capacity", "must be >= 0 (0: never drop tokens)"))
         return errors
 
 
@@ -421,6 +438,10 @@ def _convert(value: Any, tp: Any, key: str, sources: _Sources) -> Any:
         if value not in args:
             raise ConfigError(f"{where}: must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return {str(k): _convert(v, args[1], f"{key}.{k}", sources) for k, v in value.items()}
     if origin is tuple:
         if isinstance(value, (str, int, float)):
             value = [value]

@@ -11,6 +11,7 @@ from flax import nnx
 from dsa_train.config import ModelConfig
 from dsa_train.model.layers import DTYPES, RouterBias, SwiGLU, param
 from dsa_train.ops import moe as moe_ops
+from dsa_train.parallel import expert as expert_parallel
 
 
 class MoEStats(NamedTuple):
@@ -57,9 +58,13 @@ class MoE(nnx.Module):
             topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
             routed_scaling_factor=c.routed_scaling_factor)
         dt = x.dtype
-        y = moe_ops.grouped_swiglu(flat, gates.astype(dt), idx, self.experts.gate_proj[...].astype(dt),
-                                   self.experts.up_proj[...].astype(dt), self.experts.down_proj[...].astype(dt))
-        y = y.reshape(b, s, d)
+        weights = (self.experts.gate_proj[...].astype(dt), self.experts.up_proj[...].astype(dt),
+                   self.experts.down_proj[...].astype(dt))
+        if expert_parallel.active(c.n_routed_experts, c.moe_intermediate_size):
+            # Tokens or experts sharded over the mesh: per-device dispatch, all-to-all across experts.
+            y = expert_parallel.routed_swiglu(x, gates.astype(dt).reshape(b, s, -1), idx.reshape(b, s, -1), *weights)
+        else:
+            y = moe_ops.grouped_swiglu(flat, gates.astype(dt), idx, *weights).reshape(b, s, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         counts = moe_ops.expert_counts(idx, c.n_routed_experts, valid.reshape(-1))

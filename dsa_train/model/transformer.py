@@ -18,6 +18,7 @@ from dsa_train.model.mla import MLA, ForwardMode
 from dsa_train.model.moe import MoE, MoEStats
 from dsa_train.ops.masks import default_segment_ids, document_positions
 from dsa_train.ops.rope import rope_angles
+from dsa_train.parallel.layers import constrain_residual, run_layer
 
 
 class ModelOutput(NamedTuple):
@@ -83,10 +84,11 @@ class CausalLM(nnx.Module):
             positions = document_positions(segment_ids)
         valid = (segment_ids != 0).astype(jnp.float32)
         cos, sin = rope_angles(positions, self.config)
-        x = self.model.embed_tokens(tokens)
+        x = constrain_residual(self.model.embed_tokens(tokens))
         kl, moe, diags, indices, captured = [], [], [], [], []
         for layer in self.model.layers:
-            x, aux, stats = layer(x, segment_ids, valid, cos, sin, mode)
+            # Remat and activation sharding per layer, when a parallel scope is active (trainer).
+            x, aux, stats = run_layer(layer, x, segment_ids, valid, cos, sin, mode)
             kl.append(aux.indexer_loss)
             diags.append(aux.diagnostics)
             if aux.indices is not None:

@@ -101,6 +101,10 @@ def sparse_mla_attention_reference(q: jnp.ndarray, kv: jnp.ndarray, indices: jnp
 
 def sparse_mla_attention(q, kv, indices, sm_scale, v_dim: int = 512, impl: str = "reference"):
     """Dispatch point for the sparse attention kernels (see `dsa_train.kernels`)."""
+    from dsa_train.parallel import context_parallel
+
+    if context_parallel.active():  # sequence sharded over a mesh axis (dsa_train/parallel)
+        return context_parallel.sparse_mla_attention(q, kv, indices, sm_scale, v_dim, impl)
     if impl == "reference":
         return sparse_mla_attention_reference(q, kv, indices, sm_scale, v_dim)
     from dsa_train.kernels import dispatch

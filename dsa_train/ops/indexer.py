@@ -36,6 +36,10 @@ def indexer_topk_reference(q, k, weights, topk: int, segment_ids) -> jnp.ndarray
 
 def indexer_topk(q, k, weights, topk: int, segment_ids, impl: str = "reference") -> jnp.ndarray:
     """Dispatch point for the streaming top-k kernels (see `dsa_train.kernels`)."""
+    from dsa_train.parallel import context_parallel
+
+    if context_parallel.active():  # sequence sharded over a mesh axis (dsa_train/parallel)
+        return context_parallel.indexer_topk(q, k, weights, topk, segment_ids, impl)
     if impl == "reference":
         return indexer_topk_reference(q, k, weights, topk, segment_ids)
     from dsa_train.kernels import dispatch

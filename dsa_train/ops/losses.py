@@ -97,6 +97,11 @@ def sparse_indexer_kl_loss(q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, s
     """Sparse-stage loss: KL(p_t,S_t || softmax(I_t,S_t)), both restricted to the selected set.
 
     impl "reference" (this code) or a kernel name (query-blocked, O(S K) memory, custom_vjp)."""
+    from dsa_train.parallel import context_parallel
+
+    if context_parallel.active():  # sequence sharded over a mesh axis (dsa_train/parallel)
+        return context_parallel.sparse_indexer_kl_loss(q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx,
+                                                       segment_ids, impl)
     impl = _kernel_impl(impl)
     if impl != "reference":
         from dsa_train.kernels.indexer_kl import sparse_indexer_kl_loss_kernel

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import yaml
 from flax import nnx
@@ -23,7 +22,6 @@ from dsa_train.checkpoint.preemption import PreemptionGuard
 from dsa_train.config import Config, to_dict
 from dsa_train.flops import train_flops_per_token
 from dsa_train.kernels.dispatch import resolve_impl
-from dsa_train.model import create_model
 from dsa_train.train import step as step_lib
 from dsa_train.train.metrics import MetricsWriter, summarize
 from dsa_train.train.optim import make_optimizer
@@ -78,6 +76,16 @@ def state_from_tree(template: step_lib.TrainState, tree: dict) -> step_lib.Train
                                tree["nonfinite"])
 
 
+class _NoWriter:
+    """Metrics are written by process 0 only."""
+
+    def write(self, step: int, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def train(config: Config, console: bool = True) -> RunResult:
     t = config.train
     run_dir = Path(t.run_dir)
@@ -85,16 +93,21 @@ def train(config: Config, console: bool = True) -> RunResult:
     _write_config(run_dir, config)
 
     from dsa_train.data.pipeline import make_train_iterator
+    from dsa_train import parallel
+    from dsa_train.parallel.sharding import batch_sharding, put_batch
+    from dsa_train.parallel.state import init_train_state, jit_train_step, reinit_optimizer
 
-    model = create_model(config.model, seed=t.seed)
-    graphdef, params, router_bias = step_lib.split_model(model)
-    del model
+    # The mesh and the logical-axis rules decide where every array lives (dsa_train/parallel).
+    mesh = parallel.make_mesh(config.mesh)
+    rules = parallel.resolve_rules(config.mesh.rules)
     optimizers, schedules = {}, {}
     for group in step_lib.GROUPS:
         optimizers[group], schedules[group] = make_optimizer(getattr(t, group), t.steps)
-    state = step_lib.init_state(config, params, router_bias, optimizers)
+    # Created directly sharded: no device ever holds the whole state.
+    graphdef, state, state_shardings = init_train_state(config, optimizers, mesh, rules)
     data = make_train_iterator(config.data, batch_size=t.batch_size, seq_len=t.seq_len,
-                               vocab_size=config.model.vocab_size, seed=t.seed)
+                               vocab_size=config.model.vocab_size, seed=t.seed,
+                               process_index=jax.process_index(), process_count=jax.process_count())
     start_step = 0
     # checkpoint integration point: resume (own run) > init_from (another run / converted HF) > random
     checkpointer = RunCheckpointer(run_dir, config.checkpoint, to_dict(config))
@@ -110,12 +123,16 @@ def train(config: Config, console: bool = True) -> RunResult:
         model_tree = load_model_for_init(start.path, abstract_tree(checkpoint_tree(state)[MODEL_KEY]),
                                          model_config_dict=to_dict(config.model))
         params, router_bias = model_from_tree(state, model_tree)
-        state = step_lib.init_state(config, params, router_bias, optimizers)  # fresh optimizer, step 0
+        state = reinit_optimizer(config, params, router_bias, optimizers, state_shardings)  # fresh optimizer, step 0
     if console:
         print(f"{t.stage}: {start.describe()}")
 
     mode = step_lib.forward_mode(config, kernels=resolve_impl(config.model.kernels))
-    step_fn = jax.jit(step_lib.make_train_step(graphdef, config, optimizers, schedules, mode), donate_argnums=0)
+    step_fn = jit_train_step(step_lib.make_train_step(graphdef, config, optimizers, schedules, mode), state_shardings,
+                             mesh, rules, t.batch_size, t.seq_len)
+    batch_sh = batch_sharding(mesh, rules, t.batch_size, t.seq_len)
+    # Tracing happens inside this scope: remat policy, activation constraints, expert/context parallel ops.
+    scope = parallel.activate(mesh, rules, remat=t.remat, expert_capacity=config.mesh.expert_capacity)
     flops_per_token = train_flops_per_token(config.model, t.seq_len, t.stage)
     peak = device_peak_flops(jax.devices()[0])
     tokens_per_step = t.batch_size * t.seq_len
@@ -125,14 +142,15 @@ def train(config: Config, console: bool = True) -> RunResult:
 
         heldout = HeldoutIndexerEval(config, resolve_impl(config.model.kernels))
 
-    writer = MetricsWriter(run_dir, t.steps, t.stage, console=console)
+    writer = MetricsWriter(run_dir, t.steps, t.stage, console=console) if jax.process_index() == 0 else _NoWriter()
     last, stopped_early = {}, False
     tick, ticked_steps = None, 0
     step = start_step
     guard = PreemptionGuard().install()
+    scope.__enter__()
     try:
         for step in range(start_step + 1, t.steps + 1):
-            batch = {k: jnp.asarray(v) for k, v in next(data).items()}
+            batch = put_batch(next(data), batch_sh, t.batch_size)  # this process's rows -> global arrays
             state, metrics = step_fn(state, batch)
             # Steps that save or stop are always logged, before their checkpoint is written: the
             # metrics of a resumed run have no hole.
@@ -174,6 +192,7 @@ def train(config: Config, console: bool = True) -> RunResult:
         # checkpoint integration point: final save (also after a preemption or an early stop)
         checkpointer.save(step, checkpoint_tree(state), data.get_state(), force=True)
     finally:
+        scope.__exit__(None, None, None)
         guard.uninstall()
         checkpointer.close()  # waits until the last save is committed
         writer.close()

@@ -1,0 +1,182 @@
+"""Context parallelism for the sparse stage: the sequence is sharded over the ``context`` axis.
+
+Every token-wise part of the model (projections, norms, MoE, the LM head) needs nothing special:
+its activations are simply sharded along the sequence. The three ops that look across the sequence
+run in ``shard_map``; each device keeps its own queries and all-gathers only the small per-token
+keys across ``context``:
+
+- indexer top-k: local indexer queries against all indexer keys (128-dim per token), causal mask
+  offset by the shard's position; query-chunked so the score buffer is ``chunk x T``;
+- sparse attention: local MQA queries against all MLA latent keys (576-dim per token) at the
+  selected (global) indices; heads stay sharded over ``tensor``;
+- sparse indexer KL: the same gathers, query-blocked and rematerialized; its numerator and
+  denominator are summed over every token-sharding axis, so the loss is the global mean.
+
+The gradient of an all-gather is a reduce-scatter, so key gradients land back on their owners.
+Load balance: with top-k attention every query past position k costs the same (k keys), so the
+sparse attention and the KL are balanced across shards without a zig-zag layout; only the
+indexer's scoring (every causal key) grows with the shard's position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from dsa_train.ops.masks import causal_document_mask
+from dsa_train.parallel import scope as scope_lib
+
+TOPK_QUERY_CHUNK = 256
+KL_QUERY_BLOCK = 32
+
+
+def _layout():
+    scope = scope_lib.current()
+    if scope is None or scope.axis_size("sequence") <= 1:
+        return None
+    return scope
+
+
+def active() -> bool:
+    return _layout() is not None
+
+
+def _entry(axes):
+    axes = tuple(axes)
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def _specs(scope, seq_len: int):
+    sizes = dict(scope.mesh.shape)
+    ctx = tuple(scope.mesh_axes("sequence"))
+    while ctx and seq_len % math.prod(sizes[a] for a in ctx):
+        ctx = ctx[:-1]
+    batch = tuple(a for a in scope.mesh_axes("batch") if a not in ctx)
+    return sizes, batch, ctx
+
+
+def _gather_seq(x, ctx):
+    return jax.lax.all_gather(x, _entry(ctx), axis=1, tiled=True)
+
+
+def _offset(ctx, local_len: int):
+    return jax.lax.axis_index(_entry(ctx)) * local_len
+
+
+def _blocks(n: int, block: int) -> int:
+    block = min(block, n)
+    while n % block:
+        block -= 1
+    return block
+
+
+def indexer_topk(q, k, weights, topk: int, segment_ids, impl: str = "reference"):
+    """Context-parallel ``ops.indexer.indexer_topk``: same result (global key indices)."""
+    scope = _layout()
+    b, s = segment_ids.shape
+    sizes, batch, ctx = _specs(scope, s)
+    bspec = _entry(batch)
+    kk = min(topk, s)
+
+    def local(q, k, w, seg):
+        with scope_lib.suspended():
+            k_all, seg_all = _gather_seq(k, ctx), _gather_seq(seg, ctx)
+            s_local = q.shape[1]
+            offset = _offset(ctx, s_local)
+            chunk = _blocks(s_local, TOPK_QUERY_CHUNK)
+            scale = q.shape[-1] ** -0.5
+
+            def one_chunk(i):
+                qc = jax.lax.dynamic_slice_in_dim(q, i * chunk, chunk, 1).astype(jnp.float32)
+                wc = jax.lax.dynamic_slice_in_dim(w, i * chunk, chunk, 1).astype(jnp.float32)
+                segc = jax.lax.dynamic_slice_in_dim(seg, i * chunk, chunk, 1)
+                logits = jnp.einsum("bshd,btd->bsht", qc, k_all.astype(jnp.float32)) * scale
+                scores = jnp.einsum("bsh,bsht->bst", wc, jax.nn.relu(logits))
+                mask = causal_document_mask(segc, seg_all, q_offset=offset + i * chunk)
+                values, idx = jax.lax.top_k(jnp.where(mask, scores, -jnp.inf), kk)
+                return jnp.where(values > -jnp.inf, idx, -1).astype(jnp.int32)
+
+            out = jax.lax.map(one_chunk, jnp.arange(s_local // chunk))  # [n_chunks, b, chunk, kk]
+            return jnp.moveaxis(out, 0, 1).reshape(q.shape[0], s_local, kk)
+
+    return jax.shard_map(local, mesh=scope.mesh,
+                         in_specs=(P(bspec, _entry(ctx)), P(bspec, _entry(ctx)), P(bspec, _entry(ctx)),
+                                   P(bspec, _entry(ctx))),
+                         out_specs=P(bspec, _entry(ctx)))(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k),
+                                                          jax.lax.stop_gradient(weights), segment_ids)
+
+
+def sparse_mla_attention(q, kv, indices, sm_scale: float, v_dim: int = 512, impl: str = "reference"):
+    """Context-parallel ``ops.attention.sparse_mla_attention``: local queries, gathered latent keys."""
+    scope = _layout()
+    b, s, h, _ = q.shape
+    sizes, batch, ctx = _specs(scope, s)
+    bspec, cspec = _entry(batch), _entry(ctx)
+    heads = tuple(a for a in scope.mesh_axes("heads") if a not in batch and a not in ctx)
+    while heads and h % math.prod(sizes[a] for a in heads):
+        heads = heads[:-1]
+    hspec = _entry(heads)
+
+    def local(q, kv, idx):
+        with scope_lib.suspended():
+            kv_all = _gather_seq(kv, ctx)
+            if impl == "reference":
+                from dsa_train.ops.attention import sparse_mla_attention_reference
+
+                return sparse_mla_attention_reference(q, kv_all, idx, sm_scale, v_dim)
+            from dsa_train.kernels import dispatch
+
+            return dispatch.sparse_mla_attention(q, kv_all, idx, sm_scale, v_dim, impl)
+
+    # The kernels' internal loops start from unannotated (device-invariant) carries, which the
+    # varying-manual-axes check rejects; without the check shard_map's transpose divides the output
+    # cotangents by the replica count and psums the input cotangents, which is still exact.
+    return jax.shard_map(local, mesh=scope.mesh,
+                         in_specs=(P(bspec, cspec, hspec), P(bspec, cspec), P(bspec, cspec)),
+                         out_specs=(P(bspec, cspec, hspec), P(bspec, cspec, hspec)),
+                         check_vma=impl == "reference")(q, kv, indices)
+
+
+def sparse_indexer_kl_loss(q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids, impl: str = "reference"):
+    """Context-parallel ``ops.losses.sparse_indexer_kl_loss`` (global mean over valid queries)."""
+    from dsa_train.ops.losses import indexer_scores_at, kl_from_target, sparse_target
+
+    scope = _layout()
+    b, s = segment_ids.shape
+    sizes, batch, ctx = _specs(scope, s)
+    bspec, cspec = _entry(batch), _entry(ctx)
+    token_axes = batch + ctx
+    sg = jax.lax.stop_gradient
+
+    def local(q, kv, idx, lse, qi, ki, wi, seg):
+        with scope_lib.suspended():
+            kv_all, ki_all = _gather_seq(kv, ctx), _gather_seq(ki, ctx)
+            s_local = q.shape[1]
+            block = _blocks(s_local, KL_QUERY_BLOCK)
+            valid = (seg != 0).astype(jnp.float32)
+
+            @jax.checkpoint
+            def block_sum(ki_all, args):
+                q_b, idx_b, lse_b, qi_b, wi_b, valid_b = args
+                target = sparse_target(q_b, kv_all, idx_b, lse_b, sm_scale)
+                logits = indexer_scores_at(qi_b, ki_all, wi_b, idx_b)
+                return (kl_from_target(target, logits) * valid_b).sum()
+
+            def split(x):
+                return jnp.moveaxis(x.reshape(x.shape[0], s_local // block, block, *x.shape[2:]), 1, 0)
+
+            per_block = jax.lax.map(lambda args: block_sum(ki_all, args),
+                                    tuple(map(split, (q, idx, lse, qi, wi, valid))))
+            total = per_block.sum()
+            count = valid.sum()
+            if token_axes:
+                total = jax.lax.psum(total, _entry(token_axes))
+                count = jax.lax.psum(count, _entry(token_axes))
+            return total / jnp.maximum(count, 1.0)
+
+    tok = P(bspec, cspec)
+    return jax.shard_map(local, mesh=scope.mesh, in_specs=(tok, tok, tok, tok, tok, tok, tok, tok),
+                         out_specs=P())(sg(q), sg(kv), indices, sg(lse), q_idx, k_idx, w_idx, segment_ids)

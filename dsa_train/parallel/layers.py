@@ -1,0 +1,43 @@
+"""Per-decoder-layer hooks the model calls: remat policy and activation sharding constraints.
+
+Both read the parallel scope (scope.py) and do nothing outside one, so the model stays free of
+mesh names and runs unchanged on one device.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from dsa_train.parallel.scope import constrain, remat_policy
+
+# The residual stream between layers: [batch, sequence, hidden] (hidden replicated).
+RESIDUAL = ("batch", "sequence", None)
+
+# What the backward pass may keep instead of recomputing, per `train.remat`.
+POLICIES = {
+    "full": None,  # keep only the layer's inputs: recompute everything
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmul outputs
+}
+
+
+def constrain_residual(x):
+    return constrain(x, RESIDUAL)
+
+
+def run_layer(layer, x, segment_ids, valid, cos, sin, mode):
+    """``layer(x, ...)`` under the scope's remat policy; the output residual is constrained to its
+    logical sharding (batch over data/fsdp/expert, sequence over context)."""
+    policy = remat_policy()
+    if policy == "none":
+        x, aux, stats = layer(x, segment_ids, valid, cos, sin, mode)
+    else:
+        # Plain jax.checkpoint over the layer's state (split/merge): the forward pass mutates
+        # nothing, and nnx.remat's write-back would touch variables of an outer trace.
+        graphdef, state = nnx.split(layer)
+
+        def body(state, h, seg, val, c, s):
+            return nnx.merge(graphdef, state)(h, seg, val, c, s, mode)
+
+        x, aux, stats = jax.checkpoint(body, policy=POLICIES[policy])(state, x, segment_ids, valid, cos, sin)
+    return constrain_residual(x), aux, stats
