@@ -20,7 +20,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 # Shared by every stage: the tiny model on the built-in task, sized for a 2-core CPU.
 COMMON = ["train.seq_len=128", "data.source=synthetic", "data.paths=[]", "data.num_pairs=4",
-          "data.num_queries=4", "train.log_every=10", "checkpoint.save_every=100"]
+          "data.num_queries=4", "data.synthetic_filler=structured", "train.log_every=10", "checkpoint.save_every=100"]
 
 
 def stage_plan(out: Path) -> list[tuple[str, Path, list[str]]]:
@@ -76,7 +76,7 @@ def run_smoke(out: Path, extra_overrides: list[str] = ()) -> dict:
     print(f"warm-up: indexer KL {w['indexer_kl_first']:.4f} -> {w['indexer_kl_final']:.4f}, "
           f"captured mass {_fmt(w['captured_mass_first'])} -> {_fmt(w['captured_mass_final'])}")
     print(f"sparse:  LM loss {s['lm_loss_first']:.4f} -> {s['lm_loss_final']:.4f}, "
-          f"answer accuracy {s['accuracy_final']:.3f}")
+          f"token accuracy {s['accuracy_final']:.3f}")
     print(f"results: {out} (metrics.jsonl and tensorboard/ per stage, checkpoints/, {png.name}, summary.json)")
     return summary
 

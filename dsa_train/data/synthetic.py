@@ -14,6 +14,13 @@ One document (``L`` tokens)::
   head that matches the query key against earlier keys and copies what follows). The answer can't
   be guessed from local context: a model that copies any value of the document gets 1/num_pairs.
 
+Filler (``filler``): ``random`` draws it uniformly (nothing to learn there; attention at filler
+positions stays diffuse). ``structured`` lays it out as two interleaved counting sequences,
+``f[t+1] = f[t-1] + 1`` (wrapping inside the filler range), and puts loss weight 1 on every filler
+target that rule predicts: the model then needs a sharp attention to the token two back at every
+filler position, as real text has sharp local heads, which is what the smoke run's indexer must
+learn to find. The answer weights stay as above.
+
 Token ids (vocabulary ``V``): the first :data:`NUM_RESERVED` ids are special, the rest is split
 into three disjoint ranges so no filler token can be mistaken for a key or a value::
 
@@ -51,6 +58,7 @@ class RetrievalTask:
     num_pairs: int = 8
     num_queries: int = 4
     doc_len: int = 0  # 0: one document fills each row
+    filler: str = "random"  # "random" | "structured" (see the module docstring)
 
     @property
     def key_range(self) -> tuple[int, int]:
@@ -98,7 +106,14 @@ def make_document(task: RetrievalTask, length: int, rng: np.random.Generator) ->
     """One document of exactly `length` tokens: (tokens int32 [length], loss_weights float32 [length])."""
     p, q = task.num_pairs, task.num_queries
     context = length - 2 - 3 * q  # tokens between BOS and the first query
-    tokens = rng.integers(*task.filler_range, size=length, dtype=np.int64)
+    lo, hi = task.filler_range
+    if task.filler == "structured":
+        starts2 = rng.integers(lo, hi, size=2)
+        t = np.arange(length)
+        tokens = lo + (starts2[t % 2] - lo + t // 2) % (hi - lo)
+    else:
+        tokens = rng.integers(lo, hi, size=length, dtype=np.int64)
+    is_filler = np.ones(length, bool)
     keys = rng.choice(np.arange(*task.key_range), size=p, replace=False)
     values = rng.choice(np.arange(*task.value_range), size=p, replace=False)
     # Non-overlapping pair starts: choose p of (context - p) slots, then shift the i-th by i so
@@ -106,6 +121,7 @@ def make_document(task: RetrievalTask, length: int, rng: np.random.Generator) ->
     starts = np.sort(rng.choice(context - p, size=p, replace=False)) + np.arange(p) + 1
     tokens[starts], tokens[starts + 1] = keys, values
     tokens[0] = BOS
+    is_filler[starts] = is_filler[starts + 1] = is_filler[0] = False
     weights = np.zeros(length, np.float32)
     asked = rng.choice(p, size=q, replace=False)
     query_start = 1 + context
@@ -113,7 +129,12 @@ def make_document(task: RetrievalTask, length: int, rng: np.random.Generator) ->
         at = query_start + 3 * j
         tokens[at:at + 3] = (QUERY, keys[pair], values[pair])
         weights[at + 1] = 1.0  # predicting the answer from the query key
+    is_filler[query_start:] = False
     tokens[-1] = EOS
+    if task.filler == "structured":
+        # position t predicts t+1 from t-1: both must be untouched filler
+        predictable = is_filler[2:] & is_filler[:-2]
+        weights[1:-1] = np.maximum(weights[1:-1], predictable.astype(np.float32))
     return tokens.astype(np.int32), weights
 
 
