@@ -88,6 +88,12 @@ def cmd_data(args) -> None:
     return prepare_main(args.rest)
 
 
+def cmd_plan(args) -> None:
+    from dsa_train.parallel.plan import plan_main
+
+    plan_main(args.rest)
+
+
 def cmd_eval(args) -> int:
     from dsa_train.eval import run_eval
 
@@ -127,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", default="prepare")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("plan", help="per-device memory, FLOPs and step time of a recipe on a mesh (--compile: XLA's)",
+                       add_help=False, prefix_chars="\0")  # every argument, --help included, goes to plan_main
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_plan)
 
     from dsa_train.eval import DESCRIPTION, build_parser as eval_parser  # argparse only, no JAX
 
