@@ -70,6 +70,10 @@ def dense_attention_blocked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segm
 
 def dense_attention_impl(q, k, v, segment_ids, sm_scale, impl: str = "reference"):
     """Dispatch: the reference materializes [B, H, S, T]; every other choice runs query-blocked."""
+    from dsa_train.parallel import context_parallel
+
+    if context_parallel.active():  # sequence sharded over a mesh axis (dsa_train/parallel)
+        return context_parallel.dense_attention(q, k, v, segment_ids, sm_scale, impl)
     if impl == "reference":
         return dense_attention(q, k, v, segment_ids, sm_scale)
     return dense_attention_blocked(q, k, v, segment_ids, sm_scale)

@@ -59,6 +59,10 @@ def indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, impl: str
     impl "reference" (this code; builds [B, S, H, T]) or a kernel name ("auto", "blocked"/"streaming",
     "pallas", ...; `dsa_train.kernels.indexer_kl`, no S x T buffer). `lse` [B, S, H]: optional
     per-head log-sum-exp of the main attention, reused by the kernels (ignored by the reference)."""
+    from dsa_train.parallel import context_parallel
+
+    if context_parallel.active():  # sequence sharded over a mesh axis (dsa_train/parallel)
+        return context_parallel.indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, impl, lse)
     impl = _kernel_impl(impl)
     if impl != "reference":
         from dsa_train.kernels.indexer_kl import indexer_kl_loss_kernel

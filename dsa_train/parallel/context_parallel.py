@@ -1,4 +1,4 @@
-"""Context parallelism for the sparse stage: the sequence is sharded over the ``context`` axis.
+"""Context parallelism: the sequence is sharded over the ``context`` axis.
 
 Every token-wise part of the model (projections, norms, MoE, the LM head) needs nothing special:
 its activations are simply sharded along the sequence. The three ops that look across the sequence
@@ -11,6 +11,11 @@ keys across ``context``:
   selected (global) indices; heads stay sharded over ``tensor``;
 - sparse indexer KL: the same gathers, query-blocked and rematerialized; its numerator and
   denominator are summed over every token-sharding axis, so the loss is the global mean.
+
+Dense mode (warm-up, dense stage) likewise: dense attention gathers the per-head keys/values
+(heads stay sharded over ``tensor``) and the dense KL gathers the latent and indexer keys; both
+run query blocks of at most ``SCORE_BUDGET`` bytes of fp32 scores (keys are not blocked, so the
+per-device working set is bounded by that budget rather than flat in the sequence length).
 
 The gradient of an all-gather is a reduce-scatter, so key gradients land back on their owners.
 Load balance: with top-k attention every query past position k costs the same (k keys), so the
@@ -180,3 +185,101 @@ def sparse_indexer_kl_loss(q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, s
     tok = P(bspec, cspec)
     return jax.shard_map(local, mesh=scope.mesh, in_specs=(tok, tok, tok, tok, tok, tok, tok, tok),
                          out_specs=P())(sg(q), sg(kv), indices, sg(lse), q_idx, k_idx, w_idx, segment_ids)
+
+
+# ---- dense mode (the warm-up and the dense stage) ----------------------------------------------------
+
+SCORE_BUDGET = 1 << 27  # bytes of fp32 scores one query block may hold
+
+
+def _score_block(s_local: int, per_query: int) -> int:
+    return _blocks(s_local, max(1, SCORE_BUDGET // max(per_query, 1)))
+
+
+def dense_attention(q, k, v, segment_ids, sm_scale: float, impl: str = "reference"):
+    """Context-parallel ``ops.attention.dense_attention_impl``: local queries against keys and
+    values all-gathered across ``context`` (heads stay sharded over ``tensor``), query-blocked with
+    the causal mask offset by the shard's position; each block is recomputed in the backward pass."""
+    from dsa_train.ops.attention import NEG_INF
+
+    scope = _layout()
+    b, s, h, _ = q.shape
+    sizes, batch, ctx = _specs(scope, s)
+    bspec, cspec = _entry(batch), _entry(ctx)
+    heads = tuple(a for a in scope.mesh_axes("heads") if a not in batch and a not in ctx)
+    while heads and h % math.prod(sizes[a] for a in heads):
+        heads = heads[:-1]
+    hspec = _entry(heads)
+
+    def local(q, k, v, seg):
+        with scope_lib.suspended():
+            k_all, v_all, seg_all = _gather_seq(k, ctx), _gather_seq(v, ctx), _gather_seq(seg, ctx)
+            bl, s_local, hl, _ = q.shape
+            offset = _offset(ctx, s_local)
+            block = _score_block(s_local, 4 * bl * hl * k_all.shape[1])
+
+            @jax.checkpoint
+            def one_block(start):
+                qb = jax.lax.dynamic_slice_in_dim(q, start, block, 1)
+                segb = jax.lax.dynamic_slice_in_dim(seg, start, block, 1)
+                scores = jnp.einsum("bshd,bthd->bhst", qb, k_all, preferred_element_type=jnp.float32) * sm_scale
+                mask = causal_document_mask(segb, seg_all, q_offset=offset + start)
+                scores = jnp.where(mask[:, None], scores, NEG_INF)
+                lse = jax.nn.logsumexp(scores, axis=-1)
+                probs = jnp.exp(scores - lse[..., None])
+                out = jnp.einsum("bhst,bthd->bshd", probs.astype(v_all.dtype), v_all,
+                                 preferred_element_type=jnp.float32)
+                return out.astype(q.dtype), jnp.transpose(lse, (0, 2, 1))
+
+            out, lse = jax.lax.map(one_block, jnp.arange(s_local // block) * block)
+            out = jnp.moveaxis(out, 0, 1).reshape(bl, s_local, hl, v.shape[-1])
+            return out, jnp.moveaxis(lse, 0, 1).reshape(bl, s_local, hl)
+
+    tok = P(bspec, cspec, hspec)
+    return jax.shard_map(local, mesh=scope.mesh, in_specs=(tok, tok, tok, P(bspec, cspec)),
+                         out_specs=(tok, tok))(q, k, v, segment_ids)
+
+
+def indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, impl: str = "reference", lse=None):
+    """Context-parallel ``ops.losses.indexer_kl_loss`` (dense warm-up KL, global mean over valid
+    queries): per query block, the head-summed target over all gathered latent keys and the indexer
+    distribution over all gathered indexer keys; ``lse`` is not needed (recomputed per block)."""
+    from dsa_train.ops.attention import NEG_INF
+    from dsa_train.ops.indexer import indexer_scores
+    from dsa_train.ops.losses import kl_from_target
+
+    scope = _layout()
+    b, s = segment_ids.shape
+    sizes, batch, ctx = _specs(scope, s)
+    bspec, cspec = _entry(batch), _entry(ctx)
+    token_axes = batch + ctx
+    sg = jax.lax.stop_gradient
+
+    def local(q, kv, qi, ki, wi, seg):
+        with scope_lib.suspended():
+            kv_all, ki_all, seg_all = _gather_seq(kv, ctx), _gather_seq(ki, ctx), _gather_seq(seg, ctx)
+            bl, s_local, hl, _ = q.shape
+            offset = _offset(ctx, s_local)
+            block = _score_block(s_local, 4 * bl * max(hl, qi.shape[2]) * kv_all.shape[1])
+            valid = (seg != 0).astype(jnp.float32)
+
+            @jax.checkpoint
+            def block_sum(ki_all, start):
+                sl = lambda x: jax.lax.dynamic_slice_in_dim(x, start, block, 1)  # noqa: E731
+                mask = causal_document_mask(sl(seg), seg_all, q_offset=offset + start)  # [b, Q, T]
+                scores = jnp.einsum("bshd,btd->bsht", sl(q), kv_all, preferred_element_type=jnp.float32) * sm_scale
+                probs = jax.nn.softmax(jnp.where(mask[:, :, None], scores, NEG_INF), axis=-1)
+                target = jnp.where(mask[:, :, None], probs, 0.0).mean(axis=2)
+                logits = jnp.where(mask, indexer_scores(sl(qi), ki_all, sl(wi)), -jnp.inf)
+                return (kl_from_target(sg(target), logits) * sl(valid)).sum()
+
+            per_block = jax.lax.map(lambda start: block_sum(ki_all, start), jnp.arange(s_local // block) * block)
+            total, count = per_block.sum(), valid.sum()
+            if token_axes:
+                total = jax.lax.psum(total, _entry(token_axes))
+                count = jax.lax.psum(count, _entry(token_axes))
+            return total / jnp.maximum(count, 1.0)
+
+    tok = P(bspec, cspec)
+    return jax.shard_map(local, mesh=scope.mesh, in_specs=(tok, tok, tok, tok, tok, tok),
+                         out_specs=P())(sg(q), sg(kv), q_idx, k_idx, w_idx, segment_ids)

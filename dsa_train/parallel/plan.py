@@ -262,6 +262,12 @@ def _attention_transient(m, loc: Local, stage: str, c: int) -> float:
     h = _div(m.num_attention_heads, loc.tp)
     t = loc.seq_full
     if stage == "warmup":
+        if loc.ctx > 1:
+            # Context-parallel dense attention / KL: query blocks of at most SCORE_BUDGET bytes of
+            # fp32 scores each (scores, probabilities, mask, exponentials live together).
+            from dsa_train.parallel.context_parallel import SCORE_BUDGET
+
+            return 4 * min(SCORE_BUDGET, 4 * loc.rows * h * t * loc.seq)
         # Query-blocked dense attention (256 queries) and dense KL tiles: fp32 scores and probs.
         return 4 * 4 * 256 * h * t * loc.rows
     k = min(m.index_topk, t)
