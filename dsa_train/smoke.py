@@ -19,7 +19,10 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 # Shared by every stage: the tiny model on the built-in task, sized for a 2-core CPU.
-COMMON = ["train.seq_len=128", "data.source=synthetic", "data.paths=[]", "data.num_pairs=4",
+# One attention head per layer: in a model this small, extra heads have nothing to do on this task
+# and keep a diffuse attention that no top-k can capture (measured: 4 heads reach 0.71/0.77 of the
+# mass with k = 32, 1 head 0.91/0.88). k = 48 of 128 tokens still selects for every query past 48.
+COMMON = ["model.num_attention_heads=1", "model.index_topk=48", "train.seq_len=128", "data.source=synthetic", "data.paths=[]", "data.num_pairs=4",
           "data.num_queries=4", "data.synthetic_filler=structured", "train.log_every=10", "checkpoint.save_every=100"]
 
 
