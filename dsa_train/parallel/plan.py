@@ -124,6 +124,7 @@ class Local:
     tp: int  # tensor-parallel ways of heads / mlp / vocab
     ep: int
     ctx: int
+    capacity_factor: float = 0.0  # mesh.expert_capacity
 
 
 def local_sizes(config, mesh, rules, batch: int, seq_len: int) -> Local:
@@ -135,7 +136,7 @@ def local_sizes(config, mesh, rules, batch: int, seq_len: int) -> Local:
     rows = max(1, micro // ways("batch")) if micro % ways("batch") == 0 else micro
     ctx = ways("sequence") if seq_len % ways("sequence") == 0 else 1
     seq = seq_len // ctx
-    return Local(rows, seq, seq_len, rows * seq, ways("heads"), ways("expert"), ctx)
+    return Local(rows, seq, seq_len, rows * seq, ways("heads"), ways("expert"), ctx, config.mesh.expert_capacity)
 
 
 def _div(x: int, ways: int) -> float:
@@ -277,6 +278,17 @@ def _attention_transient(m, loc: Local, stage: str, c: int) -> float:
     return max(gather, topk)
 
 
+def ep_rows(m, loc: Local) -> int:
+    """Rows of one device's all-to-all buffers (all destinations), as dsa_train/parallel/expert.py
+    sizes them: drop-free worst case, or the capacity factor ``mesh.expert_capacity``."""
+    kk, n = m.num_experts_per_tok, loc.tokens
+    e_local = m.n_routed_experts // loc.ep
+    capacity = n * min(kk, e_local)
+    if loc.capacity_factor > 0:
+        capacity = min(capacity, max(1, math.ceil(loc.capacity_factor * n * kk / loc.ep)))
+    return loc.ep * capacity
+
+
 def _moe_transient(m, loc: Local, c: int, cpu_lowering: bool) -> float:
     kk, d, f = m.num_experts_per_tok, m.hidden_size, _div(m.moe_intermediate_size, loc.tp)
     n = loc.tokens
@@ -284,8 +296,7 @@ def _moe_transient(m, loc: Local, c: int, cpu_lowering: bool) -> float:
     rows = n * kk
     buffers = 0.0
     if loc.ep > 1:
-        capacity = n * min(kk, e_local)  # drop-free worst case
-        rows = loc.ep * capacity
+        rows = ep_rows(m, loc)
         buffers = 4 * rows * d * c  # send, receive, results, returned
     grouped = rows * (2 * 4 * f + c * f + 4 * d)  # gate/up fp32, activation, down fp32
     if cpu_lowering:
@@ -356,7 +367,8 @@ def step_estimate(config, mesh, rules, device: Device, stage: str, batch: int, s
                                      / link("tensor"))
     if loc.ep > 1 and m.has_moe:
         e = loc.ep
-        a2a = 2 * n * m.num_experts_per_tok * m.hidden_size * c * (e - 1) / e
+        # Dense all-to-alls send whole buffers, padding included (dispatch + combine).
+        a2a = 2 * ep_rows(m, loc) * m.hidden_size * c * (e - 1) / e
         comm["expert all-to-all"] = a2a * moe_layers * (2 if stage == "sparse" else 1) * micro_steps / link("expert")
     if loc.ctx > 1:
         cx = loc.ctx
