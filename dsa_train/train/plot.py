@@ -9,7 +9,7 @@ import numpy as np
 
 PANELS = [
     ("lm_loss", "LM loss"),
-    ("accuracy", "answer accuracy"),
+    ("accuracy", "accuracy (weighted targets)"),
     ("indexer_kl", "indexer KL (per layer)"),
     ("captured_mass", "captured mass (per layer)"),
     ("k90", "k90 (per layer)"),
@@ -37,14 +37,16 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     rows = max(1, (len(panels) + 1) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(11, 3.2 * rows), squeeze=False)
     offset = 0
-    for name, records in runs:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for run_index, (name, records) in enumerate(runs):
+        color = colors[run_index % len(colors)]  # one color per run in every panel
         for ax, (key, title) in zip(axes.flat, panels):
             pts = [(r["step"] + offset, r[key]) for r in records if r.get(key) is not None]
             if not pts:
                 continue
             steps = np.array([p[0] for p in pts])
             values = np.array([np.mean(p[1]) if isinstance(p[1], list) else p[1] for p in pts], dtype=float)
-            ax.plot(steps, values, label=name)
+            ax.plot(steps, values, label=name, color=color)
             ax.set_title(title)
         if records:
             offset += max(r["step"] for r in records)
