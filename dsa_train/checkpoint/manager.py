@@ -174,17 +174,7 @@ def _metadata_shapes(metadata_tree: Any) -> dict[str, tuple]:
 
 def _compare_structure(saved: dict[str, tuple], wanted: dict[str, tuple], where: str) -> None:
     """One clear line naming the first few paths that differ between a checkpoint and a target."""
-    missing = sorted(set(wanted) - set(saved))
-    extra = sorted(set(saved) - set(wanted))
-    shape = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
-    problems = []
-    if missing:
-        problems.append(f"not in the checkpoint: {_first(missing)}")
-    if extra:
-        problems.append(f"only in the checkpoint: {_first(extra)}")
-    if shape:
-        problems.append("different shapes: " + ", ".join(f"{k} {saved[k]} -> {wanted[k]}" for k in shape[:3])
-                        + (f" (+{len(shape) - 3} more)" if len(shape) > 3 else ""))
+    problems = model_io.structure_mismatch(saved, wanted)
     if problems:
         raise CheckpointError(f"{where} does not match the state being restored; " + "; ".join(problems))
 

@@ -187,6 +187,23 @@ def _flat_abstract(tree: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def structure_mismatch(saved: Mapping[str, tuple], wanted: Mapping[str, tuple]) -> list[str]:
+    """What differs between the saved and the wanted {path: shape}: missing, extra, reshaped paths
+    (the first few of each, for a one-line error)."""
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    shapes = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    problems = []
+    if missing:
+        problems.append(f"not in the checkpoint: {_first(missing)}")
+    if extra:
+        problems.append(f"only in the checkpoint: {_first(extra)}")
+    if shapes:
+        problems.append("different shapes: " + ", ".join(f"{k} {saved[k]} -> {wanted[k]}" for k in shapes[:3])
+                        + (f" (+{len(shapes) - 3} more)" if len(shapes) > 3 else ""))
+    return problems
+
+
 def _first(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
@@ -216,16 +233,7 @@ def load_model_state(path: str | Path, abstract_model_state: Any, *,
     abstract = _pure(abstract_model_state) if isinstance(abstract_model_state, nnx.State) else abstract_model_state
     wanted = {k: tuple(v.shape) for k, v in _flat_abstract(abstract).items()}
     saved = {k: shape for k, (shape, _) in tree_metadata(path / PARAMS_DIR).items()}
-    missing = sorted(set(wanted) - set(saved))
-    extra = sorted(set(saved) - set(wanted))
-    shapes = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
-    problems = []
-    if missing:
-        problems.append(f"not in the checkpoint: {_first(missing)}")
-    if extra:
-        problems.append(f"only in the checkpoint: {_first(extra)}")
-    if shapes:
-        problems.append("different shapes: " + ", ".join(f"{k} {saved[k]} -> {wanted[k]}" for k in shapes[:3]))
+    problems = structure_mismatch(saved, wanted)
     if problems:
         raise ModelDirError(f"{path} does not match the model being restored; " + "; ".join(problems))
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
