@@ -104,7 +104,9 @@ class MLA(nnx.Module):
             out, lse = dense_attention_impl(jnp.concatenate([q_nope, q_pe], -1), k, kv[..., c.qk_nope_head_dim:],
                                             segment_ids, self.sm_scale, impl=mode.kernels)
         else:
-            indices = indexer_topk(q_i, k_i, w_i, c.index_topk, segment_ids, impl=mode.kernels)
+            # Selection is discrete: no gradient flows through it (and the streaming top-k's loop
+            # need not be linearized).
+            indices = indexer_topk(sg(q_i), sg(k_i), sg(w_i), c.index_topk, segment_ids, impl=mode.kernels)
             latent_out, lse = sparse_mla_attention(q_mqa, kv_mqa, indices, self.sm_scale, v_dim=c.kv_lora_rank,
                                                    impl=mode.kernels)
             out = jnp.einsum("bshc,hvc->bshv", latent_out, w_uv)
