@@ -41,3 +41,15 @@ def test_train_writes_metrics_tensorboard_and_plot(tmp_path):
     assert "tok/s" in records[-1] and "step_time" in records[-1]
     assert main(["plot", str(run), "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_stage_handoff_with_relative_run_dirs(tmp_path, monkeypatch):
+    """The README's commands use relative run directories (runs/warmup -> runs/sparse)."""
+    repo = __import__("pathlib").Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(tmp_path)
+    small = ["--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "train.seq_len=64"]
+    assert main(["train", str(repo / "recipes/dense-base.yaml"), *small, "--set", "train.run_dir=runs/a"]) == 0
+    assert main(["train", str(repo / "recipes/warmup.yaml"), *small, "--set", f"model={repo / 'configs/tiny.yaml'}",
+                 "--set", "data.source=synthetic", "--set", "data.paths=[]", "--set", "train.run_dir=runs/b",
+                 "--set", "checkpoint.init_from=runs/a"]) == 0

@@ -259,7 +259,7 @@ class RunCheckpointer:
     """
 
     def __init__(self, run_dir: str | Path, ckpt_config: CheckpointConfig, config_dict: Mapping):
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(run_dir).resolve()  # Orbax wants absolute paths
         self.ckpt_config = ckpt_config
         self.config_dict = _json_roundtrip(dict(config_dict), "config")
         policies: list = [ocp.checkpoint_managers.LatestN(n=ckpt_config.keep)]
@@ -448,6 +448,7 @@ def load_model_for_init(path: str | Path, abstract_model_state: Any, *,
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint.init_from: {path} does not exist")
+    path = path.resolve()  # Orbax reads metadata only through absolute paths
     step_dir = _find_run_step(path)
     if step_dir is None:
         return _load_converted_model(path, abstract_model_state, model_config_dict)
