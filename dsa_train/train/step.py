@@ -142,7 +142,7 @@ def make_train_step(graphdef, config: Config, optimizers: dict, schedules: dict,
         new_params, new_opt = dict(state.params), {}
         finite = jnp.isfinite(loss)
         for g in trained_groups:
-            norm = optax.global_norm(grads[g])
+            norm = optax.tree.norm(grads[g])
             metrics[f"grad_norm/{g}"] = norm
             metrics[f"lr/{g}"] = schedules[g](state.step)
             finite = finite & jnp.isfinite(norm)
