@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from dsa_train.kernels.recompute_vjp import attention_with_recompute
 from dsa_train.ops.attention import NEG_INF
 
 LOG2E = math.log2(math.e)
@@ -273,21 +274,4 @@ def _backward(q, kv, indices, out, lse, d_out, d_lse, cfg: GpuKernelConfig):
     return dq, dkv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention(q, kv, indices, cfg: GpuKernelConfig):
-    return _forward(q, kv, indices, cfg)
-
-
-def _attention_fwd(q, kv, indices, cfg):
-    out, lse = _forward(q, kv, indices, cfg)
-    return (out, lse), (q, kv, indices, out, lse)
-
-
-def _attention_bwd(cfg, residuals, cotangents):
-    q, kv, indices, out, lse = residuals
-    d_out, d_lse = cotangents
-    dq, dkv = _backward(q, kv, indices, out, lse, d_out, d_lse, cfg)
-    return dq, dkv, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = attention_with_recompute(_forward, _backward)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from dsa_train.kernels.recompute_vjp import attention_with_recompute
 from dsa_train.ops.attention import NEG_INF
 
 LANES = 128
@@ -304,21 +305,4 @@ def _backward(q, kv, indices, out, lse, d_out, d_lse, cfg: TpuKernelConfig):
     return dq, dkv.astype(kv.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention(q, kv, indices, cfg: TpuKernelConfig):
-    return _forward(q, kv, indices, cfg)
-
-
-def _attention_fwd(q, kv, indices, cfg):
-    out, lse = _forward(q, kv, indices, cfg)
-    return (out, lse), (q, kv, indices, out, lse)
-
-
-def _attention_bwd(cfg, residuals, cotangents):
-    q, kv, indices, out, lse = residuals
-    d_out, d_lse = cotangents
-    dq, dkv = _backward(q, kv, indices, out, lse, d_out, d_lse, cfg)
-    return dq, dkv, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = attention_with_recompute(_forward, _backward)
