@@ -63,6 +63,15 @@ def _specs(scope, seq_len: int):
     return sizes, batch, ctx
 
 
+def _head_spec(scope, sizes, batch, ctx, n_heads: int):
+    """Mesh axes for the head dimension: the `heads` rule minus axes already used, trimmed until
+    they divide the head count."""
+    heads = tuple(a for a in scope.mesh_axes("heads") if a not in batch and a not in ctx)
+    while heads and n_heads % math.prod(sizes[a] for a in heads):
+        heads = heads[:-1]
+    return _entry(heads)
+
+
 def _gather_seq(x, ctx):
     return jax.lax.all_gather(x, _entry(ctx), axis=1, tiled=True)
 
@@ -120,10 +129,7 @@ def sparse_mla_attention(q, kv, indices, sm_scale: float, v_dim: int = 512, impl
     b, s, h, _ = q.shape
     sizes, batch, ctx = _specs(scope, s)
     bspec, cspec = _entry(batch), _entry(ctx)
-    heads = tuple(a for a in scope.mesh_axes("heads") if a not in batch and a not in ctx)
-    while heads and h % math.prod(sizes[a] for a in heads):
-        heads = heads[:-1]
-    hspec = _entry(heads)
+    hspec = _head_spec(scope, sizes, batch, ctx, h)
 
     def local(q, kv, idx):
         with scope_lib.suspended():
@@ -206,10 +212,7 @@ def dense_attention(q, k, v, segment_ids, sm_scale: float, impl: str = "referenc
     b, s, h, _ = q.shape
     sizes, batch, ctx = _specs(scope, s)
     bspec, cspec = _entry(batch), _entry(ctx)
-    heads = tuple(a for a in scope.mesh_axes("heads") if a not in batch and a not in ctx)
-    while heads and h % math.prod(sizes[a] for a in heads):
-        heads = heads[:-1]
-    hspec = _entry(heads)
+    hspec = _head_spec(scope, sizes, batch, ctx, h)
 
     def local(q, k, v, seg):
         with scope_lib.suspended():
