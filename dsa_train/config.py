@@ -85,6 +85,10 @@ class ModelConfig:
     # on GPU/TPU and the memory-bounded pure-JAX path (`blocked`) on CPU; `reference` is the
     # materializing oracle the kernels are tested against.
     kernels: Literal["auto", "reference", "blocked", "pallas"] = "auto"
+    # Store the decoder layers stacked (one stack of dense-FFN layers, one of MoE layers, each with
+    # a leading `layers` axis) and run them with jax.lax.scan: compile time stops growing with
+    # depth. The per-layer (HF) names stay the checkpoint-conversion format (model/layer_layout.py).
+    scan_layers: bool = False
 
     @property
     def qk_head_dim(self) -> int:

@@ -2,6 +2,9 @@
 
 Module names mirror the Hugging Face checkpoint (`model.layers.3.self_attn.indexer.wk.weight`), so
 the converter maps names one to one (routed experts are stacked along a leading expert axis).
+With `model.scan_layers` the layers are stored stacked instead (`model.dense_layers`,
+`model.moe_layers`, see layer_layout.py) and run under `jax.lax.scan`, so the compiled program
+holds one layer per stack whatever the depth.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsa_train.config import ModelConfig
+from dsa_train.model.layer_layout import layer_stacks
 from dsa_train.model.layers import DTYPES, Embedding, Linear, RMSNorm, SwiGLU
 from dsa_train.model.mla import MLA, ForwardMode
 from dsa_train.model.moe import MoE, MoEStats
@@ -56,13 +60,55 @@ class DecoderLayer(nnx.Module):
         return x + ffn_out, aux, stats
 
 
+def stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
+    """One DecoderLayer whose variables hold ``layers``' values stacked along a leading axis, named
+    `layers` in their logical axes (the sharding rules map it to no mesh axis by default)."""
+    graphdef, _ = nnx.split(layers[0])
+
+    def stack(*variables):
+        first = variables[0]
+        return first.copy(jnp.stack([v.get_value() for v in variables]),
+                          axes=("layers", *first.get_metadata()["axes"]))
+
+    states = [nnx.state(layer) for layer in layers]
+    return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=lambda v: isinstance(v, nnx.Variable)))
+
+
 class DecoderStack(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        c = config
+        c = self.config = config
         self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, rngs=rngs, param_dtype=DTYPES[c.param_dtype],
                                       dtype=DTYPES[c.compute_dtype])
-        self.layers = nnx.List([DecoderLayer(c, i, rngs=rngs) for i in range(c.num_hidden_layers)])
+        # Layers are created in layer order either way: the same seed gives the same weights in
+        # both layouts (the stacks are filled from the same random stream).
+        layers = [DecoderLayer(c, i, rngs=rngs) for i in range(c.num_hidden_layers)]
+        if c.scan_layers:
+            for name, held in layer_stacks(c).items():  # dense_layers, moe_layers
+                setattr(self, name, stack_layers([layers[i] for i in held]))
+        else:
+            self.layers = nnx.List(layers)
         self.norm = RMSNorm(c.hidden_size, "embed", c.rms_norm_eps, param_dtype=DTYPES[c.param_dtype])
+
+    def run_layers(self, x, segment_ids, valid, cos, sin, mode: ForwardMode):
+        """(residual out, [(AttentionAux, MoEStats | None)] per layer in layer order). Remat and
+        activation sharding per layer (run_layer), when a parallel scope is active (trainer)."""
+        if not self.config.scan_layers:
+            per_layer = []
+            for layer in self.layers:
+                x, aux, stats = run_layer(layer, x, segment_ids, valid, cos, sin, mode)
+                per_layer.append((aux, stats))
+            return x, per_layer
+        per_layer = []
+        for name, held in layer_stacks(self.config).items():
+            graphdef, stacked = nnx.split(getattr(self, name))
+
+            def body(h, layer_state, graphdef=graphdef):
+                h, aux, stats = run_layer(nnx.merge(graphdef, layer_state), h, segment_ids, valid, cos, sin, mode)
+                return h, (aux, stats)
+
+            x, outputs = jax.lax.scan(body, x, stacked)
+            per_layer += [jax.tree.map(lambda a, j=j: a[j], outputs) for j in range(len(held))]
+        return x, per_layer
 
 
 class CausalLM(nnx.Module):
@@ -85,10 +131,9 @@ class CausalLM(nnx.Module):
         valid = (segment_ids != 0).astype(jnp.float32)
         cos, sin = rope_angles(positions, self.config)
         x = constrain_residual(self.model.embed_tokens(tokens))
+        x, per_layer = self.model.run_layers(x, segment_ids, valid, cos, sin, mode)
         kl, moe, diags, indices, captured = [], [], [], [], []
-        for layer in self.model.layers:
-            # Remat and activation sharding per layer, when a parallel scope is active (trainer).
-            x, aux, stats = run_layer(layer, x, segment_ids, valid, cos, sin, mode)
+        for aux, stats in per_layer:
             kl.append(aux.indexer_loss)
             diags.append(aux.diagnostics)
             if aux.indices is not None:

@@ -23,7 +23,8 @@ from jax.sharding import PartitionSpec
 MESH_AXES = ("data", "fsdp", "expert", "tensor", "context")
 
 # Logical names the model and the trainer use. Rules for other names are refused (typo guard).
-PARAM_AXES = ("vocab", "embed", "heads", "q_lora", "kv_lora", "index_heads", "index_dim", "expert", "mlp")
+PARAM_AXES = ("vocab", "embed", "heads", "q_lora", "kv_lora", "index_heads", "index_dim", "expert", "mlp",
+              "layers")
 ACTIVATION_AXES = ("batch", "sequence")
 LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
 
@@ -38,6 +39,9 @@ DEFAULT_RULES: dict[str, Optional[tuple[str, ...]]] = {
     "q_lora": None,
     "kv_lora": None,
     "index_dim": None,
+    # The leading axis of stacked decoder layers (model.scan_layers): the scan walks it one layer
+    # at a time, so every device keeps all of its layers' shards.
+    "layers": None,
     "batch": ("data", "fsdp", "expert"),
     "sequence": ("context",),
 }

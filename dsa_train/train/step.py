@@ -119,11 +119,16 @@ def _accumulate(grad_fn, trained, batch: dict, accum: int):
 
 
 def update_router_bias(router_bias, counts: jnp.ndarray, rate: float):
-    """b_i += rate * sign(mean_load - load_i), per MoE layer (counts [L_moe, E], layer order)."""
+    """b_i += rate * sign(mean_load - load_i), per MoE layer (counts [L_moe, E], layer order).
+    A bias is one layer's [E] or, with model.scan_layers, a stack's [layers, E]: each takes its
+    rows of ``counts`` in turn."""
     flat = sorted(nnx.to_flat_state(router_bias), key=lambda kv: kv[0])
-    updated = []
-    for (path, var), load in zip(flat, counts):
-        delta = rate * jnp.sign(load.mean() - load)
+    updated, row = [], 0
+    for path, var in flat:
+        layers = var[...].size // counts.shape[-1]
+        load = counts[row:row + layers].reshape(var[...].shape)
+        row += layers
+        delta = rate * jnp.sign(load.mean(-1, keepdims=True) - load)
         updated.append((path, var.replace(var[...] + delta)))
     return nnx.from_flat_state(updated)
 
