@@ -441,7 +441,9 @@ def load_model_for_init(path: str | Path, abstract_model_state: Any, *,
     ``path``: another run directory (its latest committed checkpoint), one of its step directories
     (``<run>/checkpoints/<step>``), or a model directory written by ``dsa-train convert``.
     ``abstract_model_state``: the pure-dict tree of ``jax.ShapeDtypeStruct`` (with shardings) of
-    the new stage's model (``train_state[MODEL_KEY]``); arrays are placed directly into it.
+    the new stage's model (``train_state[MODEL_KEY]``); arrays are placed directly into it. The
+    source may hold the decoder layers in the other layout (``model.scan_layers``): detected from
+    its tree and converted.
     ``model_config_dict``: the new stage's ``model`` config; if given, a source whose parameter
     shapes differ is refused with the differing fields named.
     """
@@ -468,18 +470,21 @@ def load_model_for_init(path: str | Path, abstract_model_state: Any, *,
         saved_tree = getattr(saved_tree, "tree", saved_tree)
         if not isinstance(saved_tree, Mapping) or MODEL_KEY not in saved_tree:
             raise CheckpointError(f"checkpoint.init_from: {step_dir} has no '{MODEL_KEY}' entry in its train state")
-        _compare_structure(_metadata_shapes(saved_tree[MODEL_KEY]), _flat_shapes(abstract_model_state),
-                           f"checkpoint.init_from: {step_dir} model")
-        restore_args = jax.tree.map(
-            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
-            abstract_model_state)
-        restored = checkpointer.restore(step_dir / TRAIN_STATE, args=ocp.args.PyTreeRestore(
-            item={MODEL_KEY: abstract_model_state}, restore_args={MODEL_KEY: restore_args},
-            partial_restore=True))
+        saved = _metadata_shapes(saved_tree[MODEL_KEY])
+
+        def restore(target):
+            _compare_structure(saved, _flat_shapes(target), f"checkpoint.init_from: {step_dir} model")
+            restore_args = jax.tree.map(
+                lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), target)
+            return checkpointer.restore(step_dir / TRAIN_STATE, args=ocp.args.PyTreeRestore(
+                item={MODEL_KEY: target}, restore_args={MODEL_KEY: restore_args}, partial_restore=True))[MODEL_KEY]
+
+        # A run written with the other model.scan_layers is renamed while it is read.
+        restored = model_io.restore_in_saved_layout(abstract_model_state, saved, restore)
     finally:
         checkpointer.close()
     log.info("initialized the model from %s", step_dir)
-    return restored[MODEL_KEY]
+    return restored
 
 
 def _read_json_item(item_dir: Path) -> Optional[dict]:

@@ -8,7 +8,9 @@ Layout::
 
 The tree is the model's pure-dict state with string keys, so its paths are the HF names split at
 the dots: ``params['model']['layers']['3']['self_attn']['q_a_proj']['weight']``. Routed experts
-are stacked ([E, F, D] / [E, D, F]). `dsa-train convert import` writes model directories; the
+are stacked ([E, F, D] / [E, D, F]). Decoder layers are always stored per layer: a model with
+``scan_layers`` is renamed on save and on load (:mod:`dsa_train.model.layer_layout`), so model
+directories and the HF converter know one layout. `dsa-train convert import` writes model directories; the
 training CheckpointManager reads them for ``checkpoint.init_from`` (:func:`is_model_dir`,
 :func:`load_model_state`).
 
@@ -31,6 +33,7 @@ import yaml
 from flax import nnx
 
 from dsa_train.config import ConfigError, ModelConfig, from_dict, to_dict
+from dsa_train.model import layer_layout
 
 CONFIG_FILE = "model.yaml"
 PARAMS_DIR = "params"
@@ -166,7 +169,11 @@ def save_model_state(path: str | Path, state_tree: Any, config: Optional[ModelCo
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_tree(path / PARAMS_DIR, state_tree)
+    flat = _flat_abstract(_pure(state_tree))
+    # Stacked layers (scan_layers) are written per layer, one slice per layer: one layout on disk.
+    flat = layer_layout.to_per_layer(flat, layer_layout.stacks_of({k: np.shape(v) for k, v in flat.items()}),
+                                     take=lambda value, j: value[j])
+    save_tree(path / PARAMS_DIR, _nest(flat))
     if config is not None:
         save_model_config(path, config)
 
@@ -187,9 +194,28 @@ def _flat_abstract(tree: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _nest(flat: Mapping[str, Any]) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        parts = key.split("/")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return tree
+
+
 def structure_mismatch(saved: Mapping[str, tuple], wanted: Mapping[str, tuple]) -> list[str]:
     """What differs between the saved and the wanted {path: shape}: missing, extra, reshaped paths
-    (the first few of each, for a one-line error)."""
+    (the first few of each, for a one-line error); or, when the decoder layers are stored in the
+    other layout, only that (every layer path differs, and the cause is model.scan_layers)."""
+    saved_layout, wanted_layout = layer_layout.layout_of(saved), layer_layout.layout_of(wanted)
+    if saved_layout and wanted_layout and saved_layout != wanted_layout:
+        flag = {layer_layout.STACKED: "true", layer_layout.PER_LAYER_LAYOUT: "false"}
+        return [f"the checkpoint holds the decoder layers {saved_layout} (written with model.scan_layers="
+                f"{flag[saved_layout]}) and the state being restored holds them {wanted_layout} "
+                f"(model.scan_layers={flag[wanted_layout]}): set model.scan_layers={flag[saved_layout]} to "
+                "resume it, or start a new run_dir with checkpoint.init_from pointing at it (that converts)"]
     missing = sorted(set(wanted) - set(saved))
     extra = sorted(set(saved) - set(wanted))
     shapes = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
@@ -231,21 +257,68 @@ def load_model_state(path: str | Path, abstract_model_state: Any, *,
     if model_config_dict is not None:
         check_config_compatible(path, model_config_dict)
     abstract = _pure(abstract_model_state) if isinstance(abstract_model_state, nnx.State) else abstract_model_state
-    wanted = {k: tuple(v.shape) for k, v in _flat_abstract(abstract).items()}
-    saved = {k: shape for k, (shape, _) in tree_metadata(path / PARAMS_DIR).items()}
-    problems = structure_mismatch(saved, wanted)
-    if problems:
-        raise ModelDirError(f"{path} does not match the model being restored; " + "; ".join(problems))
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None
+                            else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default), abstract)
+    saved = {k: shape for k, (shape, _) in tree_metadata(path / PARAMS_DIR).items()}
 
-    def restore_args(x):
-        return ocp.ArrayRestoreArgs(sharding=getattr(x, "sharding", None) or default,
-                                    global_shape=tuple(x.shape), dtype=x.dtype)
+    def restore(target):
+        wanted = {k: tuple(v.shape) for k, v in _flat_abstract(target).items()}
+        problems = structure_mismatch(saved, wanted)
+        if problems:
+            raise ModelDirError(f"{path} does not match the model being restored; " + "; ".join(problems))
+        args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=tuple(x.shape),
+                                                           dtype=x.dtype), target)
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+            return checkpointer.restore((path / PARAMS_DIR).absolute(), args=ocp.args.PyTreeRestore(
+                item=target, restore_args=args, partial_restore=True))
 
-    args = jax.tree.map(restore_args, abstract)
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-        return checkpointer.restore((path / PARAMS_DIR).absolute(), args=ocp.args.PyTreeRestore(
-            item=abstract, restore_args=args, partial_restore=True))
+    return restore_in_saved_layout(abstract, saved, restore)
+
+
+def restore_in_saved_layout(abstract: Any, saved: Mapping[str, tuple], restore) -> Any:
+    """``restore(target)`` where ``target`` is ``abstract`` (a nested dict of ShapeDtypeStruct with
+    shardings) renamed into the decoder-layer layout of the checkpoint (``saved``: its
+    {'a/b/c': shape}); the restored arrays are renamed back into ``abstract``'s structure and
+    placed with its shardings. Layers are sliced / stacked one parameter at a time, so the model
+    is held twice only one parameter at a time. Same layout (or no layers): ``restore(abstract)``.
+    """
+    flat = {_key(p): x for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    saved_layout, wanted_layout = layer_layout.layout_of(saved), layer_layout.layout_of(flat)
+    if not saved_layout or not wanted_layout or saved_layout == wanted_layout:
+        return restore(abstract)
+    stacks = layer_layout.stacks_of({k: tuple(x.shape) for k, x in flat.items()})
+    if wanted_layout == layer_layout.STACKED:
+        target = layer_layout.to_per_layer(dict(flat), stacks, take=_abstract_layer)
+    else:
+        target = layer_layout.to_stacked(dict(flat), stacks, stack=_abstract_stack)
+    restored = _flat_abstract(restore(_nest(target)))
+    if wanted_layout == layer_layout.STACKED:
+        restored = layer_layout.to_stacked(restored, stacks, stack=lambda xs: jax.numpy.stack(xs))
+    else:
+        restored = layer_layout.to_per_layer(restored, stacks, take=lambda x, j: x[j])
+    leaves = [jax.device_put(restored.pop(k), x.sharding) for k, x in flat.items()]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), leaves)
+
+
+def _key(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _abstract_layer(x, j: int) -> jax.ShapeDtypeStruct:
+    """One layer of a stacked abstract array: the leading `layers` axis (never sharded by the
+    default rules) leaves shape and spec."""
+    sharding = x.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+    return jax.ShapeDtypeStruct(tuple(x.shape[1:]), x.dtype, sharding=sharding)
+
+
+def _abstract_stack(xs: list) -> jax.ShapeDtypeStruct:
+    sharding = xs[0].sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
+    return jax.ShapeDtypeStruct((len(xs), *xs[0].shape), xs[0].dtype, sharding=sharding)
 
 
 def restore_into(model: nnx.Module, path: str | Path) -> None:

@@ -93,9 +93,20 @@ class _DirArrays:
 def _model_arrays(model) -> tuple[ModelConfig, dict[str, tuple], Callable[[str], np.ndarray]]:
     from flax import nnx
 
-    flat = {"/".join(str(p) for p in path): var for path, var in nnx.to_flat_state(nnx.state(model))}
-    meta = {k: (tuple(v.get_value().shape), np.dtype(v.get_value().dtype)) for k, v in flat.items()}
-    return model.config, meta, lambda key: np.asarray(flat[key].get_value())
+    from dsa_train.model.layer_layout import layer_stacks, to_per_layer
+
+    # (array, layer or None): stacked layers (model.scan_layers) are sliced one layer at a time,
+    # only when that layer's tensor is written.
+    flat = {"/".join(str(p) for p in path): (var.get_value(), None)
+            for path, var in nnx.to_flat_state(nnx.state(model))}
+    flat = to_per_layer(flat, layer_stacks(model.config), take=lambda entry, j: (entry[0], j))
+    meta = {k: (tuple(a.shape[1:] if j is not None else a.shape), np.dtype(a.dtype)) for k, (a, j) in flat.items()}
+
+    def get(key: str) -> np.ndarray:
+        array, layer = flat[key]
+        return np.asarray(array if layer is None else array[layer])
+
+    return model.config, meta, get
 
 
 # ----------------------------------------------------------------------------------------------

@@ -114,13 +114,15 @@ def _abstract_variables(config: ModelConfig) -> dict[str, tuple[tuple[int, ...],
     from flax import nnx
 
     from dsa_train.model import create_model
+    from dsa_train.model.layer_layout import layer_stacks, to_per_layer
 
     state = nnx.state(nnx.eval_shape(lambda: create_model(config)))
     out = {}
     for path, var in nnx.to_flat_state(state):
         value = var.get_value()
         out["/".join(str(p) for p in path)] = (tuple(value.shape), np.dtype(value.dtype))
-    return out
+    # Model directories hold the layers per layer (HF names), whatever config.scan_layers says.
+    return to_per_layer(out, layer_stacks(config), take=lambda meta, j: (meta[0][1:], meta[1]))
 
 
 def _indexer_init(config: ModelConfig, seed: int) -> Callable[[int], dict[str, np.ndarray]]:

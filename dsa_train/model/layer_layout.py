@@ -31,17 +31,26 @@ def layer_stacks(config) -> dict[str, tuple[int, ...]]:
     return {name: held for name, held in zip(STACKS, (dense, moe)) if held}
 
 
-def stacks_of(per_layer_keys: Iterable[str]) -> dict[str, tuple[int, ...]]:
-    """:func:`layer_stacks` read off per-layer names: MoE layers are the ones with a router."""
-    layers, moe = set(), set()
-    for key in per_layer_keys:
+def stacks_of(shapes: Mapping[str, tuple]) -> dict[str, tuple[int, ...]]:
+    """:func:`layer_stacks` read off a flat ``{name: shape}`` state of either layout: per layer,
+    the MoE layers are the ones with a router; stacked, the dense layers come first (a model is
+    dense up to ``first_k_dense_replace``) and the leading axes give the stack sizes."""
+    layers, moe, sizes = set(), set(), {}
+    for key, shape in shapes.items():
+        parts = key.split("/")
+        if len(parts) > 2 and parts[0] == PREFIX and parts[1] in STACKS:
+            sizes[parts[1]] = shape[0]
         layer = _layer_of(key)
         if layer is not None:
             layers.add(layer)
-            if key.split("/")[3:5] == ["mlp", "gate"]:
+            if parts[3:5] == ["mlp", "gate"]:
                 moe.add(layer)
-    dense = tuple(sorted(layers - moe))
-    return {name: held for name, held in zip(STACKS, (dense, tuple(sorted(moe)))) if held}
+    if sizes:
+        n_dense = sizes.get(STACKS[0], 0)
+        held = (tuple(range(n_dense)), tuple(range(n_dense, n_dense + sizes.get(STACKS[1], 0))))
+    else:
+        held = (tuple(sorted(layers - moe)), tuple(sorted(moe)))
+    return {name: layers for name, layers in zip(STACKS, held) if layers}
 
 
 def layout_of(keys: Iterable[str]) -> Optional[str]:
