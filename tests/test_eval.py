@@ -207,6 +207,13 @@ def test_needle_sequences():
                 assert key_cell == 1  # right after BOS
             if depth == 1.0:
                 assert key_cell == 40 - 5 - 1  # the pair ends where the context ends
+    # A model trained on structured filler is tested on structured filler (its own distribution).
+    structured = dataclasses.replace(task, filler="structured")
+    row = synthetic_case(structured, 40, 0.5, trials=1, seed=0).tokens[0]
+    filler = np.flatnonzero(row >= structured.filler_range[0])
+    rule = filler[(filler >= 2) & np.isin(filler - 2, filler)]
+    lo, hi = structured.filler_range
+    assert len(rule) > 20 and np.all(row[rule] == lo + (row[rule - 2] - lo + 1) % (hi - lo))
     hay = np.arange(100, 200, dtype=np.int32)
     case = token_case(hay, 48, 0.5, trials=2, seed=0, span=4)
     row = case.tokens[0]

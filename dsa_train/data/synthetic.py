@@ -102,17 +102,21 @@ class RetrievalTask:
                             f"pairs and {self.num_queries} queries ({self.min_doc_len} tokens)")
 
 
+def make_filler(task: RetrievalTask, length: int, rng: np.random.Generator) -> np.ndarray:
+    """`length` filler tokens (int64) of the task's kind (see the module docstring)."""
+    lo, hi = task.filler_range
+    if task.filler == "structured":
+        starts = rng.integers(lo, hi, size=2)
+        t = np.arange(length)
+        return lo + (starts[t % 2] - lo + t // 2) % (hi - lo)
+    return rng.integers(lo, hi, size=length, dtype=np.int64)
+
+
 def make_document(task: RetrievalTask, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One document of exactly `length` tokens: (tokens int32 [length], loss_weights float32 [length])."""
     p, q = task.num_pairs, task.num_queries
     context = length - 2 - 3 * q  # tokens between BOS and the first query
-    lo, hi = task.filler_range
-    if task.filler == "structured":
-        starts2 = rng.integers(lo, hi, size=2)
-        t = np.arange(length)
-        tokens = lo + (starts2[t % 2] - lo + t // 2) % (hi - lo)
-    else:
-        tokens = rng.integers(lo, hi, size=length, dtype=np.int64)
+    tokens = make_filler(task, length, rng)
     is_filler = np.ones(length, bool)
     keys = rng.choice(np.arange(*task.key_range), size=p, replace=False)
     values = rng.choice(np.arange(*task.value_range), size=p, replace=False)

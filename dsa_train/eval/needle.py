@@ -6,9 +6,10 @@ needle's answer given everything before it, and counted correct when every answe
 argmax prediction.
 
 Haystacks are made of the data's own tokens:
-- synthetic retrieval task: exactly its document format (dsa_train/data/synthetic.py): BOS, random
-  filler with `num_pairs` key-value pairs (the needle and num_pairs - 1 distractors), one query
-  ``Q key`` for the needle's key; the answer is its value (one token).
+- synthetic retrieval task: exactly its document format (dsa_train/data/synthetic.py): BOS,
+  filler of the task's kind (random or structured, as in training) with `num_pairs` key-value
+  pairs (the needle and num_pairs - 1 distractors), one query ``Q key`` for the needle's key; the
+  answer is its value (one token).
 - prepared token shards: held-out text, with the needle ``key value`` (random spans of the
   haystack's own tokens, `span` tokens each) inserted at the depth, and the key repeated at the
   end; the answer is the value span (an induction / copy test, tokenizer-free).
@@ -20,7 +21,7 @@ import dataclasses
 
 import numpy as np
 
-from dsa_train.data.synthetic import BOS, EOS, QUERY, RetrievalTask
+from dsa_train.data.synthetic import BOS, EOS, QUERY, RetrievalTask, make_filler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +53,7 @@ def synthetic_case(task: RetrievalTask, length: int, depth: float, trials: int, 
     rng = np.random.default_rng(np.random.SeedSequence([seed, length, int(round(depth * 1e6))]))
     rows = []
     for _ in range(trials):
-        tokens = rng.integers(*task.filler_range, size=length).astype(np.int32)
+        tokens = make_filler(task, length, rng).astype(np.int32)
         tokens[0], tokens[-1] = BOS, EOS
         keys = rng.choice(np.arange(*task.key_range), size=p, replace=False)
         values = rng.choice(np.arange(*task.value_range), size=p, replace=False)

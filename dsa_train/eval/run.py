@@ -76,7 +76,7 @@ def needle_cases(data_config: DataConfig, batches: list[dict], *, vocab_size: in
         for depth in depths:
             if synthetic:
                 task = RetrievalTask(vocab_size=vocab_size, seq_len=length, num_pairs=data_config.num_pairs,
-                                     num_queries=1)
+                                     num_queries=1, filler=data_config.synthetic_filler)
                 cases.append(needle_lib.synthetic_case(task, length, depth, trials, seed))
             else:
                 cases.append(needle_lib.token_case(stream, length, depth, trials, seed))
