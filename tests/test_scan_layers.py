@@ -226,3 +226,49 @@ def test_resume_in_the_other_layout_is_one_clear_error(tmp_path):
     message = str(e.value)
     assert "\n" not in message and "model.scan_layers=false" in message and "model.scan_layers=true" in message
     assert "init_from" in message and "only in the checkpoint" not in message  # the cause, not 40 paths
+
+
+def test_hf_import_scanned_model_export_round_trip(tmp_path):
+    """HF -> model directory -> scanned model (same logits as transformers) -> HF again: the
+    exported tensors are the imported ones, bit for bit (fp32)."""
+    R = pytest.importorskip("hf_reference")
+    from safetensors.numpy import load_file
+
+    from dsa_train.convert import export_hf_checkpoint, import_hf_checkpoint
+
+    hf = R.build_hf_model(R.hf_config("v32", num_hidden_layers=3), seed=3)
+    hf.save_pretrained(tmp_path / "hf")
+    report = import_hf_checkpoint(tmp_path / "hf", tmp_path / "ours")
+    config = dataclasses.replace(report.config, scan_layers=True, compute_dtype="float32", index_topk=5,
+                                 kernels="reference")
+    model = model_io.load_model_params(tmp_path / "ours", config)
+    assert layout_of(_flat(model)) == "stacked"
+    tokens = np.random.default_rng(0).integers(0, R.BASE["vocab_size"], (2, 12))
+    R.set_hf_index_topk(hf, 5)
+    ours = model(jnp.asarray(tokens, jnp.int32), mode=S.ForwardMode("sparse")).logits
+    reference = R.hf_logits(hf, tokens)
+    assert np.abs(np.asarray(ours) - reference).max() <= 1e-4 * np.abs(reference).max()
+
+    export_hf_checkpoint(model, tmp_path / "exported", dtype="float32")
+    exported = load_file(tmp_path / "exported" / "model-00001-of-00001.safetensors")
+    source = {}  # what save_pretrained wrote (per-expert tensors, DeepSeek's release layout)
+    for f in sorted((tmp_path / "hf").glob("*.safetensors")):
+        source.update({k: v for k, v in load_file(f).items() if "inv_freq" not in k})
+    assert exported.keys() == source.keys()
+    assert all(np.array_equal(exported[k], source[k]) for k in source)
+
+
+@pytest.mark.slow
+def test_mesh_matches_one_device_and_stacked_params_shard_by_the_rules():
+    """fsdp x tensor x expert = 2 x 2 x 2 simulated devices, scanned: the loss, gradients and one
+    train step of the 1-device scanned run; every stacked parameter sharded as the rules say."""
+    from test_parallel import assert_matches_single_device, run_checks
+
+    results = run_checks({"devices": 8, "stage": "sparse", "overrides": ["model.scan_layers=true", *LAYERS[:1]],
+                          "meshes": [{"fsdp": 2, "tensor": 2, "expert": 2}]})
+    assert_matches_single_device(results)
+    specs = results[0]["specs"]
+    pick = lambda suffix: next(v for k, v in specs.items() if k.endswith(suffix))  # noqa: E731
+    assert pick("['moe_layers']['mlp']['experts']['gate_proj']") == str(P(None, "expert", "tensor", "fsdp"))
+    assert pick("['dense_layers']['self_attn']['o_proj']['weight']") == str(P(None, "fsdp", "tensor"))
+    assert not any("['layers']" in k for k in specs)

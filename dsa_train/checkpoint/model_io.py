@@ -10,8 +10,8 @@ The tree is the model's pure-dict state with string keys, so its paths are the H
 the dots: ``params['model']['layers']['3']['self_attn']['q_a_proj']['weight']``. Routed experts
 are stacked ([E, F, D] / [E, D, F]). Decoder layers are always stored per layer: a model with
 ``scan_layers`` is renamed on save and on load (:mod:`dsa_train.model.layer_layout`), so model
-directories and the HF converter know one layout. `dsa-train convert import` writes model directories; the
-training CheckpointManager reads them for ``checkpoint.init_from`` (:func:`is_model_dir`,
+directories and the HF converter know one layout. `dsa-train convert import` writes model
+directories; the training CheckpointManager reads them for ``checkpoint.init_from`` (:func:`is_model_dir`,
 :func:`load_model_state`).
 
 Writing never deep-copies host arrays and stores them uncompressed: leaves may be ``np.memmap``
