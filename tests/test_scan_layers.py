@@ -27,6 +27,7 @@ from dsa_train.train.optim import make_optimizer
 # Three layers: one dense-FFN layer, then a stack of two MoE layers for the scan to walk.
 LAYERS = ["model.num_hidden_layers=3", "model.index_topk=8", "model.kernels=reference", "train.diagnostic_rows=4"]
 B, SEQ = 2, 32
+slow = pytest.mark.slow
 TOL = 1e-4  # fp32 (the scan changes XLA's fusion and summation order), relative to max |value|
 
 
@@ -91,8 +92,14 @@ def test_same_seed_gives_the_same_weights_in_both_layouts():
     assert all(np.array_equal(per_layer[k], reference[k]) for k in reference)
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
-@pytest.mark.parametrize("stage", ["dense", "warmup", "sparse"])
+# Fast by default: the sparse stage under remat full (checkpoint inside the scan body); the other
+# combinations are slow (about 10 s each here; still run in CI).
+@pytest.mark.parametrize("stage, remat", [
+    ("sparse", "full"),
+    pytest.param("sparse", "none", marks=slow), pytest.param("dense", "none", marks=slow),
+    pytest.param("dense", "full", marks=slow), pytest.param("warmup", "none", marks=slow),
+    pytest.param("warmup", "full", marks=slow),
+])
 def test_scan_matches_loop_forward_and_gradients(stage, remat):
     config = _config(stage)
     mode = S.forward_mode(config)
@@ -154,7 +161,7 @@ def _train(config, model, steps=2):
     return losses, metrics, _flat(model)
 
 
-@pytest.mark.parametrize("stage", ["dense", "warmup", "sparse"])
+@pytest.mark.parametrize("stage", [pytest.param("dense", marks=slow), pytest.param("warmup", marks=slow), "sparse"])
 def test_train_steps_match(stage):
     loop_config, scan_config = _config(stage), _config(stage, True)
     loop = create_model(loop_config.model, seed=2)
@@ -258,7 +265,7 @@ def test_hf_import_scanned_model_export_round_trip(tmp_path):
     assert all(np.array_equal(exported[k], source[k]) for k in source)
 
 
-@pytest.mark.slow
+@slow
 def test_mesh_matches_one_device_and_stacked_params_shard_by_the_rules():
     """fsdp x tensor x expert = 2 x 2 x 2 simulated devices, scanned: the loss, gradients and one
     train step of the 1-device scanned run; every stacked parameter sharded as the rules say."""
