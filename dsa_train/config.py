@@ -230,7 +230,10 @@ class MeshConfig:
     ``dsa_train.parallel.rules.DEFAULT_RULES``), e.g. ``rules: {vocab: null, batch: [data, fsdp]}``;
     null replicates. ``expert_capacity``: with expert parallelism, the rows each device may send to
     another per MoE layer, as a multiple of the even share (tokens x k / expert axis size); rows
-    beyond it are dropped. 0 never drops (buffers sized for the worst case).
+    beyond it are dropped. 0 never drops (buffers sized for the worst case). ``context_order``: how
+    the train step lays a row's tokens out over the ``context`` shards, ``contiguous`` (shard i
+    holds the i-th slice) or ``zigzag`` (2 x context chunks, shard i holds chunks i and
+    2 x context - 1 - i: equal causal work per shard; dsa_train/parallel/sequence_order.py).
     """
 
     data: int = -1
@@ -240,6 +243,7 @@ class MeshConfig:
     context: int = 1
     rules: dict[str, Optional[tuple[str, ...]]] = field(default_factory=dict)
     expert_capacity: float = 0.0
+    context_order: Literal["contiguous", "zigzag"] = "contiguous"
 
     def validate(self) -> list[tuple[str, str]]:
         sizes = {k: getattr(self, k) for k in ("data", "fsdp", "expert", "tensor", "context")}
@@ -275,7 +279,7 @@ class DataConfig:
     num_queries: int = 4
     synthetic_doc_len: int = 0
     # "structured": predictable filler that needs sharp local attention (dsa_train/data/synthetic.py)
-    synthetic_filler: Literal["random", "structured"] = "random"
+    synthetic_filler: Literal["random", "structured", "copies"] = "random"
     seed: int = 0
     shuffle: bool = True
     prefetch: int = 2
@@ -340,6 +344,9 @@ class Config:
             errors.append(("mesh.expert", f"must divide model.n_routed_experts ({m.n_routed_experts})"))
         if mesh.context > 0 and self.train.seq_len % mesh.context:
             errors.append(("mesh.context", f"must divide train.seq_len ({self.train.seq_len})"))
+        if mesh.context > 1 and mesh.context_order == "zigzag" and self.train.seq_len % (2 * mesh.context):
+            errors.append(("mesh.context_order", f"'zigzag' needs train.seq_len ({self.train.seq_len}) to be a "
+                                                 f"multiple of 2 x mesh.context ({2 * mesh.context})"))
         if self.train.stage in ("warmup", "sparse") and not m.use_indexer:
             errors.append(("model.use_indexer", f"stage '{self.train.stage}' needs the indexer"))
         return errors

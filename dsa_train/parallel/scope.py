@@ -8,12 +8,18 @@ so the model behaves exactly as on one device.
 
 Bodies of ``shard_map`` are traced with the scope suspended: inside them every array is local
 and the ordinary single-device ops run.
+
+``sequence_order`` says how the [B, S] arrays being traced are laid out over the context shards
+(sequence_order.py). It is ``contiguous`` unless the train step enters :func:`laid_out` around the
+model on a batch it has reordered; anything else traced in the same scope (held-out evaluation)
+keeps the original order.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -31,6 +37,7 @@ class ParallelScope:
     rules: dict = field(default_factory=resolve_rules)
     remat: str = "none"
     expert_capacity: float = 0.0  # see MeshConfig.expert_capacity
+    sequence_order: str = "contiguous"  # layout of the sequence axis of the arrays being traced
 
     def axis_size(self, logical: str) -> int:
         """Devices a logical axis is sharded over (1 when its mesh axes are all of size 1)."""
@@ -63,6 +70,16 @@ def activate(mesh: Mesh, rules: Optional[dict] = None, *, remat: str = "none", e
     token = _CURRENT.set(scope)
     try:
         yield scope
+    finally:
+        _CURRENT.reset(token)
+
+
+@contextlib.contextmanager
+def laid_out(sequence_order: str):
+    """The current scope, with the arrays traced inside laid out in ``sequence_order``."""
+    token = _CURRENT.set(dataclasses.replace(current(), sequence_order=sequence_order))
+    try:
+        yield
     finally:
         _CURRENT.reset(token)
 
