@@ -14,6 +14,9 @@ import os
 import sys
 
 
+COMPARED_METRICS = ("lm_loss", "accuracy", "indexer_kl", "captured_mass", "captured_mass_p10", "k90", "kl_rows")
+
+
 def main(job: dict) -> dict:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
@@ -130,6 +133,9 @@ def main(job: dict) -> dict:
             "grad_rel_err": grad_err, "param_err": param_err,
             "step_loss": float(out["metrics"]["loss"]), "ref_step_loss": float(ref["metrics"]["loss"]),
             "counts_equal": bool(np.array_equal(np.asarray(out["counts"]), np.asarray(ref["counts"]))),
+            # The step's other metrics (indexer diagnostics on sampled rows included): max |difference|.
+            "metric_err": {k: float(np.max(np.abs(np.asarray(out["metrics"][k]) - np.asarray(ref["metrics"][k]))))
+                           for k in COMPARED_METRICS if k in ref["metrics"]},
             "wrong_shardings": wrong[:5], "checked_shardings": checked,
             "sharded_params": sum(1 for _, _, s, _ in out["report"] if any(e is not None for e in s)),
             "specs": named,

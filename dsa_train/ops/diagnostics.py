@@ -30,12 +30,22 @@ def dense_target_rows(q_rows, kv, sm_scale, mask_rows) -> jnp.ndarray:
 
 def indexer_quality(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, topk: int, rows: int) -> dict:
     """Per-layer scalars: captured mass (mean, p10), k90 (mean) and KL on the sampled rows."""
+    from dsa_train.parallel import context_parallel
+
     s = q.shape[1]
-    r = jnp.asarray(sample_rows(s, topk, rows))
-    seg_rows = segment_ids[:, r]
-    mask = (seg_rows[:, :, None] == segment_ids[:, None, :]) & (jnp.arange(s)[None, None, :] <= r[None, :, None])
-    target = dense_target_rows(q[:, r], kv, sm_scale, mask)  # [B, R, T]
-    scores = jnp.where(mask, indexer_scores(q_idx[:, r], k_idx, w_idx[:, r]), -jnp.inf)
+    # Rows and causality by original row position: under a zig-zag context layout (the train
+    # step's) array slot j holds the token at position key_pos[j].
+    key_pos = context_parallel.slot_positions(s)
+    slot_of = np.argsort(key_pos)  # slot_of[p]: the array slot of row position p
+    r = sample_rows(s, topk, rows)
+    slots = jnp.asarray(slot_of[r])
+    seg_rows = segment_ids[:, slots]
+    mask = (seg_rows[:, :, None] == segment_ids[:, None, :]) & (key_pos[None, None, :] <= r[None, :, None])
+    target = dense_target_rows(q[:, slots], kv, sm_scale, mask)  # [B, R, T]
+    scores = jnp.where(mask, indexer_scores(q_idx[:, slots], k_idx, w_idx[:, slots]), -jnp.inf)
+    if not np.array_equal(slot_of, np.arange(s)):
+        # Keys back in row order, so that top-k breaks ties between equal scores as it does there.
+        target, scores = (jnp.take(x, jnp.asarray(slot_of), axis=-1) for x in (target, scores))
     kk = min(topk, s)
     top_vals, top_idx = jax.lax.top_k(scores, kk)
     picked = jnp.take_along_axis(target, top_idx, -1)

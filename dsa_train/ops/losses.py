@@ -134,9 +134,13 @@ def lm_cross_entropy(logits: jnp.ndarray, tokens: jnp.ndarray, segment_ids: jnp.
     targets, weights = lm_targets(tokens, segment_ids)
     if loss_weights is not None:
         weights = weights * loss_weights
+    return (token_nll(logits, targets) * weights).sum(), weights.sum()
+
+
+def token_nll(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
+    """-log softmax(logits)[target] per token: logits [B, S, V], targets [B, S] -> [B, S] fp32."""
     logits = logits.astype(jnp.float32)
-    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-    return (nll * weights).sum(), weights.sum()
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
 
 
 def moe_sequence_balance_loss(scores: jnp.ndarray, expert_idx: jnp.ndarray, valid: jnp.ndarray,

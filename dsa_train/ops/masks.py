@@ -16,10 +16,15 @@ def causal_document_mask(q_segment_ids: jnp.ndarray, k_segment_ids: jnp.ndarray,
                          q_offset: int | jnp.ndarray = 0, k_offset: int | jnp.ndarray = 0) -> jnp.ndarray:
     """Boolean [B, S, T]: key s is visible to query t. Offsets place a block inside the full row."""
     s, t = q_segment_ids.shape[1], k_segment_ids.shape[1]
-    q_pos = jnp.arange(s)[:, None] + q_offset
-    k_pos = jnp.arange(t)[None, :] + k_offset
+    return causal_document_mask_at(q_segment_ids, k_segment_ids, jnp.arange(s) + q_offset, jnp.arange(t) + k_offset)
+
+
+def causal_document_mask_at(q_segment_ids: jnp.ndarray, k_segment_ids: jnp.ndarray, q_positions: jnp.ndarray,
+                            k_positions: jnp.ndarray) -> jnp.ndarray:
+    """Boolean [B, S, T] from each query's and key's position in the row ([S], [T]): for arrays whose
+    order is not the row's (a zig-zag context shard, dsa_train/parallel/sequence_order.py)."""
     same_doc = q_segment_ids[:, :, None] == k_segment_ids[:, None, :]
-    return same_doc & (k_pos <= q_pos)[None]
+    return same_doc & (k_positions[None, :] <= q_positions[:, None])[None]
 
 
 def default_segment_ids(tokens: jnp.ndarray) -> jnp.ndarray:

@@ -18,21 +18,30 @@ run query blocks of at most ``SCORE_BUDGET`` bytes of fp32 scores (keys are not 
 per-device working set is bounded by that budget rather than flat in the sequence length).
 
 The gradient of an all-gather is a reduce-scatter, so key gradients land back on their owners.
-Load balance: with top-k attention every query past position k costs the same (k keys), so the
-sparse attention and the KL are balanced across shards without a zig-zag layout; only the
-indexer's scoring (every causal key) grows with the shard's position.
+
+Token layout (``mesh.context_order``, sequence_order.py): with ``zigzag`` the train step reorders
+each row once (:func:`laid_out`) so that shard i holds chunks i and 2n-1-i. Every op here then
+takes each local query's original position for the causal mask and puts the gathered keys back in
+the original order (a reorder of whole chunks), so top-k indices stay global original positions
+and every result equals the contiguous layout's. The ops below compute every (local query, key)
+score and mask the non-causal ones, so their cost is the same on every shard in either layout;
+what the layout balances is the causal work a block-skipping kernel would do (bench/context_balance.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from dsa_train.ops.masks import causal_document_mask
+from dsa_train.ops.masks import causal_document_mask_at
 from dsa_train.parallel import scope as scope_lib
+from dsa_train.parallel import sequence_order
 
 TOPK_QUERY_CHUNK = 256
 KL_QUERY_BLOCK = 32
@@ -72,12 +81,57 @@ def _head_spec(scope, sizes, batch, ctx, n_heads: int):
     return _entry(heads)
 
 
-def _gather_seq(x, ctx):
-    return jax.lax.all_gather(x, _entry(ctx), axis=1, tiled=True)
+class _Sequence(NamedTuple):
+    """The sequence's mesh axes inside ``shard_map``, how many shards they make and the order of
+    the row's tokens over them."""
+
+    axes: tuple
+    shards: int
+    order: str
+
+    def gather(self, x):
+        """All-gather along the sequence (axis 1), in the row's original order."""
+        x = jax.lax.all_gather(x, _entry(self.axes), axis=1, tiled=True)
+        return sequence_order.from_zigzag(x, self.shards) if self.order == "zigzag" else x
+
+    def query_positions(self, local_len: int):
+        """Original row positions of this shard's tokens ([local_len] int32)."""
+        return sequence_order.local_positions(self.order, jax.lax.axis_index(_entry(self.axes)), self.shards,
+                                              local_len)
 
 
-def _offset(ctx, local_len: int):
-    return jax.lax.axis_index(_entry(ctx)) * local_len
+def _sequence(scope, sizes, ctx) -> _Sequence:
+    shards = math.prod(sizes[a] for a in ctx)
+    return _Sequence(ctx, shards, scope.sequence_order if shards > 1 else "contiguous")
+
+
+def _shards(scope, seq_len: int) -> int:
+    sizes, _, ctx = _specs(scope, seq_len)
+    return math.prod(sizes[a] for a in ctx)
+
+
+@contextlib.contextmanager
+def laid_out(order: str, seq_len: int):
+    """Trace the model on rows laid out in ``order`` over the context shards (the train step):
+    yields the function that lays one [B, S] input out. The identity (and no change of scope)
+    without context parallelism or with ``contiguous``."""
+    scope = _layout()
+    shards = 1 if scope is None else _shards(scope, seq_len)
+    if order == "contiguous" or shards == 1:
+        yield lambda x: x
+        return
+    sequence_order.check_divisible(seq_len, shards)
+    with scope_lib.laid_out(order):
+        yield lambda x: scope_lib.constrain(sequence_order.to_zigzag(x, shards), ("batch", "sequence"))
+
+
+def slot_positions(seq_len: int) -> np.ndarray:
+    """Original row position of each slot of the [B, S] arrays being traced ([S] int32): arange
+    unless the train step laid the rows out zig-zag."""
+    scope = _layout()
+    if scope is None:
+        return np.arange(seq_len, dtype=np.int32)
+    return sequence_order.slot_positions(scope.sequence_order, seq_len, _shards(scope, seq_len))
 
 
 def _blocks(n: int, block: int) -> int:
@@ -93,13 +147,14 @@ def indexer_topk(q, k, weights, topk: int, segment_ids, impl: str = "reference")
     b, s = segment_ids.shape
     sizes, batch, ctx = _specs(scope, s)
     bspec = _entry(batch)
+    seq = _sequence(scope, sizes, ctx)
     kk = min(topk, s)
 
     def local(q, k, w, seg):
         with scope_lib.suspended():
-            k_all, seg_all = _gather_seq(k, ctx), _gather_seq(seg, ctx)
+            k_all, seg_all = seq.gather(k), seq.gather(seg)
             s_local = q.shape[1]
-            offset = _offset(ctx, s_local)
+            q_pos, k_pos = seq.query_positions(s_local), jnp.arange(s)
             chunk = _blocks(s_local, TOPK_QUERY_CHUNK)
             scale = q.shape[-1] ** -0.5
 
@@ -109,7 +164,8 @@ def indexer_topk(q, k, weights, topk: int, segment_ids, impl: str = "reference")
                 segc = jax.lax.dynamic_slice_in_dim(seg, i * chunk, chunk, 1)
                 logits = jnp.einsum("bshd,btd->bsht", qc, k_all.astype(jnp.float32)) * scale
                 scores = jnp.einsum("bsh,bsht->bst", wc, jax.nn.relu(logits))
-                mask = causal_document_mask(segc, seg_all, q_offset=offset + i * chunk)
+                mask = causal_document_mask_at(segc, seg_all, jax.lax.dynamic_slice_in_dim(q_pos, i * chunk, chunk),
+                                               k_pos)
                 values, idx = jax.lax.top_k(jnp.where(mask, scores, -jnp.inf), kk)
                 return jnp.where(values > -jnp.inf, idx, -1).astype(jnp.int32)
 
@@ -130,10 +186,11 @@ def sparse_mla_attention(q, kv, indices, sm_scale: float, v_dim: int = 512, impl
     sizes, batch, ctx = _specs(scope, s)
     bspec, cspec = _entry(batch), _entry(ctx)
     hspec = _head_spec(scope, sizes, batch, ctx, h)
+    seq = _sequence(scope, sizes, ctx)
 
     def local(q, kv, idx):
         with scope_lib.suspended():
-            kv_all = _gather_seq(kv, ctx)
+            kv_all = seq.gather(kv)
             if impl == "reference":
                 from dsa_train.ops.attention import sparse_mla_attention_reference
 
@@ -160,11 +217,12 @@ def sparse_indexer_kl_loss(q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, s
     sizes, batch, ctx = _specs(scope, s)
     bspec, cspec = _entry(batch), _entry(ctx)
     token_axes = batch + ctx
+    seq = _sequence(scope, sizes, ctx)
     sg = jax.lax.stop_gradient
 
     def local(q, kv, idx, lse, qi, ki, wi, seg):
         with scope_lib.suspended():
-            kv_all, ki_all = _gather_seq(kv, ctx), _gather_seq(ki, ctx)
+            kv_all, ki_all = seq.gather(kv), seq.gather(ki)
             s_local = q.shape[1]
             block = _blocks(s_local, KL_QUERY_BLOCK)
             valid = (seg != 0).astype(jnp.float32)
@@ -213,12 +271,13 @@ def dense_attention(q, k, v, segment_ids, sm_scale: float, impl: str = "referenc
     sizes, batch, ctx = _specs(scope, s)
     bspec, cspec = _entry(batch), _entry(ctx)
     hspec = _head_spec(scope, sizes, batch, ctx, h)
+    seq = _sequence(scope, sizes, ctx)
 
     def local(q, k, v, seg):
         with scope_lib.suspended():
-            k_all, v_all, seg_all = _gather_seq(k, ctx), _gather_seq(v, ctx), _gather_seq(seg, ctx)
+            k_all, v_all, seg_all = seq.gather(k), seq.gather(v), seq.gather(seg)
             bl, s_local, hl, _ = q.shape
-            offset = _offset(ctx, s_local)
+            q_pos, k_pos = seq.query_positions(s_local), jnp.arange(s)
             block = _score_block(s_local, 4 * bl * hl * k_all.shape[1])
 
             @jax.checkpoint
@@ -226,7 +285,7 @@ def dense_attention(q, k, v, segment_ids, sm_scale: float, impl: str = "referenc
                 qb = jax.lax.dynamic_slice_in_dim(q, start, block, 1)
                 segb = jax.lax.dynamic_slice_in_dim(seg, start, block, 1)
                 scores = jnp.einsum("bshd,bthd->bhst", qb, k_all, preferred_element_type=jnp.float32) * sm_scale
-                mask = causal_document_mask(segb, seg_all, q_offset=offset + start)
+                mask = causal_document_mask_at(segb, seg_all, jax.lax.dynamic_slice_in_dim(q_pos, start, block), k_pos)
                 scores = jnp.where(mask[:, None], scores, NEG_INF)
                 lse = jax.nn.logsumexp(scores, axis=-1)
                 probs = jnp.exp(scores - lse[..., None])
@@ -256,20 +315,22 @@ def indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, impl: str
     sizes, batch, ctx = _specs(scope, s)
     bspec, cspec = _entry(batch), _entry(ctx)
     token_axes = batch + ctx
+    seq = _sequence(scope, sizes, ctx)
     sg = jax.lax.stop_gradient
 
     def local(q, kv, qi, ki, wi, seg):
         with scope_lib.suspended():
-            kv_all, ki_all, seg_all = _gather_seq(kv, ctx), _gather_seq(ki, ctx), _gather_seq(seg, ctx)
+            kv_all, ki_all, seg_all = seq.gather(kv), seq.gather(ki), seq.gather(seg)
             bl, s_local, hl, _ = q.shape
-            offset = _offset(ctx, s_local)
+            q_pos, k_pos = seq.query_positions(s_local), jnp.arange(s)
             block = _score_block(s_local, 4 * bl * max(hl, qi.shape[2]) * kv_all.shape[1])
             valid = (seg != 0).astype(jnp.float32)
 
             @jax.checkpoint
             def block_sum(ki_all, start):
                 sl = lambda x: jax.lax.dynamic_slice_in_dim(x, start, block, 1)  # noqa: E731
-                mask = causal_document_mask(sl(seg), seg_all, q_offset=offset + start)  # [b, Q, T]
+                mask = causal_document_mask_at(sl(seg), seg_all, jax.lax.dynamic_slice_in_dim(q_pos, start, block),
+                                               k_pos)  # [b, Q, T]
                 scores = jnp.einsum("bshd,btd->bsht", sl(q), kv_all, preferred_element_type=jnp.float32) * sm_scale
                 probs = jax.nn.softmax(jnp.where(mask[:, :, None], scores, NEG_INF), axis=-1)
                 target = jnp.where(mask[:, :, None], probs, 0.0).mean(axis=2)

@@ -22,7 +22,9 @@ from flax import nnx
 from dsa_train.config import Config
 from dsa_train.model import CausalLM, ForwardMode
 from dsa_train.model.layers import RouterBias
-from dsa_train.ops.losses import lm_cross_entropy, lm_targets, moe_sequence_balance_loss
+from dsa_train.ops.losses import lm_targets, moe_sequence_balance_loss, token_nll
+from dsa_train.ops.masks import document_positions
+from dsa_train.parallel import context_parallel
 
 GROUPS = ("main", "indexer")
 TRAINABLE = {"dense": ("main",), "warmup": ("indexer",), "sparse": ("main", "indexer")}
@@ -64,20 +66,37 @@ def init_state(config: Config, params: dict, router_bias, optimizers: dict) -> T
     return TrainState(jnp.zeros((), jnp.int32), params, router_bias, opt, jnp.zeros((), jnp.int32))
 
 
+def model_inputs(batch: dict) -> dict:
+    """The batch as the model and the LM loss read it, every entry [B, S] in the row's order:
+    tokens, segment ids, RoPE positions (the batch's, else each document's), next-token targets and
+    their weights (no target across a document boundary or into padding; the batch's loss_weights
+    applied). Built before any reordering of the sequence: a token's target is the next token of
+    the row, wherever the layout puts either."""
+    tokens, seg = batch["tokens"], batch["segment_ids"]
+    positions = batch.get("positions")
+    targets, weights = lm_targets(tokens, seg)
+    if batch.get("loss_weights") is not None:
+        weights = weights * batch["loss_weights"]
+    return {"tokens": tokens, "segment_ids": seg,
+            "positions": document_positions(seg) if positions is None else positions,
+            "targets": targets, "target_weights": weights}
+
+
 def _loss_and_metrics(graphdef, config: Config, mode: ForwardMode, trained: dict, frozen: dict, router_bias,
                       batch: dict):
     t = config.train
     model = merge_model(graphdef, {**frozen, **trained}, router_bias)
-    tokens, seg = batch["tokens"], batch["segment_ids"]
-    out = model(tokens, seg, batch.get("positions"), mode)
+    inputs = model_inputs(batch)
+    # mesh.context_order: under context parallelism the rows may be laid out zig-zag over the
+    # shards (one reorder of the [B, S] inputs here); every loss below is a sum over tokens.
+    with context_parallel.laid_out(config.mesh.context_order, inputs["tokens"].shape[1]) as lay_out:
+        inputs = {name: lay_out(x) for name, x in inputs.items()}
+        out = model(inputs["tokens"], inputs["segment_ids"], inputs["positions"], mode)
+    seg, targets, weights = inputs["segment_ids"], inputs["targets"], inputs["target_weights"]
     metrics = {}
     loss = jnp.zeros((), jnp.float32)
     if mode.logits:
-        lm_sum, n = lm_cross_entropy(out.logits, tokens, seg, batch.get("loss_weights"))
-        lm = lm_sum / jnp.maximum(n, 1.0)
-        targets, weights = lm_targets(tokens, seg)
-        if batch.get("loss_weights") is not None:
-            weights = weights * batch["loss_weights"]
+        lm = (token_nll(out.logits, targets) * weights).sum() / jnp.maximum(weights.sum(), 1.0)
         correct = (jnp.argmax(out.logits, -1) == targets).astype(jnp.float32)
         metrics["lm_loss"] = lm
         metrics["accuracy"] = (correct * weights).sum() / jnp.maximum(weights.sum(), 1.0)
