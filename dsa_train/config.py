@@ -279,7 +279,7 @@ class DataConfig:
     num_queries: int = 4
     synthetic_doc_len: int = 0
     # "structured": predictable filler that needs sharp local attention (dsa_train/data/synthetic.py)
-    synthetic_filler: Literal["random", "structured", "copies"] = "random"
+    synthetic_filler: Literal["random", "structured"] = "random"
     seed: int = 0
     shuffle: bool = True
     prefetch: int = 2

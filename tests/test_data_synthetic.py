@@ -7,7 +7,7 @@ import pytest
 
 from dsa_train.config import DataConfig
 from dsa_train.data import DataError, check_batch, make_train_iterator
-from dsa_train.data.synthetic import BOS, EOS, NUM_RESERVED, QUERY, RetrievalTask, answers
+from dsa_train.data.synthetic import BOS, EOS, NUM_RESERVED, QUERY, RetrievalTask, answers, make_document
 
 
 def _iterator(batch_size=4, seq_len=128, vocab_size=512, seed=0, **data):
@@ -119,3 +119,18 @@ def test_config_validation_names_the_field():
     errors = dict(DataConfig(num_pairs=2, num_queries=3, synthetic_doc_len=-1, prefetch=-1).validate())
     assert set(errors) == {"num_queries", "synthetic_doc_len", "prefetch"}
     assert dict(DataConfig(paths=("a", "b"), weights=(1.0, 0.0)).validate()).keys() == {"weights"}
+
+
+def test_structured_filler_weights_mark_exactly_the_targets_its_rule_predicts():
+    task = RetrievalTask(vocab_size=512, seq_len=128, num_pairs=4, num_queries=2, filler="structured")
+    lo, hi = task.filler_range
+    weighted = 0
+    for seed in range(20):
+        tokens, weights = make_document(task, 128, np.random.default_rng(seed))
+        answer_at = {at for at, _ in answers(tokens, np.ones(128, np.int32))}
+        filler = (tokens >= lo) & (tokens < hi)
+        for t in range(1, 127):
+            rule = bool(filler[t - 1] and filler[t + 1]) and tokens[t + 1] == lo + (tokens[t - 1] - lo + 1) % (hi - lo)
+            assert bool(weights[t]) == (rule or t in answer_at), t
+            weighted += rule
+    assert weighted > 20 * 100

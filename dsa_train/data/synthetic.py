@@ -102,21 +102,31 @@ class RetrievalTask:
                             f"pairs and {self.num_queries} queries ({self.min_doc_len} tokens)")
 
 
-def make_filler(task: RetrievalTask, length: int, rng: np.random.Generator) -> np.ndarray:
-    """`length` filler tokens (int64) of the task's kind (see the module docstring)."""
+def make_filler(task: RetrievalTask, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """`length` filler tokens (int64) of the task's kind (see the module docstring), and for each
+    cell the earlier cell its token is predicted from (-1: none)."""
     lo, hi = task.filler_range
     if task.filler == "structured":
-        starts = rng.integers(lo, hi, size=2)
         t = np.arange(length)
-        return lo + (starts[t % 2] - lo + t // 2) % (hi - lo)
-    return rng.integers(lo, hi, size=length, dtype=np.int64)
+        starts = rng.integers(lo, hi, size=2)
+        return lo + (starts[t % 2] - lo + t // 2) % (hi - lo), np.where(t >= 2, t - 2, -1)
+    return rng.integers(lo, hi, size=length, dtype=np.int64), np.full(length, -1)
+
+
+def _filler_weights(source: np.ndarray, is_filler: np.ndarray) -> np.ndarray:
+    """1 on positions whose next token the filler's rule predicts from untouched filler cells."""
+    weights = np.zeros(len(source), np.float32)
+    target = np.arange(1, len(source))  # position t - 1 predicts cell t
+    src = source[target]
+    weights[target - 1] = (src >= 0) & is_filler[target] & is_filler[np.maximum(src, 0)]
+    return weights
 
 
 def make_document(task: RetrievalTask, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One document of exactly `length` tokens: (tokens int32 [length], loss_weights float32 [length])."""
     p, q = task.num_pairs, task.num_queries
     context = length - 2 - 3 * q  # tokens between BOS and the first query
-    tokens = make_filler(task, length, rng)
+    tokens, source = make_filler(task, length, rng)
     is_filler = np.ones(length, bool)
     keys = rng.choice(np.arange(*task.key_range), size=p, replace=False)
     values = rng.choice(np.arange(*task.value_range), size=p, replace=False)
@@ -135,10 +145,7 @@ def make_document(task: RetrievalTask, length: int, rng: np.random.Generator) ->
         weights[at + 1] = 1.0  # predicting the answer from the query key
     is_filler[query_start:] = False
     tokens[-1] = EOS
-    if task.filler == "structured":
-        # position t predicts t+1 from t-1: both must be untouched filler
-        predictable = is_filler[2:] & is_filler[:-2]
-        weights[1:-1] = np.maximum(weights[1:-1], predictable.astype(np.float32))
+    weights = np.maximum(weights, _filler_weights(source, is_filler))
     return tokens.astype(np.int32), weights
 
 

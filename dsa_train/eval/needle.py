@@ -53,7 +53,7 @@ def synthetic_case(task: RetrievalTask, length: int, depth: float, trials: int, 
     rng = np.random.default_rng(np.random.SeedSequence([seed, length, int(round(depth * 1e6))]))
     rows = []
     for _ in range(trials):
-        tokens = make_filler(task, length, rng).astype(np.int32)
+        tokens = make_filler(task, length, rng)[0].astype(np.int32)
         tokens[0], tokens[-1] = BOS, EOS
         keys = rng.choice(np.arange(*task.key_range), size=p, replace=False)
         values = rng.choice(np.arange(*task.value_range), size=p, replace=False)
