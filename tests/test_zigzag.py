@@ -103,3 +103,18 @@ def test_zigzag_sparse_stage_matches_one_device():
 @pytest.mark.parametrize("stage", ["dense", "warmup"])
 def test_zigzag_dense_mode_matches_one_device(stage):
     _check_zigzag_stage(stage)
+
+
+def test_plan_charges_the_slowest_context_shard():
+    from dsa_train.parallel import plan
+
+    def estimate(order):
+        cfg = load_config(REPO / "configs/tiny.yaml", ["mesh.data=1", "mesh.context=4", "model.index_topk=64",
+                                                       f"mesh.context_order={order}"])
+        mesh = plan._abstract_or_real_mesh(cfg.mesh, 4, False)
+        return plan.plan_stage(cfg, mesh, plan.resolve_rules(), plan.DEVICES["h100"], "warmup", 4, 4096)["time"]
+
+    contiguous, zigzag = estimate("contiguous"), estimate("zigzag")
+    assert contiguous["context_skew"]["dense"] == pytest.approx(1.75, rel=1e-3)
+    assert zigzag["context_skew"]["dense"] == 1.0
+    assert zigzag["compute_s"] < contiguous["compute_s"]

@@ -21,7 +21,9 @@ compile time grows with the model (use ``--set model.num_hidden_layers=...`` to 
 Step time: FLOPs from ``dsa_train.flops`` at the device's bf16 peak times an efficiency per kind
 of work, plus the communication the mesh implies (FSDP all-gathers / reduce-scatters, tensor
 all-reduces, expert all-to-alls, context all-gathers, data all-reduce) over the link each mesh
-axis crosses, of which a fraction overlaps with compute. The assumptions are printed with it.
+axis crosses, of which a fraction overlaps with compute. The attention and indexer compute is
+that of the slowest context shard under ``mesh.context_order`` (``context_skew``). The assumptions
+are printed with it.
 """
 
 from __future__ import annotations
@@ -311,6 +313,16 @@ def _moe_transient(m, loc: Local, c: int, cpu_lowering: bool) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
+def context_skew(config, seq_len: int, shards: int) -> dict:
+    """Slowest context shard's causal work / the mean: ``dense`` (every earlier key: dense attention,
+    indexer scores, dense KL) and ``topk`` (at most index_topk keys: sparse attention and KL)."""
+    from dsa_train.parallel.sequence_order import imbalance
+
+    order = config.mesh.context_order
+    return {"order": order, "dense": imbalance(order, seq_len, shards),
+            "topk": imbalance(order, seq_len, shards, config.model.index_topk)}
+
+
 def step_estimate(config, mesh, rules, device: Device, stage: str, batch: int, seq_len: int,
                   state: dict, loc: Local) -> dict:
     from dsa_train.flops import count_params, forward_flops_per_token, train_flops_per_token
@@ -330,6 +342,16 @@ def step_estimate(config, mesh, rules, device: Device, stage: str, batch: int, s
         matmul = (f.matmul - 2.0 * counts.by_group["lm_head"]) * tokens
         attn_f, attn_b = 2 * f.attention * tokens, 0.0
         idx = 3 * f.indexer * tokens
+    # The step waits for the slowest context shard. The FLOPs above are causal means; how evenly a
+    # row's causal work spreads over the shards depends on mesh.context_order (contiguous: the last
+    # shard has ~(2n-1)/n of the mean on every earlier key; zigzag: equal), so the quadratic parts
+    # are scaled by the slowest shard's share (sequence_order.imbalance, one document per row).
+    skew = context_skew(config, seq_len, loc.ctx)
+    if stage == "sparse":
+        attn_f, attn_b = attn_f * skew["topk"], attn_b * skew["topk"]
+    else:
+        attn_f, attn_b = attn_f * skew["dense"], attn_b * skew["dense"]
+    idx = idx * skew["dense"]
     peak = device.peak_bf16
     compute = (matmul / EFFICIENCY["matmul"] + attn_f / EFFICIENCY["attention_fwd"]
                + attn_b / EFFICIENCY["attention_bwd"] + idx / EFFICIENCY["indexer"]) / (peak * n_dev)
@@ -378,7 +400,7 @@ def step_estimate(config, mesh, rules, device: Device, stage: str, batch: int, s
     comm_total = sum(comm.values())
     step_time = compute + (1 - OVERLAP) * comm_total if compute >= comm_total else comm_total + (1 - OVERLAP) * compute
     return {"flops": total_flops, "flops_per_token": total_flops / tokens, "compute_s": compute, "comm_s": comm,
-            "comm_total_s": comm_total, "step_s": step_time,
+            "comm_total_s": comm_total, "step_s": step_time, "context_skew": skew,
             "mfu": total_flops / (step_time * n_dev * peak) if step_time else 0.0}
 
 
@@ -503,6 +525,11 @@ def format_plan(config_path: str, device: Device, mesh_desc: str, n_devices: int
                      f"compute {tm['compute_s']:.2f} s, communication {tm['comm_total_s']:.2f} s "
                      + ("(" + ", ".join(f"{k} {v:.2f} s" for k, v in tm["comm_s"].items()) + ")" if tm["comm_s"] else "")
                      + f"; estimated step time {tm['step_s']:.2f} s (MFU {tm['mfu']:.1%}).")
+        if loc.ctx > 1:
+            sk = tm["context_skew"]
+            lines.append(f"Context layout {sk['order']} (mesh.context_order): the slowest of the {loc.ctx} context "
+                         f"shards has {sk['dense']:.2f}x the mean causal work of dense attention and indexer "
+                         f"scoring, {sk['topk']:.2f}x of top-k attention; compute time includes it.")
         if x and x.get("xla_flops"):
             lines.append(f"XLA cost analysis: {x['xla_flops']:.4g} FLOPs per device per step "
                          "(XLA:CPU counts gathers and elementwise work too).")
