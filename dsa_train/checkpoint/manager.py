@@ -32,6 +32,7 @@ See :func:`resolve_start`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -434,6 +435,20 @@ def _find_run_step(path: Path) -> Optional[Path]:
     return None
 
 
+@contextlib.contextmanager
+def quiet_orbax():
+    """Orbax warns (through absl) about a per-item metadata file that run checkpoints don't write
+    (they keep one per step): harmless, and it would be the loudest line of every init_from."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@quiet_orbax()
 def load_model_for_init(path: str | Path, abstract_model_state: Any, *,
                         model_config_dict: Optional[Mapping] = None) -> Any:
     """The model state a new stage starts from (fresh optimizer, step 0): only the model is read.

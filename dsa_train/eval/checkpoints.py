@@ -5,7 +5,6 @@ readers (`manager.load_model_for_init`, `model_io.load_model_params`)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -49,22 +48,10 @@ def _model_config(raw: dict, where: str, **changes) -> ModelConfig:
     return dataclasses.replace(config, **changes)
 
 
-@contextlib.contextmanager
-def _quiet_orbax():
-    """Orbax warns (through absl) about metadata files the trainer's checkpoints don't write."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def load_checkpoint(path: str | Path, **model_changes) -> LoadedCheckpoint:
     """Load a model for evaluation. `model_changes` replace ModelConfig fields that keep the
     parameter shapes (index_topk, kernels, compute_dtype, ...)."""
-    with _quiet_orbax():
+    with manager.quiet_orbax():
         return _load(Path(path), model_changes)
 
 
