@@ -280,6 +280,9 @@ class DataConfig:
     synthetic_doc_len: int = 0
     # "structured": predictable filler that needs sharp local attention (dsa_train/data/synthetic.py)
     synthetic_filler: Literal["random", "structured"] = "random"
+    # Loss weight of each answer target (filler targets weigh 1): with structured filler a row has
+    # ~100 filler targets per answer, which would drown the retrieval signal.
+    synthetic_answer_weight: float = 1.0
     seed: int = 0
     shuffle: bool = True
     prefetch: int = 2
@@ -296,6 +299,8 @@ class DataConfig:
             errors.append(("num_pairs", f"must be >= 1, got {self.num_pairs}"))
         if not 1 <= self.num_queries <= max(self.num_pairs, 1):
             errors.append(("num_queries", f"must be in [1, num_pairs={self.num_pairs}], got {self.num_queries}"))
+        if self.synthetic_answer_weight <= 0:
+            errors.append(("synthetic_answer_weight", f"must be > 0, got {self.synthetic_answer_weight}"))
         if self.synthetic_doc_len < 0:
             errors.append(("synthetic_doc_len", "must be >= 0 (0: one document per row)"))
         if self.prefetch < 0:

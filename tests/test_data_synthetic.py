@@ -116,13 +116,15 @@ def test_reserved_ids_are_disjoint_from_keys_values_filler():
 
 
 def test_config_validation_names_the_field():
-    errors = dict(DataConfig(num_pairs=2, num_queries=3, synthetic_doc_len=-1, prefetch=-1).validate())
-    assert set(errors) == {"num_queries", "synthetic_doc_len", "prefetch"}
+    errors = dict(DataConfig(num_pairs=2, num_queries=3, synthetic_doc_len=-1, prefetch=-1,
+                             synthetic_answer_weight=0.0).validate())
+    assert set(errors) == {"num_queries", "synthetic_doc_len", "prefetch", "synthetic_answer_weight"}
     assert dict(DataConfig(paths=("a", "b"), weights=(1.0, 0.0)).validate()).keys() == {"weights"}
 
 
 def test_structured_filler_weights_mark_exactly_the_targets_its_rule_predicts():
-    task = RetrievalTask(vocab_size=512, seq_len=128, num_pairs=4, num_queries=2, filler="structured")
+    task = RetrievalTask(vocab_size=512, seq_len=128, num_pairs=4, num_queries=2, filler="structured",
+                         answer_weight=7.0)
     lo, hi = task.filler_range
     weighted = 0
     for seed in range(20):
@@ -131,6 +133,6 @@ def test_structured_filler_weights_mark_exactly_the_targets_its_rule_predicts():
         filler = (tokens >= lo) & (tokens < hi)
         for t in range(1, 127):
             rule = bool(filler[t - 1] and filler[t + 1]) and tokens[t + 1] == lo + (tokens[t - 1] - lo + 1) % (hi - lo)
-            assert bool(weights[t]) == (rule or t in answer_at), t
+            assert weights[t] == (7.0 if t in answer_at else float(rule)), t
             weighted += rule
     assert weighted > 20 * 100

@@ -46,7 +46,7 @@ def make_train_iterator(data_config: DataConfig, *, batch_size: int, seq_len: in
     if data_config.source == "synthetic":
         task = RetrievalTask(vocab_size=vocab_size, seq_len=seq_len, num_pairs=data_config.num_pairs,
                              num_queries=data_config.num_queries, doc_len=data_config.synthetic_doc_len,
-                             filler=data_config.synthetic_filler)
+                             filler=data_config.synthetic_filler, answer_weight=data_config.synthetic_answer_weight)
         return SyntheticIterator(task, batch_size=batch_size, seeds=seeds, process_index=process_index,
                                  process_count=process_count)
     if data_config.source == "arrayrecord":

@@ -8,8 +8,9 @@ One document (``L`` tokens)::
 - ``num_pairs`` (key, value) pairs sit at random, non-overlapping places among uniformly random
   filler tokens; keys in a document are distinct, so each query has exactly one answer.
 - ``num_queries`` queries ``Q k v`` follow, each asking for the value of a different stored key.
-  ``v`` is the answer: ``loss_weights`` is 1 on the position of ``k`` (whose next-token target is
-  ``v``) and 0 everywhere else, so the trainer's weighted accuracy *is* retrieval accuracy.
+  ``v`` is the answer: ``loss_weights`` is ``answer_weight`` (default 1) on the position of ``k``
+  (whose next-token target is ``v``) and 0 everywhere else, so with random filler the trainer's
+  weighted accuracy *is* retrieval accuracy.
 - Answering needs one specific distant token: an induction circuit (previous-token head, then a
   head that matches the query key against earlier keys and copies what follows). The answer can't
   be guessed from local context: a model that copies any value of the document gets 1/num_pairs.
@@ -59,6 +60,7 @@ class RetrievalTask:
     num_queries: int = 4
     doc_len: int = 0  # 0: one document fills each row
     filler: str = "random"  # "random" | "structured" (see the module docstring)
+    answer_weight: float = 1.0  # loss weight of an answer target (filler targets: 1)
 
     @property
     def key_range(self) -> tuple[int, int]:
@@ -142,7 +144,7 @@ def make_document(task: RetrievalTask, length: int, rng: np.random.Generator) ->
     for j, pair in enumerate(asked):
         at = query_start + 3 * j
         tokens[at:at + 3] = (QUERY, keys[pair], values[pair])
-        weights[at + 1] = 1.0  # predicting the answer from the query key
+        weights[at + 1] = task.answer_weight  # predicting the answer from the query key
     is_filler[query_start:] = False
     tokens[-1] = EOS
     weights = np.maximum(weights, _filler_weights(source, is_filler))
