@@ -173,7 +173,7 @@ def save_model_state(path: str | Path, state_tree: Any, config: Optional[ModelCo
     # Stacked layers (scan_layers) are written per layer, one slice per layer: one layout on disk.
     flat = layer_layout.to_per_layer(flat, layer_layout.stacks_of({k: np.shape(v) for k, v in flat.items()}),
                                      take=lambda value, j: value[j])
-    save_tree(path / PARAMS_DIR, _nest(flat))
+    save_tree(path / PARAMS_DIR, nest(flat))
     if config is not None:
         save_model_config(path, config)
 
@@ -194,7 +194,8 @@ def _flat_abstract(tree: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _nest(flat: Mapping[str, Any]) -> dict:
+def nest(flat: Mapping[str, Any]) -> dict:
+    """{"a/b/c": x} -> {"a": {"b": {"c": x}}}: the tree Orbax saves and restores."""
     tree: dict = {}
     for key, value in flat.items():
         node = tree
@@ -292,7 +293,7 @@ def restore_in_saved_layout(abstract: Any, saved: Mapping[str, tuple], restore) 
         target = layer_layout.to_per_layer(dict(flat), stacks, take=_abstract_layer)
     else:
         target = layer_layout.to_stacked(dict(flat), stacks, stack=_abstract_stack)
-    restored = _flat_abstract(restore(_nest(target)))
+    restored = _flat_abstract(restore(nest(target)))
     if wanted_layout == layer_layout.STACKED:
         restored = layer_layout.to_stacked(restored, stacks, stack=lambda xs: jax.numpy.stack(xs))
     else:

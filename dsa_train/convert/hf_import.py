@@ -306,17 +306,6 @@ def _reopen(path: Path, shape, dtype) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=tuple(shape))
 
 
-def _nest(flat: dict[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for key, value in flat.items():
-        node = tree
-        parts = key.split("/")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return tree
-
-
 def _mtp_dtype(src_dtype: np.dtype, name: str, param_dtype: np.dtype) -> np.dtype:
     """Target dtype of an MTP tensor: floats become the import dtype, router biases stay fp32."""
     if name.endswith("e_score_correction_bias"):
@@ -380,7 +369,7 @@ def import_hf_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, include_mtp
             except (OSError, ValueError, TypeError) as e:
                 raise ConversionError(f"{where} ({ckpt.info(where).file.name if where in ckpt else t.key}): "
                                       f"{one_line(e)}") from e
-        model_io.save_model_state(tmp, _nest(staged), config)
+        model_io.save_model_state(tmp, model_io.nest(staged), config)
         if mtp_names:
             mtp_staged = {}
             for i, name in enumerate(mtp_names):
@@ -395,7 +384,7 @@ def import_hf_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, include_mtp
                 except (OSError, ValueError, TypeError) as e:
                     raise ConversionError(f"{name} ({src.file.name}): {one_line(e)}") from e
                 mtp_staged[name.replace(".", "/")] = _reopen(staging / f"mtp{i}.bin", src.shape, out_dtype)
-            model_io.save_tree(tmp / MTP_DIR, _nest(mtp_staged))
+            model_io.save_tree(tmp / MTP_DIR, model_io.nest(mtp_staged))
             report.notes.append(f"kept {len(mtp_names)} MTP tensors under {MTP_DIR}/ (not used by the model)")
         shutil.rmtree(staging)
         assets = tmp / ASSETS_DIR
