@@ -54,7 +54,7 @@ def _scanned_copy(model):
     scanned = create_model(config, seed=123)  # other weights: everything must come from the copy
     state = nnx.state(scanned)
     assert set(_flat(state)) == set(stacked)
-    nnx.replace_by_pure_dict(state, model_io._nest(stacked))
+    nnx.replace_by_pure_dict(state, model_io.nest(stacked))
     nnx.update(scanned, state)
     return scanned
 
