@@ -188,7 +188,7 @@ def _pure_abstract(model):
 
 
 def _flat_pure(tree) -> dict[str, np.ndarray]:
-    return {model_io._key(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {model_io.path_key(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 @pytest.mark.parametrize("source_scan", [False, True])

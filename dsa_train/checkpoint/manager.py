@@ -143,15 +143,11 @@ def with_sharding(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
 def _check_no_typed_keys(tree: Any) -> None:
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         dtype = getattr(leaf, "dtype", None)
         if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-            raise CheckpointError(f"train state leaf '{_path_str(path)}' is a typed PRNG key: store "
+            raise CheckpointError(f"train state leaf '{model_io.path_key(path)}' is a typed PRNG key: store "
                                   "jax.random.key_data(key) and rebuild it with jax.random.wrap_key_data")
 
 
@@ -164,13 +160,13 @@ def _json_roundtrip(value: Any, what: str) -> Any:
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple]:
-    return {_path_str(p): tuple(getattr(x, "shape", ())) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {model_io.path_key(p): tuple(getattr(x, "shape", ())) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _metadata_shapes(metadata_tree: Any) -> dict[str, tuple]:
     leaves = jax.tree_util.tree_flatten_with_path(
         metadata_tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, (dict, list, tuple)))[0]
-    return {_path_str(p): tuple(x.shape) if getattr(x, "shape", None) is not None else () for p, x in leaves}
+    return {model_io.path_key(p): tuple(x.shape) if getattr(x, "shape", None) is not None else () for p, x in leaves}
 
 
 def _compare_structure(saved: dict[str, tuple], wanted: dict[str, tuple], where: str) -> None:

@@ -284,7 +284,7 @@ def restore_in_saved_layout(abstract: Any, saved: Mapping[str, tuple], restore) 
     placed with its shardings. Layers are sliced / stacked one parameter at a time, so the model
     is held twice only one parameter at a time. Same layout (or no layers): ``restore(abstract)``.
     """
-    flat = {_key(p): x for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    flat = {path_key(p): x for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
     saved_layout, wanted_layout = layer_layout.layout_of(saved), layer_layout.layout_of(flat)
     if not saved_layout or not wanted_layout or saved_layout == wanted_layout:
         return restore(abstract)
@@ -302,8 +302,9 @@ def restore_in_saved_layout(abstract: Any, saved: Mapping[str, tuple], restore) 
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), leaves)
 
 
-def _key(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+def path_key(path) -> str:
+    """A jax tree path as the 'a/b/0/c' key of flat states and checkpoint metadata."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
 def _abstract_layer(x, j: int) -> jax.ShapeDtypeStruct:

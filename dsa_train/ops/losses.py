@@ -131,10 +131,15 @@ def lm_cross_entropy(logits: jnp.ndarray, tokens: jnp.ndarray, segment_ids: jnp.
     """Shifted next-token cross-entropy. Returns (sum of losses, number of targets).
 
     `loss_weights` [B, S] optionally restricts the loss further (e.g. to answer tokens)."""
-    targets, weights = lm_targets(tokens, segment_ids)
-    if loss_weights is not None:
-        weights = weights * loss_weights
+    targets, weights = weighted_lm_targets(tokens, segment_ids, loss_weights)
     return (token_nll(logits, targets) * weights).sum(), weights.sum()
+
+
+def weighted_lm_targets(tokens: jnp.ndarray, segment_ids: jnp.ndarray,
+                        loss_weights: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """:func:`lm_targets` with the batch's ``loss_weights`` [B, S] (if any) applied to the weights."""
+    targets, weights = lm_targets(tokens, segment_ids)
+    return targets, weights if loss_weights is None else weights * loss_weights
 
 
 def token_nll(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:

@@ -22,7 +22,7 @@ from flax import nnx
 from dsa_train.config import Config
 from dsa_train.model import CausalLM, ForwardMode
 from dsa_train.model.layers import RouterBias
-from dsa_train.ops.losses import lm_targets, moe_sequence_balance_loss, token_nll
+from dsa_train.ops.losses import moe_sequence_balance_loss, token_nll, weighted_lm_targets
 from dsa_train.ops.masks import document_positions
 from dsa_train.parallel import context_parallel
 
@@ -74,9 +74,7 @@ def model_inputs(batch: dict) -> dict:
     the row, wherever the layout puts either."""
     tokens, seg = batch["tokens"], batch["segment_ids"]
     positions = batch.get("positions")
-    targets, weights = lm_targets(tokens, seg)
-    if batch.get("loss_weights") is not None:
-        weights = weights * batch["loss_weights"]
+    targets, weights = weighted_lm_targets(tokens, seg, batch.get("loss_weights"))
     return {"tokens": tokens, "segment_ids": seg,
             "positions": document_positions(seg) if positions is None else positions,
             "targets": targets, "target_weights": weights}
