@@ -51,12 +51,23 @@ def cmd_info(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from dsa_train.config import load_config
-    from dsa_train.parallel.distributed import initialize_from_env
+    from dsa_train.config import check_for_devices, load_config
+    from dsa_train.parallel.distributed import check_device_count, initialize_from_env
+
+    config = load_config(args.recipe, args.overrides, check_paths=True)  # before the job waits for its peers
+    initialize_from_env()  # multi-process jobs (launch/): before any device is touched
+    import jax
+
+    check_device_count()
+    check_for_devices(config, jax.device_count(), jax.process_count())
+    if args.check:
+        print(f"ready: process {jax.process_index()}/{jax.process_count()}, {jax.local_device_count()} local "
+              f"{jax.default_backend()} devices of {jax.device_count()}, local device ids "
+              f"{[d.local_hardware_id if d.local_hardware_id is not None else d.id for d in jax.local_devices()]}, "
+              f"visible GPUs {jax.config.read('jax_cuda_visible_devices')!r}")
+        return
     from dsa_train.train.trainer import train
 
-    initialize_from_env()  # multi-process jobs (launch/): before any device is touched
-    config = load_config(args.recipe, args.overrides)
     result = train(config)
     print(f"{config.train.stage} finished at step {result.steps}; results in {result.run_dir}")
 
@@ -77,15 +88,36 @@ def cmd_smoke(args) -> None:
 def cmd_convert(args) -> None:
     from dsa_train.convert import convert_main
 
-    return convert_main(args.rest)
+    return convert_main([args.action, *args.rest])
 
 
 def cmd_data(args) -> None:
     from dsa_train.data.prepare import prepare_main
 
-    if args.action != "prepare":
-        raise ValueError(f"unknown data action {args.action!r}; try 'dsa-train data prepare --help'")
     return prepare_main(args.rest)
+
+
+def cmd_config(args) -> None:
+    from dsa_train.config import key_listing, resolved_items
+
+    if args.keys or not args.recipe:
+        rows = key_listing()
+        width = max(len(k) for k, _, _ in rows)
+        for key, tp, default in rows:
+            print(f"{key:<{width}}  {tp}  (default: {default})")
+        return
+    rows = resolved_items(args.recipe, args.overrides)
+    width = max(len(k) for k, _, _ in rows)
+    for key, value, source in rows:
+        print(f"{key:<{width}} = {value!r}  # {source}")
+
+
+def _forwarding(sub, name: str, help: str, func):
+    """A subcommand whose every argument, --help included, goes to its own parser."""
+    p = sub.add_parser(name, help=help, add_help=False, prefix_chars="\0")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=func)
+    return p
 
 
 def cmd_plan(args) -> None:
@@ -102,6 +134,9 @@ def cmd_eval(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsa-train", description=__doc__.splitlines()[0])
+    from dsa_train import __version__
+
+    parser.add_argument("--version", action="version", version=f"dsa-train {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="parameter counts and FLOPs of a model config")
@@ -110,8 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("train", help="run one training stage from a recipe")
+    p = sub.add_parser("train", help="run one training stage from a recipe",
+                       epilog="every config key, with its type and default: dsa-train config --keys")
     p.add_argument("recipe")
+    p.add_argument("--check", action="store_true",
+                   help="start the job (distributed runtime included), run every start-up check, print this "
+                        "process's devices and exit without training")
     _add_overrides(p)
     p.set_defaults(func=cmd_train)
 
@@ -125,14 +164,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("convert", help="import/export Hugging Face checkpoints", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_convert)
+    p = sub.add_parser("convert", help="import/export Hugging Face checkpoints",
+                       description="Convert between Hugging Face DeepSeek checkpoints and model directories.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="{import,export}")
+    _forwarding(actions, "import", "HF DeepSeek-V3/V3.1/V3.2 checkpoint -> model directory", cmd_convert)
+    _forwarding(actions, "export", "model directory or training run -> HF DeepSeek-V3.2 checkpoint", cmd_convert)
 
-    p = sub.add_parser("data", help="prepare token shards (dsa-train data prepare ...)", add_help=False)
-    p.add_argument("action", nargs="?", default="prepare")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_data)
+    p = sub.add_parser("data", help="prepare token shards (dsa-train data prepare ...)",
+                       description="Dataset tools.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="{prepare}")
+    _forwarding(actions, "prepare", "tokenize text/JSONL/Parquet into ArrayRecord token shards", cmd_data)
+
+    p = sub.add_parser("config", help="the resolved config of a recipe, each value with its source; --keys: "
+                                      "every key with its type and default")
+    p.add_argument("recipe", nargs="?")
+    p.add_argument("--keys", action="store_true", help="list every config key with its type and default")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("plan", help="per-device memory, FLOPs and step time of a recipe on a mesh (--compile: XLA's)",
                        add_help=False, prefix_chars="\0")  # every argument, --help included, goes to plan_main
@@ -150,11 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from dsa_train.config import ConfigError
+    from dsa_train.parallel.distributed import DeviceCountError
     from dsa_train.train.trainer import TrainingError
 
     try:
         status = args.func(args)
-    except (ConfigError, TrainingError, *USER_ERRORS) as e:
+    except (ConfigError, TrainingError, DeviceCountError, *USER_ERRORS) as e:
         print(f"dsa-train {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

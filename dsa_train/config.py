@@ -352,6 +352,9 @@ class Config:
         if mesh.context > 1 and mesh.context_order == "zigzag" and self.train.seq_len % (2 * mesh.context):
             errors.append(("mesh.context_order", f"'zigzag' needs train.seq_len ({self.train.seq_len}) to be a "
                                                  f"multiple of 2 x mesh.context ({2 * mesh.context})"))
+        if self.train.stage == "sparse" and m.use_indexer and m.index_topk >= self.train.seq_len:
+            errors.append(("model.index_topk", f"{m.index_topk} >= train.seq_len ({self.train.seq_len}): every "
+                                               "token would be kept and the sparse stage would train dense"))
         if self.train.stage in ("warmup", "sparse") and not m.use_indexer:
             errors.append(("model.use_indexer", f"stage '{self.train.stage}' needs the indexer"))
         return errors
@@ -391,6 +394,10 @@ class _Sources:
         if isinstance(tree, dict):
             for k, v in tree.items():
                 self.record(f"{prefix}.{k}" if prefix else str(k), v, origin)
+
+    def explicit(self, key: str) -> Optional[str]:
+        """Where ``key`` itself was set (None: it has its default)."""
+        return self._origin.get(key)
 
     def of(self, key: str) -> str:
         while key:
@@ -521,8 +528,16 @@ def _closest(key: str, options) -> Optional[str]:
     return match[0] if match else None
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a recipe (or a bare model YAML) and apply ``--set`` overrides; validate everything."""
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_paths: bool = False) -> Config:
+    """Load a recipe (or a bare model YAML) and apply ``--set`` overrides; validate everything.
+    ``check_paths``: also require ``checkpoint.init_from`` and the ``data.paths`` to exist (training)."""
+    config, sources = _load(path, overrides)
+    if check_paths:
+        _check_paths(config, sources)
+    return config
+
+
+def _load(path: str | Path, overrides) -> tuple[Config, _Sources]:
     path = Path(path)
     raw = _read_yaml(path)
     sources = _Sources()
@@ -541,7 +556,94 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         key, message = errors[0]
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise ConfigError(f"{sources.of(key)}: {key}: {message}{more}")
-    return config
+    return config, sources
+
+
+def _check_paths(config: Config, sources: _Sources) -> None:
+    """Paths that must exist before any device work starts (relative ones: to the working directory)."""
+    from dsa_train.paths import as_path
+
+    init_from = config.checkpoint.init_from
+    if init_from and not as_path(init_from).exists():
+        raise ConfigError(f"{sources.of('checkpoint.init_from')}: checkpoint.init_from: {init_from} does not exist")
+    if config.data.source == "arrayrecord":
+        for item in config.data.paths:
+            if not as_path(item).exists():
+                raise ConfigError(f"{sources.of('data.paths')}: data.paths: {item} does not exist")
+
+
+def check_for_devices(config: Config, n_devices: int, n_processes: int) -> None:
+    """Checks that need the job's device and process counts (one ConfigError naming the key)."""
+    from dsa_train.parallel.mesh import MeshError, mesh_shape
+
+    try:
+        sizes = mesh_shape(config.mesh, n_devices)
+    except MeshError as e:
+        raise ConfigError(f"mesh: {e} (mesh.data/fsdp/expert/tensor/context must multiply to the device count)") \
+            from None
+    batch_ways = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    b = config.train.batch_size
+    if b % batch_ways:
+        raise ConfigError(f"train.batch_size: {b} is not divisible by the data-parallel size data x fsdp x expert = "
+                          f"{batch_ways}; the batch would be replicated instead of split")
+    if b % n_processes:
+        raise ConfigError(f"train.batch_size: {b} is not divisible by the {n_processes} processes (each feeds "
+                          "whole rows)")
+
+
+def resolved_items(path: str | Path, overrides=()) -> list[tuple[str, Any, str]]:
+    """(dotted key, resolved value, where it came from: a file, a --set flag or 'default')."""
+    config, sources = _load(path, overrides)
+    items = []
+
+    def walk(obj, prefix):
+        for f in dataclasses.fields(obj):
+            key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, key + ".")
+            else:
+                items.append((key, value, sources.explicit(key) or "default"))
+
+    walk(config, "")
+    return items
+
+
+def key_listing() -> list[tuple[str, str, str]]:
+    """(dotted key, type, default) of every config key; 'required' where there is no default."""
+    rows = []
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            inner = [a for a in typing.get_args(tp) if a is not type(None)]
+            nested = [a for a in (tp, *inner) if dataclasses.is_dataclass(a)]
+            if nested:  # a section (or an optional sub-section such as model.rope_scaling)
+                walk(nested[0], f"{prefix}{f.name}.")
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = repr(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                default = repr(f.default_factory())
+            else:
+                default = "required"
+            rows.append((f"{prefix}{f.name}", _type_name(tp), default))
+
+    walk(Config, "")
+    return rows
+
+
+def _type_name(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " | ".join(map(repr, args))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is tuple:
+        return f"list[{_type_name(args[0])}]"
+    if origin is dict:
+        return f"dict[{_type_name(args[0])}, {_type_name(args[1])}]"
+    return getattr(tp, "__name__", str(tp))
 
 
 def load_model_config(path: str | Path, overrides=()) -> ModelConfig:

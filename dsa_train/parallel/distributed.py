@@ -53,3 +53,32 @@ def initialize_from_env() -> bool:
         jax.distributed.initialize()
         _INITIALIZED = True
     return _INITIALIZED
+
+
+def scheduler_device_count() -> int | None:
+    """The accelerators the scheduler granted this job, when it says: ``DSA_EXPECTED_DEVICES``
+    (set by launch/slurm.sbatch, or by hand), else SLURM's GPUs per node x nodes."""
+    env = os.environ
+    if env.get("DSA_EXPECTED_DEVICES"):
+        return int(env["DSA_EXPECTED_DEVICES"])
+    gpus, nodes = env.get("SLURM_GPUS_ON_NODE"), env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES"))
+    if gpus and nodes and gpus.isdigit() and nodes.isdigit():
+        return int(gpus) * int(nodes)
+    return None
+
+
+class DeviceCountError(RuntimeError):
+    """The job sees fewer (or more) devices than the scheduler granted: one clear line."""
+
+
+def check_device_count() -> None:
+    """Stop before any work when the global device count differs from what the scheduler granted
+    (e.g. one process per node that sees one GPU of eight)."""
+    import jax
+
+    expected = scheduler_device_count()
+    if expected is not None and jax.device_count() != expected:
+        raise DeviceCountError(
+            f"the job sees {jax.device_count()} devices ({jax.process_count()} processes x "
+            f"{jax.local_device_count()} local) but the scheduler granted {expected}; start one process per GPU "
+            "(launch/slurm.sbatch: --ntasks-per-node = GPUs per node) or set DSA_EXPECTED_DEVICES")
