@@ -4,9 +4,10 @@
 #   launch/tpu_pod.sh TPU_NAME ZONE recipes/sparse.yaml --set mesh.fsdp=64 --set mesh.expert=8
 #
 # Every worker runs `dsa-train train`; jax.distributed.initialize() discovers the slice from the TPU
-# metadata (TPU_WORKER_HOSTNAMES names more than one host, so `dsa-train train` calls it). The repo
-# and its environment must already be on every worker (e.g. `--worker=all --command="git clone ...
-# && pip install -e ."` once), and train.run_dir / data paths should be on GCS or a shared disk.
+# metadata (TPU_WORKER_HOSTNAMES names more than one host, so `dsa-train train` calls it).
+# The repository must be at DSA_REPO_DIR (default ~/dsa-train) on every worker; the first run (or
+# DSA_SETUP=1) creates .venv there and installs the TPU build (.[tpu,gcs]: jax with libtpu).
+# train.run_dir and data paths should be on GCS (gs://...) or a disk every worker shares.
 set -euo pipefail
 TPU_NAME=${1:?usage: launch/tpu_pod.sh TPU_NAME ZONE RECIPE [--set key=value ...]}
 ZONE=${2:?zone, e.g. us-east5-a}
@@ -18,7 +19,10 @@ ARGS=$(printf " %q" "$@")
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
   set -e
   cd $REPO_DIR
-  if [ -d .venv ]; then source .venv/bin/activate; fi
+  if [ ! -d .venv ] || [ '${DSA_SETUP:-0}' = 1 ]; then
+    python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[tpu,gcs]'
+  fi
+  source .venv/bin/activate
   export TPU_STDERR_LOG_LEVEL=0 TPU_MIN_LOG_LEVEL=0
   export LIBTPU_INIT_ARGS='--xla_tpu_enable_async_collective_fusion=true --xla_tpu_overlap_compute_collective_tc=true --xla_enable_async_all_gather=true'
   dsa-train train $RECIPE$ARGS 2>&1 | tee -a ~/dsa-train-\$(hostname).log

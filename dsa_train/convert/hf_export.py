@@ -1,6 +1,7 @@
-"""Export a model directory (or a live CausalLM) as a Hugging Face DeepSeek-V3.2 checkpoint.
+"""Export a model directory, a training run (or one of its steps) or a live CausalLM as a Hugging
+Face DeepSeek-V3.2 checkpoint.
 
-    export_hf_checkpoint(model_dir_or_model, out_dir) -> ExportReport
+    export_hf_checkpoint(model_dir_or_run_dir_or_model, out_dir) -> ExportReport
 
 Writes ``config.json`` (loads as DeepseekV32ForCausalLM; a model without indexers as
 DeepseekV3ForCausalLM), ``model.safetensors.index.json`` and shards of at most
@@ -22,7 +23,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import numpy as np
 
@@ -90,6 +91,73 @@ class _DirArrays:
         return self.cache[key]
 
 
+class _RunArrays(_DirArrays):
+    """The model arrays of a training checkpoint's train state (stored under ``<MODEL_KEY>/``)."""
+
+    def __init__(self, path: Path, prefix: str, order: list[str], sizes: dict[str, int], budget: int):
+        super().__init__(path, order, sizes, budget)
+        self.prefix = prefix
+
+    def __call__(self, key: str) -> np.ndarray:
+        if key not in self.cache:
+            from dsa_train.checkpoint import model_io
+
+            start = self.order.index(key)
+            group, total = [], 0
+            for k in self.order[start:]:
+                if group and total + self.sizes[k] > self.budget:
+                    break
+                group.append(k)
+                total += self.sizes[k]
+            self.cache = {}
+            read = model_io.read_arrays(self.path, [self.prefix + k for k in group])
+            self.cache = {k: read[self.prefix + k] for k in group}
+        return self.cache[key]
+
+
+def _run_arrays(source: Path, budget: int) -> tuple[ModelConfig, dict[str, tuple], Callable[[str], np.ndarray]]:
+    """A training run (its latest committed step) or one of its step directories: the model part of
+    the train state, read in bounded groups like a model directory."""
+    from dsa_train.checkpoint import manager, model_io
+    from dsa_train.config import from_dict
+    from dsa_train.model.layer_layout import PER_LAYER_LAYOUT, layout_of
+
+    if not source.exists():
+        raise ConversionError(f"{source} does not exist")
+    step_dir = manager._find_run_step(source.absolute())
+    if step_dir is None:
+        raise ConversionError(f"{source} is neither a model directory (model.yaml + params/) nor a training run "
+                              "with a committed checkpoint")
+    run_config = manager._read_json_item(step_dir / manager.CONFIG)
+    if not run_config or not isinstance(run_config.get("model"), dict):
+        raise ConversionError(f"{step_dir}: no saved config with a 'model' section")
+    config = from_dict({"model": run_config["model"], "train": {"stage": "dense"}}, origin=str(step_dir)).model
+    prefix = manager.MODEL_KEY + "/"
+    import orbax.checkpoint as ocp
+
+    with manager.quiet_orbax(), ocp.PyTreeCheckpointer() as checkpointer:
+        tree = checkpointer.metadata((step_dir / manager.TRAIN_STATE).absolute())
+    tree = getattr(tree, "item_metadata", tree)
+    tree = getattr(tree, "tree", tree)
+    meta = {}
+
+    def walk(node, key):  # the model part only (the optimizer state also holds lists)
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, f"{key}/{k}" if key else str(k))
+        else:
+            meta[key] = (tuple(node.shape), np.dtype(node.dtype))
+
+    walk(tree[manager.MODEL_KEY], "")
+    if layout_of(meta) not in (None, PER_LAYER_LAYOUT):
+        raise ConversionError(f"{step_dir}: a run trained with model.scan_layers=true; start a stage from it with "
+                              "model.scan_layers=false (checkpoint.init_from converts the layout) and export that")
+    order = list(meta)
+    get = _RunArrays(step_dir / manager.TRAIN_STATE, prefix, order,
+                     {k: int(np.prod(s)) * d.itemsize for k, (s, d) in meta.items()}, budget)
+    return config, meta, get
+
+
 def _model_arrays(model) -> tuple[ModelConfig, dict[str, tuple], Callable[[str], np.ndarray]]:
     from flax import nnx
 
@@ -153,7 +221,8 @@ def _shards(tensors: list[PlannedTensor], max_bytes: int) -> list[list[PlannedTe
 def export_hf_checkpoint(source: Any, out_dir: str | Path, *, dtype: str = "bfloat16",
                          max_shard_size: Union[int, str] = "5GB", include_mtp: bool = True,
                          read_budget: Union[int, str] = "2GB", overwrite: bool = False) -> ExportReport:
-    """Write ``source`` (a model directory path or a live CausalLM) as a HF checkpoint ``out_dir``.
+    """Write ``source`` (a model directory, a run directory (its latest committed step), a step
+    directory ``<run>/checkpoints/<step>`` or a live CausalLM) as a HF checkpoint ``out_dir``.
 
     ``dtype``: of the weight tensors ("bfloat16", "float32" or "float16"). ``include_mtp``: write
     back the MTP layer kept by the importer, if any. Raises ConfigError / ConversionError (one
@@ -167,10 +236,10 @@ def export_hf_checkpoint(source: Any, out_dir: str | Path, *, dtype: str = "bflo
     max_bytes = parse_size(max_shard_size)
     mtp_meta: dict[str, tuple] = {}
     assets: Optional[Path] = None
-    if isinstance(source, (str, Path)):
+    if isinstance(source, (str, Path)) and not model_io.is_model_dir(source):
+        config, meta, get = _run_arrays(Path(source), parse_size(read_budget))
+    elif isinstance(source, (str, Path)):
         source = Path(source)
-        if not model_io.is_model_dir(source):
-            raise ConversionError(f"{source} is not a model directory (needs model.yaml and params/)")
         config = model_io.load_model_config(source)
         meta = model_io.tree_metadata(source / model_io.PARAMS_DIR)
         order = list(meta)
