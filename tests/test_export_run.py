@@ -1,12 +1,17 @@
 """`dsa-train convert export RUN_DIR OUT`: a training run (latest or a chosen step) exports exactly as
 the same model loaded and exported live."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from safetensors.numpy import load_file
 
 from dsa_train.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # one short training run (about a minute on 2 cores)
 
 SMALL = ["--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "train.seq_len=32",
          "--set", "checkpoint.save_every=1", "--set", "data.num_pairs=2", "--set", "data.num_queries=1",
@@ -21,10 +26,29 @@ def tensors(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def piped_run(tmp_path_factory):
+    """A short run whose stdout is a pipe, as in a batch job."""
     run = tmp_path_factory.mktemp("run") / "dense"
-    assert main(["train", "configs/tiny.yaml", *SMALL, "--set", f"train.run_dir={run}"]) == 0
-    return run
+    proc = subprocess.run([sys.executable, "-m", "dsa_train.cli", "train", "configs/tiny.yaml", *SMALL,
+                           "--set", f"train.run_dir={run}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def run_dir(piped_run):
+    return piped_run[0]
+
+
+def test_piped_output_has_startup_summary_and_step_lines(piped_run):
+    out = piped_run[1]
+    assert "━" not in out  # no progress bar in a log file
+    for expected in ("platform cpu", "1 process(es), 1 devices", "mesh data=1 fsdp=1", "trained (main)",
+                     "frozen", "run dir ", "start: random initialization", "first step (compilation included)"):
+        assert expected in out, (expected, out)
+    steps = [line for line in out.splitlines() if " dense step " in line]
+    assert [line.split(" dense step ")[1].split()[0] for line in steps] == ["1/2", "2/2"], out
+    assert "lm_loss=" in steps[1] and "tok/s=" in steps[1] and "step_time=" in steps[1] and "eta=" in steps[1]
 
 
 def test_export_run_dir_equals_live_export(run_dir, tmp_path):

@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "launch" / "slurm.sbatch"
 
@@ -89,6 +91,7 @@ def test_one_task_per_node_is_refused_with_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_data_parallel_size(tmp_path):
     proc = run_sbatch(tmp_path, 2, 2, "--set", "train.batch_size=6")
     assert proc.returncode == 2

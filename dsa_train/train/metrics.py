@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dsa_train.train.console import interactive, progress_logger, step_line
+
 CONSOLE_KEYS = ("lm_loss", "accuracy", "indexer_kl", "captured_mass", "tok/s")
 
 
@@ -38,7 +40,11 @@ class MetricsWriter:
         self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
         self.stage = stage
         self.progress = None
-        if console:
+        self.total_steps = total_steps
+        self.log = None
+        if console and not interactive():  # a batch job's log: plain lines, never a progress bar
+            self.log = progress_logger()
+        elif console:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(TextColumn(f"[bold]{stage}"), BarColumn(), MofNCompleteColumn(),
@@ -64,6 +70,15 @@ class MetricsWriter:
                 self.tb.add_scalar(name, value, step)
         if self.progress is not None:
             self.progress.update(self.task, completed=step, info=self._console_line(record))
+        if self.log is not None and ("loss" in record or "lm_loss" in record):
+            self.log.info(step_line(self.stage, step, self.total_steps, record))
+
+    def note(self, message: str) -> None:
+        """One line for the user: through the progress bar's console or the plain log."""
+        if self.progress is not None:
+            self.progress.console.print(message)
+        elif self.log is not None:
+            self.log.info(message)
 
     @staticmethod
     def _console_line(record: dict) -> str:

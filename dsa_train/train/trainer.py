@@ -23,6 +23,7 @@ from dsa_train.config import Config, to_dict
 from dsa_train.flops import train_flops_per_token
 from dsa_train.kernels.dispatch import resolve_impl
 from dsa_train.train import step as step_lib
+from dsa_train.train.console import log_startup
 from dsa_train.train.metrics import MetricsWriter, summarize
 from dsa_train.train.optim import make_optimizer
 
@@ -82,6 +83,9 @@ class _NoWriter:
     def write(self, step: int, record: dict) -> None:
         pass
 
+    def note(self, message: str) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -126,6 +130,8 @@ def train(config: Config, console: bool = True) -> RunResult:
         state = reinit_optimizer(config, params, router_bias, optimizers, state_shardings)  # fresh optimizer, step 0
     if console:
         print(f"{t.stage}: {start.describe()}")
+        if jax.process_index() == 0:
+            log_startup(config, mesh, state, start.describe(), run_dir)
 
     mode = step_lib.forward_mode(config, kernels=resolve_impl(config.model.kernels))
     step_fn = jit_train_step(step_lib.make_train_step(graphdef, config, optimizers, schedules, mode), state_shardings,
@@ -148,10 +154,14 @@ def train(config: Config, console: bool = True) -> RunResult:
     step = start_step
     guard = PreemptionGuard().install()
     scope.__enter__()
+    loop_start = time.perf_counter()
     try:
         for step in range(start_step + 1, t.steps + 1):
             batch = put_batch(next(data), batch_sh, t.batch_size)  # this process's rows -> global arrays
             state, metrics = step_fn(state, batch)
+            if step == start_step + 1:
+                jax.block_until_ready(metrics)
+                writer.note(f"first step (compilation included): {time.perf_counter() - loop_start:.1f}s")
             # Steps that save or stop are always logged, before their checkpoint is written: the
             # metrics of a resumed run have no hole.
             stop, save = guard.should_stop(step), checkpointer.should_save(step)
