@@ -12,7 +12,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra, wheels", [("cuda13", {"jax-cuda13-plugin", "jax-cuda13-pjrt"}),
-                                           ("cuda12", {"jax-cuda12-plugin", "jax-cuda12-pjrt"}),
                                            ("tpu", {"libtpu"})])
 def test_extra_resolves_to_the_plugin(extra, wheels, tmp_path):
     report = tmp_path / "report.json"

@@ -580,6 +580,10 @@ def plan_main(argv: list[str] | None = None) -> str:
     rules = resolve_rules(config.mesh.rules)
     device = DEVICES[args.device]
     batch = args.batch or config.train.batch_size
+    batch_ways = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    if batch % batch_ways:
+        print(f"dsa-train plan: warning: train.batch_size {batch} is not divisible by data x fsdp x expert = "
+              f"{batch_ways}: the batch would be replicated (dsa-train train refuses this)", file=sys.stderr)
     seq_len = args.seq_len or config.train.seq_len
     plans = [plan_stage(config, mesh, rules, device, stage, batch, seq_len, args.remat, args.compile)
              for stage in (args.stage or STAGES)]
