@@ -202,9 +202,20 @@ class TrainConfig:
     # backward pass) | dots (keep matmul outputs without a batch dimension, recompute the rest).
     remat: Literal["none", "full", "dots"] = "none"
     run_dir: str = "runs/default"
+    # Steps traced with jax.profiler into <run_dir>/profile (TensorBoard's profile tab / XProf):
+    # from the first to the last step listed, e.g. [10, 12]. Empty: no trace.
+    profile_steps: tuple[int, ...] = ()
+    # JAX's persistent compilation cache: a restarted or requeued job skips recompiling.
+    compile_cache_dir: Optional[str] = None
+    # Weights & Biases beside JSONL and TensorBoard (pip install 'dsa-train[wandb]'); "offline"
+    # writes the run under <run_dir>/wandb for a later `wandb sync`.
+    wandb: Literal["off", "online", "offline"] = "off"
+    wandb_project: str = "dsa-train"
 
     def validate(self) -> list[tuple[str, str]]:
         errors = []
+        if any(s < 1 for s in self.profile_steps):
+            errors.append(("profile_steps", "steps are >= 1"))
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 errors.append((name, f"must be >= 1, got {getattr(self, name)}"))

@@ -1,6 +1,8 @@
-"""`dsa-train convert export RUN_DIR OUT`: a training run (latest or a chosen step) exports exactly as
-the same model loaded and exported live."""
+"""One short training run, its stdout a pipe as in a batch job, with W&B (offline), a profiler trace
+and the compilation cache on: what it prints and writes; then `dsa-train convert export RUN_DIR OUT`
+(latest or a chosen step) exports exactly as the same model loaded and exported live."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +31,12 @@ def tensors(out: Path) -> dict:
 def piped_run(tmp_path_factory):
     """A short run whose stdout is a pipe, as in a batch job."""
     run = tmp_path_factory.mktemp("run") / "dense"
-    proc = subprocess.run([sys.executable, "-m", "dsa_train.cli", "train", "configs/tiny.yaml", *SMALL,
-                           "--set", f"train.run_dir={run}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    cache = run.parent / "compile-cache"
+    tools = ["--set", "train.wandb=offline", "--set", "train.profile_steps=[2]", "--set", f"train.compile_cache_dir={cache}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    proc = subprocess.run([sys.executable, "-m", "dsa_train.cli", "train", "configs/tiny.yaml", *SMALL, *tools,
+                           "--set", f"train.run_dir={run}"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run, proc.stdout
 
@@ -49,6 +55,15 @@ def test_piped_output_has_startup_summary_and_step_lines(piped_run):
     steps = [line for line in out.splitlines() if " dense step " in line]
     assert [line.split(" dense step ")[1].split()[0] for line in steps] == ["1/2", "2/2"], out
     assert "lm_loss=" in steps[1] and "tok/s=" in steps[1] and "step_time=" in steps[1] and "eta=" in steps[1]
+
+
+def test_wandb_offline_profile_trace_compile_cache_and_hparams(run_dir):
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb")), list((run_dir / "wandb").rglob("*"))
+    assert list((run_dir / "profile").rglob("*.xplane.pb")), list((run_dir / "profile").rglob("*"))
+    assert any((run_dir.parent / "compile-cache").iterdir())
+    events = b"".join(p.read_bytes() for p in (run_dir / "tensorboard").iterdir())
+    assert b"_hparams_/experiment" in events and b"train.batch_size" in events
 
 
 def test_export_run_dir_equals_live_export(run_dir, tmp_path):

@@ -1,7 +1,9 @@
-"""Where metrics go: a JSON-lines file, TensorBoard event files and a console progress bar.
+"""Where metrics go: behind one small interface (``write(step, record)``, ``close()``), a JSON-lines
+file, TensorBoard event files (with the run's config as hparams) and, optionally, Weights & Biases
+(online or offline); plus the console: a progress bar on a terminal, plain lines otherwise.
 
-Per-layer metrics arrive as vectors and are written as `name/layer_i` scalars in TensorBoard and as
-lists in JSONL; the console shows the few numbers a user watches.
+Per-layer metrics arrive as vectors and are written as `name/layer_i` scalars in TensorBoard and
+W&B and as lists in JSONL; the console shows the few numbers a user watches.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Optional, Protocol
 
 import numpy as np
 
 from dsa_train.train.console import interactive, progress_logger, step_line
 
 CONSOLE_KEYS = ("lm_loss", "accuracy", "indexer_kl", "captured_mass", "tok/s")
+META_KEYS = ("step", "stage", "time")
 
 
 def _to_python(value):
@@ -31,13 +35,107 @@ def summarize(metrics: dict) -> dict:
     return {k: _to_python(v) for k, v in metrics.items()}
 
 
-class MetricsWriter:
-    def __init__(self, run_dir: Path, total_steps: int, stage: str, console: bool = True):
+def scalars(record: dict) -> dict[str, float]:
+    """The numeric values of a record, per-layer vectors as ``name/layer_i`` and ``name/mean``."""
+    out = {}
+    for name, value in record.items():
+        if name in META_KEYS or value is None or isinstance(value, bool):
+            continue
+        if isinstance(value, list):
+            if any(v is None for v in value):
+                continue
+            flat = np.asarray(value, dtype=np.float64)
+            if flat.ndim == 1:
+                out.update({f"{name}/layer_{i}": float(v) for i, v in enumerate(flat)})
+                out[f"{name}/mean"] = float(flat.mean())
+        elif isinstance(value, (int, float)):
+            out[name] = value
+    return out
+
+
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """Nested config -> ``{"train.lr": 0.001, ...}`` with values TensorBoard/W&B accept."""
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_config(value, name + "."))
+        elif isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        else:
+            out[name] = "null" if value is None else str(value)
+    return out
+
+
+class Writer(Protocol):
+    def write(self, step: int, record: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlWriter:
+    def __init__(self, path: Path):
+        self.file = open(path, "a")
+
+    def write(self, step: int, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class TensorBoardWriter:
+    def __init__(self, log_dir: Path, config: Optional[dict] = None):
         from tensorboardX import SummaryWriter
 
+        self.tb = SummaryWriter(str(log_dir))
+        if config is not None:
+            from tensorboardX.summary import hparams
+
+            import yaml
+
+            # The config as hparams (TensorBoard's HPARAMS tab compares runs by it) and as text.
+            for summary in hparams(flat_config(config), {}):
+                self.tb.file_writer.add_summary(summary)
+            self.tb.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
+
+    def write(self, step: int, record: dict) -> None:
+        for name, value in scalars(record).items():
+            self.tb.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+class WandbWriter:
+    """Weights & Biases; ``mode="offline"`` writes under ``run_dir/wandb`` (``wandb sync`` later)."""
+
+    def __init__(self, run_dir: Path, mode: str, project: str, stage: str, config: Optional[dict]):
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError("train.wandb needs the wandb package: pip install 'dsa-train[wandb]'") from None
+        self.run = wandb.init(project=project, name=f"{Path(run_dir).name}-{stage}", dir=str(run_dir), mode=mode,
+                              config=config, resume="allow", settings=wandb.Settings(silent=True))
+
+    def write(self, step: int, record: dict) -> None:
+        self.run.log(scalars(record), step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MetricsWriter:
+    """Every configured writer, plus the console."""
+
+    def __init__(self, run_dir: Path, total_steps: int, stage: str, console: bool = True,
+                 config: Optional[dict] = None, wandb: str = "off", wandb_project: str = "dsa-train"):
         self.run_dir = Path(run_dir)
-        self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
-        self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        self.writers: list[Writer] = [JsonlWriter(self.run_dir / "metrics.jsonl"),
+                                      TensorBoardWriter(self.run_dir / "tensorboard", config)]
+        if wandb != "off":
+            self.writers.append(WandbWriter(self.run_dir, wandb, wandb_project, stage, config))
         self.stage = stage
         self.progress = None
         self.total_steps = total_steps
@@ -54,20 +152,8 @@ class MetricsWriter:
 
     def write(self, step: int, record: dict) -> None:
         record = {"step": step, "stage": self.stage, "time": time.time(), **record}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        for name, value in record.items():
-            if name in ("step", "stage", "time") or value is None:
-                continue
-            if isinstance(value, list):
-                flat = np.asarray(value, dtype=np.float64)
-                if flat.ndim == 1:
-                    for i, v in enumerate(flat):
-                        self.tb.add_scalar(f"{name}/layer_{i}", v, step)
-                    self.tb.add_scalar(f"{name}/mean", float(flat.mean()), step)
-                continue
-            if isinstance(value, (int, float)):
-                self.tb.add_scalar(name, value, step)
+        for writer in self.writers:
+            writer.write(step, record)
         if self.progress is not None:
             self.progress.update(self.task, completed=step, info=self._console_line(record))
         if self.log is not None and ("loss" in record or "lm_loss" in record):
@@ -95,5 +181,5 @@ class MetricsWriter:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
-        self.tb.close()
-        self.jsonl.close()
+        for writer in self.writers:
+            writer.close()

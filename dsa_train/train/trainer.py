@@ -26,6 +26,7 @@ from dsa_train.train import step as step_lib
 from dsa_train.train.console import log_startup
 from dsa_train.train.metrics import MetricsWriter, summarize
 from dsa_train.train.optim import make_optimizer
+from dsa_train.train.runtime import StepProfiler, enable_compile_cache
 
 # Dense bf16 peak per device, for MFU. Devices not listed (CPUs) report achieved TFLOP/s only.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "TPU v5p": 459e12,
@@ -92,6 +93,8 @@ class _NoWriter:
 
 def train(config: Config, console: bool = True) -> RunResult:
     t = config.train
+    if t.compile_cache_dir:
+        enable_compile_cache(t.compile_cache_dir)
     run_dir = Path(t.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_config(run_dir, config)
@@ -148,17 +151,21 @@ def train(config: Config, console: bool = True) -> RunResult:
 
         heldout = HeldoutIndexerEval(config, resolve_impl(config.model.kernels))
 
-    writer = MetricsWriter(run_dir, t.steps, t.stage, console=console) if jax.process_index() == 0 else _NoWriter()
+    writer = MetricsWriter(run_dir, t.steps, t.stage, console=console, config=to_dict(config), wandb=t.wandb,
+                           wandb_project=t.wandb_project) if jax.process_index() == 0 else _NoWriter()
     last, stopped_early = {}, False
     tick, ticked_steps = None, 0
     step = start_step
     guard = PreemptionGuard().install()
+    profiler = StepProfiler(t.profile_steps, run_dir / "profile")
     scope.__enter__()
     loop_start = time.perf_counter()
     try:
         for step in range(start_step + 1, t.steps + 1):
             batch = put_batch(next(data), batch_sh, t.batch_size)  # this process's rows -> global arrays
+            profiler.before(step)
             state, metrics = step_fn(state, batch)
+            profiler.after(step, metrics)
             if step == start_step + 1:
                 jax.block_until_ready(metrics)
                 writer.note(f"first step (compilation included): {time.perf_counter() - loop_start:.1f}s")
@@ -202,6 +209,7 @@ def train(config: Config, console: bool = True) -> RunResult:
         # checkpoint integration point: final save (also after a preemption or an early stop)
         checkpointer.save(step, checkpoint_tree(state), data.get_state(), force=True)
     finally:
+        profiler.stop()
         scope.__exit__(None, None, None)
         guard.uninstall()
         checkpointer.close()  # waits until the last save is committed
