@@ -91,4 +91,4 @@ def test_export_chosen_step_and_refusal(run_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["convert", "export", str(tmp_path), str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "neither a model directory" in err[0]
+    assert len(err) == 1 and "is not a model directory" in err[0]

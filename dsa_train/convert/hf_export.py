@@ -126,8 +126,8 @@ def _run_arrays(source: Path, budget: int) -> tuple[ModelConfig, dict[str, tuple
         raise ConversionError(f"{source} does not exist")
     step_dir = manager._find_run_step(source.absolute())
     if step_dir is None:
-        raise ConversionError(f"{source} is neither a model directory (model.yaml + params/) nor a training run "
-                              "with a committed checkpoint")
+        raise ConversionError(f"{source} is not a model directory (needs model.yaml and params/) or a training "
+                              "run with a committed checkpoint")
     run_config = manager._read_json_item(step_dir / manager.CONFIG)
     if not run_config or not isinstance(run_config.get("model"), dict):
         raise ConversionError(f"{step_dir}: no saved config with a 'model' section")
