@@ -71,8 +71,9 @@ def parse_size(size: Union[int, str]) -> int:
 class _DirArrays:
     """Arrays of an Orbax tree, read on demand in groups of consecutive keys (in `order`)."""
 
-    def __init__(self, path: Path, order: list[str], sizes: dict[str, int], budget: int):
+    def __init__(self, path: Path, order: list[str], sizes: dict[str, int], budget: int, prefix: str = ""):
         self.path, self.order, self.sizes, self.budget = path, order, sizes, budget
+        self.prefix = prefix  # where the keys sit in the tree (a run's train state: under MODEL_KEY/)
         self.cache: dict[str, np.ndarray] = {}
 
     def __call__(self, key: str) -> np.ndarray:
@@ -87,29 +88,6 @@ class _DirArrays:
                 group.append(k)
                 total += self.sizes[k]
             self.cache = {}  # drop the previous group first
-            self.cache = model_io.read_arrays(self.path, group)
-        return self.cache[key]
-
-
-class _RunArrays(_DirArrays):
-    """The model arrays of a training checkpoint's train state (stored under ``<MODEL_KEY>/``)."""
-
-    def __init__(self, path: Path, prefix: str, order: list[str], sizes: dict[str, int], budget: int):
-        super().__init__(path, order, sizes, budget)
-        self.prefix = prefix
-
-    def __call__(self, key: str) -> np.ndarray:
-        if key not in self.cache:
-            from dsa_train.checkpoint import model_io
-
-            start = self.order.index(key)
-            group, total = [], 0
-            for k in self.order[start:]:
-                if group and total + self.sizes[k] > self.budget:
-                    break
-                group.append(k)
-                total += self.sizes[k]
-            self.cache = {}
             read = model_io.read_arrays(self.path, [self.prefix + k for k in group])
             self.cache = {k: read[self.prefix + k] for k in group}
         return self.cache[key]
@@ -118,7 +96,7 @@ class _RunArrays(_DirArrays):
 def _run_arrays(source: Path, budget: int) -> tuple[ModelConfig, dict[str, tuple], Callable[[str], np.ndarray]]:
     """A training run (its latest committed step) or one of its step directories: the model part of
     the train state, read in bounded groups like a model directory."""
-    from dsa_train.checkpoint import manager, model_io
+    from dsa_train.checkpoint import manager
     from dsa_train.config import from_dict
     from dsa_train.model.layer_layout import PER_LAYER_LAYOUT, layout_of
 
@@ -153,8 +131,8 @@ def _run_arrays(source: Path, budget: int) -> tuple[ModelConfig, dict[str, tuple
         raise ConversionError(f"{step_dir}: a run trained with model.scan_layers=true; start a stage from it with "
                               "model.scan_layers=false (checkpoint.init_from converts the layout) and export that")
     order = list(meta)
-    get = _RunArrays(step_dir / manager.TRAIN_STATE, prefix, order,
-                     {k: int(np.prod(s)) * d.itemsize for k, (s, d) in meta.items()}, budget)
+    get = _DirArrays(step_dir / manager.TRAIN_STATE, order,
+                     {k: int(np.prod(s)) * d.itemsize for k, (s, d) in meta.items()}, budget, prefix)
     return config, meta, get
 
 
