@@ -34,8 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import logging
+import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
 
@@ -47,6 +51,9 @@ from dsa_train.checkpoint import model_io
 from dsa_train.config import CheckpointConfig, ConfigError
 
 CHECKPOINTS_DIR = "checkpoints"
+# Where unusable step directories (uncommitted, damaged) are moved: out of Orbax's sight, so the
+# step can be written again, and kept for the operator rather than deleted.
+SET_ASIDE_DIR = "damaged_checkpoints"
 TRAIN_STATE = "train_state"
 DATA_STATE = "data_state"
 CONFIG = "config"
@@ -330,6 +337,10 @@ class RunCheckpointer:
         """Block until every started save is committed (raises if a background write failed)."""
         self._manager.wait_until_finished()
 
+    def check_for_errors(self) -> None:
+        """Raise the error of a background save that failed (e.g. a full disk), if any."""
+        self._manager.check_for_errors()
+
     def close(self) -> None:
         self._manager.close()
 
@@ -396,6 +407,101 @@ class RunCheckpointer:
         }))
         data_state = _this_process_data_state(out[DATA_STATE], self.directory / str(step))
         return Restored(step=step, train_state=out[TRAIN_STATE], data_state=data_state, config=out[CONFIG])
+
+    def restore_latest_usable(self, new_config_dict: Mapping, abstract_train_state: Any
+                              ) -> tuple[Optional[Restored], list[str]]:
+        """Restore the newest committed checkpoint that can be read, for a resumption under
+        ``new_config_dict``. Unreadable ones (a truncated or garbage data file, missing metadata,
+        a garbage JSON item) are moved to ``<run_dir>/damaged_checkpoints/`` so that their step is
+        written again, and described in the returned list (``'step 4: ...'``). ``None`` when there
+        is no committed checkpoint at all; ``CheckpointError`` when there are some and none is
+        usable. An incompatible config (``ConfigError``) or a different state structure is not
+        damage: it is raised at once, nothing moved."""
+        skipped: list[str] = []
+        steps = self.all_steps()
+        for step in reversed(steps):
+            try:
+                saved = self.saved_config(step)
+            except Exception as e:  # noqa: BLE001 - any failure to read it means it is unusable
+                skipped.append(self._set_aside(step, f"its config cannot be read ({_one_line(e)})"))
+                continue
+            diffs = incompatible_fields(saved, new_config_dict)
+            if diffs:
+                raise ConfigError(f"cannot resume {self.run_dir} from step {step}: the config changes the saved "
+                                  "state (" + "; ".join(diffs) + "); start a new run_dir with "
+                                  f"checkpoint.init_from = {self.run_dir} to initialize from it instead")
+            try:
+                with _stray_reader_tracebacks_dropped():
+                    restored = self.restore(step, abstract_train_state)
+            except CheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                skipped.append(self._set_aside(step, f"it cannot be read ({_one_line(e)})"))
+                continue
+            if skipped:
+                self._manager.reload()  # Orbax must forget the moved steps, or it refuses to save them again
+            return restored, skipped
+        if skipped:
+            self._manager.reload()
+            raise CheckpointError(f"no usable checkpoint in {self.directory}: " + "; ".join(skipped))
+        return None, skipped
+
+    def _set_aside(self, step: int, why: str) -> str:
+        moved = set_aside_step(self.directory / str(step))
+        return f"checkpoint of step {step} skipped: {why}; moved to {moved}"
+
+
+def _one_line(e: BaseException, limit: int = 160) -> str:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+@contextlib.contextmanager
+def _stray_reader_tracebacks_dropped():
+    """A failed TensorStore read leaves its sibling reads to complete on an event loop Orbax has
+    already closed; each prints an 'Event loop is closed' traceback through ``sys.stderr``. Those
+    say nothing beyond the one error that is reported, so on failure they are dropped; on success
+    whatever was written is passed through."""
+    real, captured = sys.stderr, io.StringIO()
+    sys.stderr = captured
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        time.sleep(0.2)  # let the stray callbacks finish while stderr is still captured
+        raise
+    finally:
+        sys.stderr = real
+        if not failed and captured.getvalue():
+            real.write(captured.getvalue())
+
+
+def set_aside_step(step_dir: Path) -> Path:
+    """Move one step directory to ``<run_dir>/damaged_checkpoints/<step>[.n]``; returns where."""
+    target_dir = step_dir.parent.parent / SET_ASIDE_DIR
+    target_dir.mkdir(exist_ok=True)
+    target, n = target_dir / step_dir.name, 1
+    while target.exists():
+        target, n = target_dir / f"{step_dir.name}.{n}", n + 1
+    shutil.move(str(step_dir), str(target))
+    return target
+
+
+def set_aside_uncommitted(run_dir: str | Path) -> list[str]:
+    """Move every step directory without its commit marker out of ``checkpoints/``: Orbax would
+    still list the step and the saver would never write it again. Only for the one job that owns
+    the run directory (under its lock): on an object store a save in flight has no marker yet.
+    Returns one description per step moved."""
+    checkpoints_dir = Path(run_dir) / CHECKPOINTS_DIR
+    if not checkpoints_dir.is_dir():
+        return []
+    moved = []
+    for path in sorted(checkpoints_dir.iterdir(), key=lambda p: p.name):
+        if path.is_dir() and path.name.isdigit() and not _is_step_dir(path):
+            moved.append(f"checkpoint of step {path.name} skipped: it was never committed (no {COMMIT_MARKER}); "
+                         f"moved to {set_aside_step(path)}")
+    return moved
 
 
 # ----------------------------------------------------------------------------------------------
