@@ -77,6 +77,10 @@ class CheckpointError(ValueError):
     """A user-facing checkpoint problem (missing, incompatible, unreadable): one clear line."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A committed checkpoint whose files are incomplete or unreadable (not merely incompatible)."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Pytree helpers
 # ----------------------------------------------------------------------------------------------
@@ -387,6 +391,8 @@ class RunCheckpointer:
         step = self._require_step(step)
         saved_tree = self._manager.item_metadata(step)[TRAIN_STATE]
         saved_tree = getattr(saved_tree, "tree", saved_tree)
+        if not saved_tree:  # Orbax reads a missing or empty _METADATA as an empty tree
+            raise DamagedCheckpointError(f"{self.directory / str(step) / TRAIN_STATE} has no readable _METADATA")
         # Without a sharding Orbax would return numpy arrays: place those on the first device.
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         if abstract_train_state is None:
@@ -433,8 +439,11 @@ class RunCheckpointer:
             try:
                 with _stray_reader_tracebacks_dropped():
                     restored = self.restore(step, abstract_train_state)
-            except CheckpointError:
-                raise
+            except CheckpointError as e:
+                if not isinstance(e, DamagedCheckpointError):
+                    raise  # a different structure or process count: not damage, nothing moved
+                skipped.append(self._set_aside(step, f"it cannot be read ({_one_line(e)})"))
+                continue
             except Exception as e:  # noqa: BLE001
                 skipped.append(self._set_aside(step, f"it cannot be read ({_one_line(e)})"))
                 continue
@@ -459,22 +468,25 @@ def _one_line(e: BaseException, limit: int = 160) -> str:
 @contextlib.contextmanager
 def _stray_reader_tracebacks_dropped():
     """A failed TensorStore read leaves its sibling reads to complete on an event loop Orbax has
-    already closed; each prints an 'Event loop is closed' traceback through ``sys.stderr``. Those
-    say nothing beyond the one error that is reported, so on failure they are dropped; on success
-    whatever was written is passed through."""
-    real, captured = sys.stderr, io.StringIO()
-    sys.stderr = captured
+    already closed; each reports an 'Event loop is closed' traceback (through
+    ``sys.unraisablehook`` / ``sys.stderr``). They say nothing beyond the one error that is
+    reported, so on failure they are dropped; on success whatever came is passed through."""
+    real_stderr, real_hook = sys.stderr, sys.unraisablehook
+    captured, unraisable = io.StringIO(), []
+    sys.stderr, sys.unraisablehook = captured, unraisable.append
     failed = False
     try:
         yield
     except BaseException:
         failed = True
-        time.sleep(0.2)  # let the stray callbacks finish while stderr is still captured
+        time.sleep(0.2)  # let the stray callbacks finish while they are still captured
         raise
     finally:
-        sys.stderr = real
-        if not failed and captured.getvalue():
-            real.write(captured.getvalue())
+        sys.stderr, sys.unraisablehook = real_stderr, real_hook
+        if not failed:
+            real_stderr.write(captured.getvalue())
+            for args in unraisable:
+                real_hook(args)
 
 
 def set_aside_step(step_dir: Path) -> Path:

@@ -1,0 +1,221 @@
+"""The run directory under faults and bad input, as an operator meets them.
+
+Every case asserts what the operator sees (one line on stderr naming the file / key / step, no
+traceback), the exit status (dsa_train/exit_codes.py), that nothing was created or changed that
+should not be, and, where a run goes on, that it resumes from the last good checkpoint with the
+metrics of an uninterrupted run. Cases without training are fast; the ones that train are slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsa_train import exit_codes
+from dsa_train.checkpoint.manager import RunCheckpointer, set_aside_uncommitted, CheckpointError
+from dsa_train.checkpoint.run_lock import RunDirLockedError, RunLock
+from dsa_train.cli import main
+from dsa_train.config import CheckpointConfig, load_config, to_dict
+from dsa_train.data import pipeline
+from dsa_train.train.trainer import _drop_replayed_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = str(REPO / "recipes" / "dense-base.yaml")
+TINY = ["train.batch_size=2", "train.seq_len=32", "train.log_every=1", "data.num_pairs=2", "data.num_queries=2"]
+
+
+def sets(*overrides: str) -> list[str]:
+    return [a for o in (*TINY, *overrides) for a in ("--set", o)]
+
+
+def tree(run_dir: Path) -> dict[str, bytes]:
+    """Every file under run_dir with its content: what 'nothing changed' compares."""
+    if not run_dir.exists():
+        return {}
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The run-directory lock
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_held_run_dir_refuses_a_second_lock_and_a_killed_holder_does_not_block(tmp_path):
+    with RunLock(tmp_path):
+        with pytest.raises(RunDirLockedError, match=f"{tmp_path} is in use by another training job \\(pid {os.getpid()}"):
+            RunLock(tmp_path).acquire()
+    RunLock(tmp_path).acquire().release()  # released on exit
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from dsa_train.checkpoint.run_lock import RunLock
+        RunLock({str(tmp_path)!r}).acquire()
+        print("LOCKED", flush=True)
+        time.sleep(600)
+    """)], cwd=REPO, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        assert holder.stdout.readline().strip() == "LOCKED"
+        with pytest.raises(RunDirLockedError, match=f"pid {holder.pid}"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    RunLock(tmp_path).acquire().release()  # the kernel dropped the dead holder's lock
+
+
+def test_train_on_a_locked_run_dir_is_refused_at_once_with_nothing_touched(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    with RunLock(run):
+        before = tree(run)
+        t0 = time.perf_counter()
+        assert main(["train", RECIPE, *sets(f"train.run_dir={run}")]) == exit_codes.USER_ERROR
+        assert time.perf_counter() - t0 < 30  # no model was built, nothing waited
+        assert tree(run) == before
+    line = one_line(capsys.readouterr().err)
+    assert f"{run} is in use by another training job" in line
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints that are incomplete or damaged (no training: a small pytree)
+# ----------------------------------------------------------------------------------------------
+
+
+def small_state(scale: float) -> dict:
+    return {"model": {"w": jnp.full((64, 32), scale, jnp.float32), "b": jnp.arange(16, dtype=jnp.float32)},
+            "step": jnp.int32(int(scale))}
+
+
+def saved_run(run_dir: Path, steps=(1, 2, 3)) -> CheckpointConfig:
+    ckpt = CheckpointConfig(save_every=1, keep=5, async_save=False)
+    with RunCheckpointer(run_dir, ckpt, {"model": {"hidden_size": 128}}) as ck:
+        for step in steps:
+            ck.save(step, small_state(step), {"step": step})
+    return ckpt
+
+
+def test_an_uncommitted_step_is_set_aside_and_written_again(tmp_path):
+    ckpt = saved_run(tmp_path)
+    (tmp_path / "checkpoints" / "3" / "commit_success.txt").unlink()
+    moved = set_aside_uncommitted(tmp_path)
+    assert len(moved) == 1 and "checkpoint of step 3 skipped: it was never committed" in moved[0]
+    assert (tmp_path / "damaged_checkpoints" / "3" / "train_state").is_dir()  # kept for the operator
+    with RunCheckpointer(tmp_path, ckpt, {}) as ck:
+        assert ck.all_steps() == [1, 2]
+        assert ck.save(3, small_state(30), {"step": 3})  # not skipped as "already saved"
+        ck.wait()
+        assert ck.all_steps() == [1, 2, 3]
+        assert float(ck.restore(3).train_state["model"]["w"][0, 0]) == 30
+
+
+DAMAGES = {
+    "truncated data file": lambda d: [f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+                                      for f in (d / "train_state").rglob("d/*") if f.is_file()],
+    "garbage data file": lambda d: [f.write_bytes(os.urandom(f.stat().st_size))
+                                    for f in (d / "train_state").rglob("d/*") if f.is_file()],
+    "deleted _METADATA": lambda d: (d / "train_state" / "_METADATA").unlink(),
+    "garbage data_state": lambda d: (d / "data_state" / "metadata").write_text("{garbage"),
+    "garbage config": lambda d: (d / "config" / "metadata").write_text("{garbage"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_readable_one(tmp_path, damage, capsys):
+    ckpt = saved_run(tmp_path)
+    DAMAGES[damage](tmp_path / "checkpoints" / "3")
+    with RunCheckpointer(tmp_path, ckpt, {}) as ck:
+        restored, skipped = ck.restore_latest_usable({"model": {"hidden_size": 128}}, small_state(0))
+        assert restored.step == 2 and float(restored.train_state["model"]["w"][0, 0]) == 2
+        assert restored.data_state == {"step": 2}
+        assert len(skipped) == 1 and skipped[0].startswith("checkpoint of step 3 skipped: ")
+        assert "\n" not in skipped[0] and len(skipped[0]) < 400
+        assert ck.all_steps() == [1, 2]
+        assert ck.save(3, small_state(33), {"step": 3})  # the step is written again
+    assert "Traceback" not in capsys.readouterr().err  # TensorStore's stray reader tracebacks are dropped
+
+
+def test_no_usable_checkpoint_is_one_line_naming_every_step(tmp_path):
+    ckpt = saved_run(tmp_path, steps=(1, 2))
+    for step in (1, 2):
+        DAMAGES["deleted _METADATA"](tmp_path / "checkpoints" / str(step))
+    with RunCheckpointer(tmp_path, ckpt, {}) as ck:
+        with pytest.raises(CheckpointError) as e:
+            ck.restore_latest_usable({}, small_state(0))
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"no usable checkpoint in {tmp_path / 'checkpoints'}")
+    assert "checkpoint of step 2 skipped" in message and "checkpoint of step 1 skipped" in message
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusals leave the run directory as it was
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_refused_resume_keeps_the_recorded_config(tmp_path, capsys):
+    run = tmp_path / "run"
+    config = load_config(RECIPE, TINY + [f"train.run_dir={run}", "model.hidden_size=64"])
+    with RunCheckpointer(run, config.checkpoint, to_dict(config)) as ck:
+        ck.save(2, small_state(2), {"step": 2}, force=True)
+    (run / "config.yaml").write_text("the run's recorded config\n")
+    before = tree(run)
+    assert main(["train", RECIPE, *sets(f"train.run_dir={run}")]) == exit_codes.USER_ERROR
+    line = one_line(capsys.readouterr().err)
+    assert "cannot resume" in line and "from step 2" in line and "model.hidden_size: 64 -> 128" in line
+    assert tree(run) == before
+
+
+@pytest.mark.parametrize("bad", ["mesh.fsdp=3", "checkpoint.init_from={tmp}/nowhere"])
+def test_a_failed_check_leaves_no_run_dir(tmp_path, capsys, bad):
+    run = tmp_path / "new" / "run"
+    assert main(["train", RECIPE, *sets(f"train.run_dir={run}", bad.format(tmp=tmp_path))]) == exit_codes.USER_ERROR
+    line = one_line(capsys.readouterr().err)
+    assert ("nowhere" in line) if "init_from" in bad else ("fsdp" in line or "mesh" in line)
+    assert not run.exists()
+
+
+def test_a_failed_check_in_an_existing_run_dir_removes_only_what_it_created(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine\n")
+    assert main(["train", RECIPE, *sets(f"train.run_dir={run}",
+                                        f"checkpoint.init_from={tmp_path}/nowhere")]) == exit_codes.USER_ERROR
+    one_line(capsys.readouterr().err)
+    assert tree(run) == {"notes.txt": b"mine\n"}
+
+
+def test_missing_init_from_exits_cleanly_without_orbax_shutdown_tracebacks(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "dsa_train.cli", "train", RECIPE,
+                           *sets(f"train.run_dir={run}", f"checkpoint.init_from={tmp_path}/nowhere")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)))
+    assert proc.returncode == exit_codes.USER_ERROR
+    assert f"{tmp_path}/nowhere does not exist" in one_line(proc.stderr)
+    assert not run.exists()
+
+
+def test_replayed_metrics_are_dropped_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": s}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "lo')
+    _drop_replayed_metrics(path, 2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    _drop_replayed_metrics(tmp_path / "absent.jsonl", 2)  # a run without metrics yet
+    assert not (tmp_path / "absent.jsonl").exists()
