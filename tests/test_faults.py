@@ -219,3 +219,137 @@ def test_replayed_metrics_are_dropped_on_resume(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
     _drop_replayed_metrics(tmp_path / "absent.jsonl", 2)  # a run without metrics yet
     assert not (tmp_path / "absent.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs that train (slow): each resumes to the metrics of one uninterrupted run
+# ----------------------------------------------------------------------------------------------
+
+STEPS = 4
+TIMING = ("time", "step_time", "tok/s", "tflops_per_device", "mfu")
+
+
+def train_args(run: Path, *extra: str) -> list[str]:
+    return ["train", RECIPE, *sets(f"train.steps={STEPS}", "checkpoint.save_every=2", f"train.run_dir={run}", *extra)]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def committed(run: Path) -> list[int]:
+    return sorted(int(p.name) for p in (run / "checkpoints").iterdir()
+                  if p.name.isdigit() and (p / "commit_success.txt").is_file())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("reference") / "run"
+    assert main(train_args(run)) == exit_codes.OK
+    assert [r["step"] for r in metrics(run)] == list(range(1, STEPS + 1))
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["uncommitted", "truncated data file"])
+def test_a_bad_final_checkpoint_is_redone_from_the_one_before(reference, tmp_path, capsys, fault):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    final = run / "checkpoints" / str(STEPS)
+    if fault == "uncommitted":
+        (final / "commit_success.txt").unlink()
+    else:
+        DAMAGES[fault](final)
+    capsys.readouterr()
+    assert main(train_args(run)) == exit_codes.OK
+    out, err = capsys.readouterr()
+    line = one_line(err)
+    assert line.startswith(f"warning: checkpoint of step {STEPS} skipped: ") and "damaged_checkpoints" in line
+    assert f"resuming {run} from step 2" in out and f"finished at step {STEPS}" in out
+    assert committed(run) == [2, STEPS]  # the last step is written again
+    assert metrics(run) == metrics(reference)  # one record per step, equal to the uninterrupted run
+
+
+def sigterm_at_batch(make_iterator, batch: int):
+    """`make_train_iterator` whose iterator sends this process SIGTERM while producing batch `batch`."""
+
+    class Iterator:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            out = next(self.inner)
+            if self.inner.get_state()["step"] == batch:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+
+        def get_state(self):
+            return self.inner.get_state()
+
+        def set_state(self, state):
+            self.inner.set_state(state)
+
+    return lambda *args, **kwargs: Iterator(make_iterator(*args, **kwargs))
+
+
+@pytest.mark.slow
+def test_preemption_exits_with_its_own_code_and_resumes(reference, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "make_train_iterator", sigterm_at_batch(pipeline.make_train_iterator, 3))
+        assert main(train_args(run)) == exit_codes.PREEMPTED
+    out, err = capsys.readouterr()
+    assert "preempted at step 3: received SIGTERM; the checkpoint of step 3 is saved" in out
+    assert "finished" not in out and "Traceback" not in err
+    assert committed(run) == [2, 3]
+    assert main(train_args(run)) == exit_codes.OK
+    assert metrics(run) == metrics(reference)
+
+
+@pytest.mark.slow
+def test_a_non_finite_streak_saves_nothing_and_names_the_last_healthy_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = train_args(run, "train.steps=8", "checkpoint.save_every=1", "train.max_nonfinite_steps=2",
+                      "train.main.lr=1e30", "train.main.warmup_steps=0")
+    assert main(args) == exit_codes.RUN_FAILED
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err
+    error = lines[-1]
+    assert error.startswith("dsa-train train: error: stopping at step ")
+    stop_step = int(error.split("stopping at step ")[1].split(":")[0])
+    healthy = committed(run)
+    assert healthy and healthy[-1] < stop_step  # nothing saved inside the streak
+    assert f"the last healthy checkpoint is step {healthy[-1]}" in error
+    assert all(line.startswith("warning: not saving step ") for line in lines[:-1])
+    records = {r["step"]: r for r in metrics(run)}
+    assert records[healthy[-1]]["skipped"] == 0 and records[stop_step]["skipped"] == 1
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_run_dir_the_second_refuses_and_the_first_keeps_every_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "dsa_train.cli", *train_args(run, "train.steps=6")], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)))
+    try:
+        deadline = time.time() + 120
+        # Until the first run holds the lock (it writes its pid once locked). Only read: taking
+        # the lock here, even briefly, could refuse the first run.
+        while time.time() < deadline and not ((run / ".lock").is_file()
+                                              and f'"pid": {first.pid}' in (run / ".lock").read_text()):
+            time.sleep(0.2)
+        t0 = time.perf_counter()
+        assert main(train_args(run, "train.steps=6")) == exit_codes.USER_ERROR
+        assert time.perf_counter() - t0 < 30
+        assert f"{run} is in use by another training job (pid {first.pid}" in one_line(capsys.readouterr().err)
+        out, err = first.communicate(timeout=600)
+    finally:
+        first.kill()
+    assert first.returncode == exit_codes.OK, err
+    assert committed(run) == [2, 4, 6]
+    assert [r["step"] for r in metrics(run)] == list(range(1, 7))
