@@ -353,3 +353,43 @@ def test_two_runs_on_one_run_dir_the_second_refuses_and_the_first_keeps_every_ch
     assert first.returncode == exit_codes.OK, err
     assert committed(run) == [2, 4, 6]
     assert [r["step"] for r in metrics(run)] == list(range(1, 7))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_write_failure_stops_the_run_at_once_and_keeps_the_previous_one(reference, tmp_path, capsys,
+                                                                                  monkeypatch):
+    from orbax.checkpoint._src.path import atomicity
+
+    run = tmp_path / "run"
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def disk_full_at_step_2(self):
+        if self._final_path.name == "2":
+            raise OSError(28, "No space left on device", str(self._final_path))
+        return await finalize(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full_at_step_2)
+        assert main(train_args(run, "checkpoint.save_every=1")) == exit_codes.RUN_FAILED
+    line = one_line(capsys.readouterr().err)
+    assert "a checkpoint could not be written" in line and "No space left on device" in line
+    assert "the checkpoint of step 1 is intact" in line
+    stopped = int(line.split("stopping at step ")[1].split(":")[0])
+    assert stopped <= 3  # at once: not trained on to the end without checkpoints
+    assert committed(run) == [1]
+    assert main(train_args(run, "checkpoint.save_every=1")) == exit_codes.OK  # space freed: resume from step 1
+    assert metrics(run) == metrics(reference)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_run_dir_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    run.chmod(0o555)
+    try:
+        assert main(["train", RECIPE, *sets(f"train.run_dir={run}")]) == exit_codes.USER_ERROR
+        line = one_line(capsys.readouterr().err)
+        assert "Permission denied" in line and str(run) in line
+    finally:
+        run.chmod(0o755)
+    assert tree(run) == {}

@@ -429,7 +429,7 @@ class RunCheckpointer:
             try:
                 saved = self.saved_config(step)
             except Exception as e:  # noqa: BLE001 - any failure to read it means it is unusable
-                skipped.append(self._set_aside(step, f"its config cannot be read ({_one_line(e)})"))
+                skipped.append(self._set_aside(step, f"its config cannot be read ({one_line(e)})"))
                 continue
             diffs = incompatible_fields(saved, new_config_dict)
             if diffs:
@@ -442,10 +442,10 @@ class RunCheckpointer:
             except CheckpointError as e:
                 if not isinstance(e, DamagedCheckpointError):
                     raise  # a different structure or process count: not damage, nothing moved
-                skipped.append(self._set_aside(step, f"it cannot be read ({_one_line(e)})"))
+                skipped.append(self._set_aside(step, f"it cannot be read ({one_line(e)})"))
                 continue
             except Exception as e:  # noqa: BLE001
-                skipped.append(self._set_aside(step, f"it cannot be read ({_one_line(e)})"))
+                skipped.append(self._set_aside(step, f"it cannot be read ({one_line(e)})"))
                 continue
             if skipped:
                 self._manager.reload()  # Orbax must forget the moved steps, or it refuses to save them again
@@ -460,7 +460,7 @@ class RunCheckpointer:
         return f"checkpoint of step {step} skipped: {why}; moved to {moved}"
 
 
-def _one_line(e: BaseException, limit: int = 160) -> str:
+def one_line(e: BaseException, limit: int = 160) -> str:
     text = (str(e).strip().splitlines() or [type(e).__name__])[0]
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -487,6 +487,35 @@ def _stray_reader_tracebacks_dropped():
             real_stderr.write(captured.getvalue())
             for args in unraisable:
                 real_hook(args)
+
+
+class _OrbaxErrorRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+def _drop_closed_loop_callbacks(hook):
+    def unraisable(args):
+        if not (isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed"):
+            hook(args)
+    return unraisable
+
+
+@contextlib.contextmanager
+def checkpoint_failures_reported_once():
+    """While a run trains, a failed background save (full disk, read-only storage) is raised by
+    :meth:`RunCheckpointer.check_for_errors` and reported by the trainer as one line. Without this,
+    the same failure is also logged by each Orbax thread it passed through, with tracebacks
+    (hundreds of lines), and every TensorStore write still pending reports a closed event loop."""
+    logger, log_filter = logging.getLogger("absl"), _OrbaxErrorRecords()
+    hook = sys.unraisablehook
+    logger.addFilter(log_filter)
+    sys.unraisablehook = _drop_closed_loop_callbacks(hook)
+    try:
+        yield
+    finally:
+        logger.removeFilter(log_filter)
+        sys.unraisablehook = hook
 
 
 def set_aside_step(step_dir: Path) -> Path:

@@ -20,9 +20,10 @@ import numpy as np
 import yaml
 from flax import nnx
 
-from dsa_train.checkpoint.manager import (CHECKPOINTS_DIR, MODEL_KEY, RunCheckpointer, abstract_tree, fill_states,
-                                          from_pure_tree, load_model_for_init, resolve_start, set_aside_uncommitted,
-                                          to_pure_tree)
+from dsa_train.checkpoint.manager import (CHECKPOINTS_DIR, MODEL_KEY, CheckpointError, RunCheckpointer,
+                                          abstract_tree, checkpoint_failures_reported_once, fill_states,
+                                          from_pure_tree, load_model_for_init, one_line, resolve_start,
+                                          set_aside_uncommitted, to_pure_tree)
 from dsa_train.checkpoint.preemption import PreemptionGuard
 from dsa_train.checkpoint.run_lock import RunLock
 from dsa_train.config import Config, to_dict
@@ -137,7 +138,8 @@ def train(config: Config, console: bool = True) -> RunResult:
     try:
         if jax.process_index() == 0:
             lock = RunLock(run_dir).acquire()
-        return _train(config, console, run_dir, accepted)
+        with checkpoint_failures_reported_once():
+            return _train(config, console, run_dir, accepted)
     except BaseException:
         if not accepted and jax.process_index() == 0:
             if created_run_dir:
@@ -232,18 +234,31 @@ def _loop(config, console, run_dir, graphdef, state, state_shardings, optimizers
             return "this run has no checkpoint yet"
         return f"the last healthy checkpoint is step {saved_step}"
 
+    def saves_failed(step: int, action=None) -> None:
+        """Run ``action`` (a save, the final wait) and surface a failed background save: the run
+        stops at once rather than training on without checkpoints."""
+        try:
+            if action is not None:
+                action()
+            checkpointer.check_for_errors()
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - Orbax / TensorStore raise ValueError, OSError, ...
+            raise TrainingError(_write_failure(step, e, checkpointer.latest_step())) from None
+
     def save(step: int, force: bool = False) -> None:
         nonlocal saved_step
         if int(state.nonfinite):
             # Skipped steps since the last finite one: resuming from here would restart the streak.
             _warn(f"not saving step {step}: inside a run of non-finite steps; {healthy_checkpoint()}")
             return
-        try:
+
+        def start():
+            nonlocal saved_step
             if checkpointer.save(step, checkpoint_tree(state), data.get_state(), force=force):
                 saved_step = step
-            checkpointer.check_for_errors()
-        except OSError as e:
-            raise TrainingError(_write_failure(step, e, saved_step)) from None
+
+        saves_failed(step, start)
 
     writer = MetricsWriter(run_dir, t.steps, t.stage, console=console) if jax.process_index() == 0 else _NoWriter()
     last, stopped_early = {}, False
@@ -255,6 +270,7 @@ def _loop(config, console, run_dir, graphdef, state, state_shardings, optimizers
         for step in range(start_step + 1, t.steps + 1):
             batch = put_batch(next(data), batch_sh, t.batch_size)  # this process's rows -> global arrays
             state, metrics = step_fn(state, batch)
+            saves_failed(step)
             # Steps that save or stop are always logged, before their checkpoint is written: the
             # metrics of a resumed run have no hole.
             stop, save_now = guard.should_stop(step), checkpointer.should_save(step)
@@ -294,10 +310,7 @@ def _loop(config, console, run_dir, graphdef, state, state_shardings, optimizers
                 break
         # checkpoint integration point: final save (also after a preemption or an early stop)
         save(step, force=True)
-        try:
-            checkpointer.wait()
-        except OSError as e:
-            raise TrainingError(_write_failure(step, e, checkpointer.latest_step())) from None
+        saves_failed(step, checkpointer.wait)
     finally:
         scope.__exit__(None, None, None)
         guard.uninstall()
@@ -311,8 +324,7 @@ def _loop(config, console, run_dir, graphdef, state, state_shardings, optimizers
     return RunResult(run_dir, step, last, stopped_early, preempted)
 
 
-def _write_failure(step: int, error: OSError, intact: int | None) -> str:
-    where = f"; the checkpoint of step {intact} is intact" if intact is not None else ""
-    return (f"stopping at step {step}: its checkpoint could not be written ({error.strerror or error}"
-            f"{': ' + str(error.filename) if error.filename else ''}){where}: free space or fix the run "
-            "directory's permissions, then run the same command to resume")
+def _write_failure(step: int, error: Exception, intact: int | None) -> str:
+    where = f"the checkpoint of step {intact} is intact" if intact is not None else "no checkpoint was written"
+    return (f"stopping at step {step}: a checkpoint could not be written ({one_line(error)}); {where}: free "
+            "space or fix the run directory's permissions, then run the same command to resume")
