@@ -222,6 +222,117 @@ def test_replayed_metrics_are_dropped_on_resume(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Prepared data: damaged shards, manifests that lie, failed preparations
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from dsa_train.data.prepare import prepare_main
+
+    root = tmp_path_factory.mktemp("data")
+    words = [f"w{i}" for i in range(50)]
+    docs = [" ".join(words[(i * 7 + j) % 50] for j in range(40)) for i in range(40)]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.train_from_iterator(docs, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "</s>"]))
+    tok.save(str(root / "tok.json"))
+    (root / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    assert prepare_main([str(root / "a.jsonl"), "--tokenizer", str(root / "tok.json"), "-o", str(root / "ds"),
+                         "--quiet"]) == 0
+    return root
+
+
+def copy_dataset(prepared: Path, tmp_path: Path) -> Path:
+    ds = tmp_path / "ds"
+    shutil.copytree(prepared / "ds", ds)
+    return ds
+
+
+def read_batches(ds: Path, n: int = 30) -> None:
+    from dsa_train.config import DataConfig
+
+    it = pipeline.make_train_iterator(DataConfig(source="arrayrecord", paths=(str(ds),)), batch_size=2, seq_len=32,
+                                      vocab_size=512, seed=0)
+    for _ in range(n):
+        next(it)
+
+
+SHARD_DAMAGES = {
+    "truncated": lambda b: b[: len(b) // 3],
+    "garbage": lambda b: os.urandom(len(b)),
+    "garbage in a record": lambda b: b[:200] + os.urandom(1000) + b[1200:],
+}
+
+
+@pytest.mark.parametrize("damage", sorted(SHARD_DAMAGES))
+def test_a_damaged_shard_is_one_line_naming_it(prepared, tmp_path, damage):
+    from dsa_train.data import DataError
+
+    ds = copy_dataset(prepared, tmp_path)
+    shard = ds / "shard-00000.arrayrecord"
+    shard.write_bytes(SHARD_DAMAGES[damage](shard.read_bytes()))
+    with pytest.raises(DataError) as e:
+        read_batches(ds)
+    message = str(e.value)
+    assert message.startswith(f"{shard}: ") and "\n" not in message and "dsa-train data prepare" in message
+
+
+def test_train_on_a_truncated_shard_is_one_line_and_leaves_no_run_dir(prepared, tmp_path, capsys):
+    ds = copy_dataset(prepared, tmp_path)
+    shard = ds / "shard-00000.arrayrecord"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    run = tmp_path / "run"
+    assert main(["train", RECIPE, *sets(f"train.run_dir={run}", "data.source=arrayrecord",
+                                        f"data.paths=[{ds}]")]) == exit_codes.USER_ERROR
+    assert f"{shard}: not a readable ArrayRecord file" in one_line(capsys.readouterr().err)
+    assert not run.exists()
+
+
+def test_a_manifest_that_lies_about_token_ids_is_caught_while_reading(prepared, tmp_path):
+    from dsa_train.data import DataError
+
+    ds = copy_dataset(prepared, tmp_path)
+    manifest = json.loads((ds / "manifest.json").read_text())
+    (ds / "manifest.json").write_text(json.dumps({**manifest, "max_token_id": 10}))
+    with pytest.raises(DataError, match=f"^{ds / 'manifest.json'}: a document holds token id \\d+, outside "
+                                        "\\[0, max_token_id 10\\]"):
+        read_batches(ds)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failed_prepare_leaves_nothing_it_created(prepared, tmp_path, capsys, existing):
+    from dsa_train.data.prepare import prepare_main
+
+    bad = tmp_path / "bad.jsonl"
+    good = (prepared / "a.jsonl").read_text()
+    bad.write_text(good + good + '{"text": "cut off\n')  # the last shard fails, after others are written
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        (out / "README").write_text("mine\n")
+    assert prepare_main([str(bad), "--tokenizer", str(prepared / "tok.json"), "-o", str(out), "--quiet",
+                         "--shard-mb", "0.002"]) == 2
+    assert "invalid JSON" in one_line(capsys.readouterr().err)
+    assert tree(out) == ({"README": b"mine\n"} if existing else {})
+
+
+def test_a_binary_txt_input_is_refused(prepared, tmp_path, capsys):
+    from dsa_train.data.prepare import prepare_main
+
+    for name, content, message in [("blob.txt", b"GIF89a\x00\x01binary", "not a text file (NUL byte at offset 6)"),
+                                   ("latin.txt", b"caf\xe9 au lait", "not UTF-8 text (invalid byte at offset 3)")]:
+        (tmp_path / name).write_bytes(content)
+        out = tmp_path / f"out-{name}"
+        assert prepare_main([str(tmp_path / name), "--tokenizer", str(prepared / "tok.json"), "-o", str(out),
+                             "--quiet"]) == 2
+        assert f"{tmp_path / name}: {message}" in one_line(capsys.readouterr().err)
+        assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------
 # Runs that train (slow): each resumes to the metrics of one uninterrupted run
 # ----------------------------------------------------------------------------------------------
 
