@@ -504,3 +504,51 @@ def test_a_read_only_run_dir_is_one_line(tmp_path, capsys):
     finally:
         run.chmod(0o755)
     assert tree(run) == {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face import: tensors of the wrong dtype or with non-finite values
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    import hf_reference as R
+
+    model = R.build_hf_model(R.hf_config("v32", rope=R.YARN), seed=3)
+    path = tmp_path_factory.mktemp("hf") / "hf"
+    model.save_pretrained(path)
+    return path
+
+
+def tampered(hf_dir: Path, tmp_path: Path, change) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(hf_dir, src)
+    tensors = load_file(src / "model.safetensors")
+    change(tensors)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    return src
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.__setitem__("model.layers.0.mlp.down_proj.weight",
+                             t["model.layers.0.mlp.down_proj.weight"].to(__import__("torch").int32)),
+     "model.layers.0.mlp.down_proj.weight in model.safetensors: dtype int32, expected a floating-point tensor"),
+    (lambda t: [t[k].fill_(float("nan")) for k in ("model.layers.1.self_attn.o_proj.weight", "model.norm.weight")],
+     "2 tensor(s) hold NaN or Inf: "),
+    (lambda t: t["model.embed_tokens.weight"].view(-1)[7:8].fill_(float("inf")),
+     "1 tensor(s) hold NaN or Inf: model.embed_tokens.weight; nothing written"),
+])
+def test_hf_import_refuses_bad_tensors_and_writes_nothing(hf_checkpoint, tmp_path, capsys, change, message):
+    from dsa_train.convert import convert_main
+
+    src = tampered(hf_checkpoint, tmp_path, change)
+    out = tmp_path / "out"
+    assert convert_main(["import", str(src), str(out)]) == exit_codes.USER_ERROR
+    line = one_line(capsys.readouterr().err)
+    assert message in line
+    if "NaN" in message and "2 tensor" in message:
+        assert "model.layers.1.self_attn.o_proj.weight" in line and "model.norm.weight" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, no temporary directory
