@@ -456,7 +456,15 @@ class RunCheckpointer:
         return None, skipped
 
     def _set_aside(self, step: int, why: str) -> str:
-        moved = set_aside_step(self.directory / str(step))
+        # Every process finds the same damage; one of them moves the directory (shared storage).
+        if jax.process_index() == 0:
+            moved = set_aside_step(self.directory / str(step))
+        else:
+            moved = self.run_dir / SET_ASIDE_DIR / str(step)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"dsa_train: checkpoint {step} set aside")
         return f"checkpoint of step {step} skipped: {why}; moved to {moved}"
 
 
