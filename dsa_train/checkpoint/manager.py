@@ -9,7 +9,10 @@ Layout of a run directory::
 Orbax writes each step into a temporary directory and renames it into place only once every item
 is complete, so a save that was interrupted (preemption, SIGKILL, full disk) is never listed as a
 step: :meth:`RunCheckpointer.latest_step` only sees committed checkpoints, and the next
-:class:`RunCheckpointer` removes the leftovers.
+:class:`RunCheckpointer` removes the leftovers. A step directory that is listed but unusable (no
+commit marker, or files that cannot be read back) is moved to ``run_dir/damaged_checkpoints/``
+by the trainer (:func:`set_aside_uncommitted`, :meth:`RunCheckpointer.restore_latest_usable`),
+which resumes from the newest usable step before it and writes the moved step again.
 
 The train state is opaque to this module: any pytree of ``jax.Array`` leaves (dicts, lists,
 tuples, named tuples; ``nnx.State`` is converted with :func:`to_pure_tree`). The one convention is
