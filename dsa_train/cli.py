@@ -72,10 +72,13 @@ def cmd_plot(args) -> None:
     print(f"wrote {plot_runs([Path(d) for d in args.run_dirs], out)}")
 
 
-def cmd_smoke(args) -> None:
+def cmd_smoke(args) -> int | None:
     from dsa_train.smoke import run_smoke
 
-    run_smoke(Path(args.out), args.overrides)
+    if "preempted" in run_smoke(Path(args.out), args.overrides):
+        from dsa_train.exit_codes import PREEMPTED
+
+        return PREEMPTED
 
 
 def cmd_convert(args) -> None:
