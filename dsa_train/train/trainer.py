@@ -317,7 +317,9 @@ def _loop(config, console, run_dir, graphdef, state, state_shardings, optimizers
         writer.close()
     preempted = guard.reason is not None
     if preempted:
-        print(guard.message(step, saved_step), flush=True)
+        print(guard.message(step, saved_step) if saved_step is not None else
+              f"preempted at step {step}: {guard.reason}; no checkpoint of this run was saved (its steps were "
+              "non-finite): run the same command again to start it", flush=True)
     (run_dir / "summary.json").write_text(json.dumps({"stage": t.stage, "steps": step, "last": last,
                                                        "stopped_early": stopped_early, "preempted": preempted},
                                                       indent=1))
