@@ -141,7 +141,8 @@ def train(config: Config, console: bool = True) -> RunResult:
         with checkpoint_failures_reported_once():
             return _train(config, console, run_dir, accepted)
     except BaseException:
-        if not accepted and jax.process_index() == 0:
+        # Only the lock holder cleans up: a refused second job must not touch the first one's files.
+        if not accepted and lock is not None:
             if created_run_dir:
                 shutil.rmtree(run_dir, ignore_errors=True)
             elif created_checkpoints and (run_dir / CHECKPOINTS_DIR).is_dir():
