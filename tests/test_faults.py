@@ -422,23 +422,32 @@ def test_preemption_exits_with_its_own_code_and_resumes(reference, tmp_path, cap
 
 
 @pytest.mark.slow
-def test_a_non_finite_streak_saves_nothing_and_names_the_last_healthy_checkpoint(tmp_path, capsys):
+def test_a_non_finite_streak_saves_nothing_and_resumes_from_the_last_healthy_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
-    args = train_args(run, "train.steps=8", "checkpoint.save_every=1", "train.max_nonfinite_steps=2",
-                      "train.main.lr=1e30", "train.main.warmup_steps=0")
-    assert main(args) == exit_codes.RUN_FAILED
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert "Traceback" not in err
-    error = lines[-1]
-    assert error.startswith("dsa-train train: error: stopping at step ")
-    stop_step = int(error.split("stopping at step ")[1].split(":")[0])
-    healthy = committed(run)
-    assert healthy and healthy[-1] < stop_step  # nothing saved inside the streak
-    assert f"the last healthy checkpoint is step {healthy[-1]}" in error
-    assert all(line.startswith("warning: not saving step ") for line in lines[:-1])
+    healthy = ["train.steps=3", "checkpoint.save_every=1", "checkpoint.keep=10"]
+    assert main(train_args(run, *healthy)) == exit_codes.OK
+    # The same run resumed with an absurd learning rate: step 4's update (its loss still finite)
+    # blows the weights up, steps 5 and 6 are non-finite and the run stops.
+    blow_up = ["train.steps=8", "checkpoint.save_every=1", "checkpoint.keep=10", "train.max_nonfinite_steps=2",
+               "train.main.lr=1e30", "train.main.warmup_steps=0"]
+    capsys.readouterr()
+    assert main(train_args(run, *blow_up)) == exit_codes.RUN_FAILED
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert not any("Traceback" in line for line in lines)
+    assert lines[-1].startswith("dsa-train train: error: stopping at step 6: 2 consecutive steps had a non-finite")
+    assert "the last healthy checkpoint is step 3" in lines[-1]
+    assert lines[:-1] == ["warning: not saving step 5: inside a run of non-finite steps (newest checkpoint: step 4)",
+                          f"warning: checkpoint of step 4 skipped: its weights gave a non-finite loss at step 5; "
+                          f"moved to {run / 'damaged_checkpoints' / '4'}"]
+    assert committed(run) == [1, 2, 3]  # nothing saved inside the streak, and its cause set aside
     records = {r["step"]: r for r in metrics(run)}
-    assert records[healthy[-1]]["skipped"] == 0 and records[stop_step]["skipped"] == 1
+    assert records[4]["skipped"] == 0 and records[5]["skipped"] == records[6]["skipped"] == 1
+    # Run again with a sane learning rate: it resumes from step 3.
+    capsys.readouterr()
+    assert main(train_args(run, "train.steps=5", "checkpoint.save_every=1", "checkpoint.keep=10")) == exit_codes.OK
+    assert f"resuming {run} from step 3" in capsys.readouterr().out
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5]
+    assert all(r["skipped"] == 0 for r in metrics(run)[3:])
 
 
 @pytest.mark.slow

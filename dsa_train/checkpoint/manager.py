@@ -458,6 +458,15 @@ class RunCheckpointer:
             raise CheckpointError(f"no usable checkpoint in {self.directory}: " + "; ".join(skipped))
         return None, skipped
 
+    def set_aside_from(self, first_step: int, why: str) -> list[str]:
+        """Move every committed checkpoint from ``first_step`` on out of the run (after waiting for
+        saves in flight), e.g. the ones whose weights led to non-finite losses; one line each."""
+        self.wait()
+        moved = [self._set_aside(step, why) for step in self.all_steps() if step >= first_step]
+        if moved:
+            self._manager.reload()
+        return moved
+
     def _set_aside(self, step: int, why: str) -> str:
         # Every process finds the same damage; one of them moves the directory (shared storage).
         if jax.process_index() == 0:

@@ -232,7 +232,7 @@ def _loop(config, console, run_dir, graphdef, state, state_shardings, optimizers
 
     def healthy_checkpoint() -> str:
         if saved_step is None:
-            return "this run has no checkpoint yet"
+            return "this run has no healthy checkpoint"
         return f"the last healthy checkpoint is step {saved_step}"
 
     def saves_failed(step: int, action=None) -> None:
@@ -251,7 +251,8 @@ def _loop(config, console, run_dir, graphdef, state, state_shardings, optimizers
         nonlocal saved_step
         if int(state.nonfinite):
             # Skipped steps since the last finite one: resuming from here would restart the streak.
-            _warn(f"not saving step {step}: inside a run of non-finite steps; {healthy_checkpoint()}")
+            newest = f"step {saved_step}" if saved_step is not None else "none yet"
+            _warn(f"not saving step {step}: inside a run of non-finite steps (newest checkpoint: {newest})")
             return
 
         def start():
@@ -294,6 +295,13 @@ def _loop(config, console, run_dir, graphdef, state, state_shardings, optimizers
             writer.write(step, record)
             last = record
             if int(state.nonfinite) >= t.max_nonfinite_steps:
+                # The weights saved at the step before the streak are the ones that produced it
+                # (a step's loss is computed before its update): only older checkpoints are healthy.
+                first_bad = step - int(state.nonfinite) + 1
+                for line in checkpointer.set_aside_from(first_bad - 1, f"its weights gave a non-finite loss at "
+                                                                      f"step {first_bad}"):
+                    _warn(line)
+                saved_step = checkpointer.latest_step()
                 raise TrainingError(f"stopping at step {step}: {t.max_nonfinite_steps} consecutive steps had a "
                                     f"non-finite loss or gradient (updates were skipped); {healthy_checkpoint()}: "
                                     "lower the learning rate or check the data, and run again to resume from it")
