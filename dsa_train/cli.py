@@ -1,7 +1,7 @@
 """`dsa-train`: the command line. Each subcommand is a thin wrapper around a library function.
 
-User errors (bad config, missing data, mismatched checkpoint) end with one line on stderr and exit
-status 2, never a traceback.
+User errors (bad config, missing data, mismatched checkpoint, a run directory in use) end with one
+line on stderr and exit status 2, never a traceback; the exit statuses are in dsa_train/exit_codes.py.
 """
 
 from __future__ import annotations
@@ -69,6 +69,10 @@ def cmd_train(args) -> None:
     from dsa_train.train.trainer import train
 
     result = train(config)
+    if result.preempted:  # the trainer said "preempted at step N"; the scheduler requeues on the code
+        from dsa_train.exit_codes import PREEMPTED
+
+        return PREEMPTED
     print(f"{config.train.stage} finished at step {result.steps}; results in {result.run_dir}")
 
 
@@ -79,10 +83,13 @@ def cmd_plot(args) -> None:
     print(f"wrote {plot_runs([Path(d) for d in args.run_dirs], out)}")
 
 
-def cmd_smoke(args) -> None:
+def cmd_smoke(args) -> int | None:
     from dsa_train.smoke import run_smoke
 
-    run_smoke(Path(args.out), args.overrides)
+    if "preempted" in run_smoke(Path(args.out), args.overrides):
+        from dsa_train.exit_codes import PREEMPTED
+
+        return PREEMPTED
 
 
 def cmd_convert(args) -> None:
@@ -201,11 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     from dsa_train.parallel.distributed import DeviceCountError
     from dsa_train.train.trainer import TrainingError
 
+    from dsa_train import exit_codes
+
     try:
         status = args.func(args)
-    except (ConfigError, TrainingError, DeviceCountError, *USER_ERRORS) as e:
+    except TrainingError as e:  # the run started and had to stop (exit_codes.RUN_FAILED)
         print(f"dsa-train {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return exit_codes.RUN_FAILED
+    except (ConfigError, DeviceCountError, *USER_ERRORS) as e:
+        print(f"dsa-train {args.command}: error: {e}", file=sys.stderr)
+        return exit_codes.USER_ERROR
     except KeyboardInterrupt:
         print(f"dsa-train {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -72,7 +72,8 @@ def run_smoke(out: Path, extra_overrides: list[str] = ()) -> dict:
     for name, recipe, overrides in stage_plan(out):
         config = load_config(recipe, [*overrides, *extra_overrides])
         print(f"== stage {name}: {recipe.name} -> {config.train.run_dir}", flush=True)
-        train(config)
+        if train(config).preempted:  # the later stages start from this one: stop; a rerun resumes it
+            return {"preempted": name}
     png = plot_runs([out / "dense-base", out / "warmup", out / "sparse"], out / "curves.png")
     summary = summarize(out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

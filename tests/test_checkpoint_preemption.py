@@ -17,7 +17,7 @@ def test_sigterm_sets_the_flag_and_handlers_are_restored():
         os.kill(os.getpid(), signal.SIGTERM)  # would end the test process without the guard
         assert guard.should_stop(2)
         assert guard.should_stop(3)  # stays set
-        assert guard.message(2) == ("stopping after step 2: received SIGTERM; the checkpoint of step 2 is "
+        assert guard.message(2) == ("preempted at step 2: received SIGTERM; the checkpoint of step 2 is "
                                     "saved: run the same command again to resume")
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 

@@ -134,7 +134,7 @@ def test_sigkill_during_async_save_then_resume_is_bitwise_identical(reference, t
         patch.setattr(pipeline, "make_train_iterator", sigterm_at_batch(pipeline.make_train_iterator, 5))
         result = train(config(run_dir, "checkpoint.save_every=2"), console=False)
     assert result.steps == 5
-    assert "stopping after step 5: received SIGTERM" in capsys.readouterr().out
+    assert "preempted at step 5: received SIGTERM" in capsys.readouterr().out
     train(config(run_dir, "checkpoint.save_every=2"), console=False)
     expected, got = metrics_by_step(reference), metrics_by_step(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))

@@ -9,7 +9,10 @@ Layout of a run directory::
 Orbax writes each step into a temporary directory and renames it into place only once every item
 is complete, so a save that was interrupted (preemption, SIGKILL, full disk) is never listed as a
 step: :meth:`RunCheckpointer.latest_step` only sees committed checkpoints, and the next
-:class:`RunCheckpointer` removes the leftovers.
+:class:`RunCheckpointer` removes the leftovers. A step directory that is listed but unusable (no
+commit marker, or files that cannot be read back) is moved to ``run_dir/damaged_checkpoints/``
+by the trainer (:func:`set_aside_uncommitted`, :meth:`RunCheckpointer.restore_latest_usable`),
+which resumes from the newest usable step before it and writes the moved step again.
 
 The train state is opaque to this module: any pytree of ``jax.Array`` leaves (dicts, lists,
 tuples, named tuples; ``nnx.State`` is converted with :func:`to_pure_tree`). The one convention is
@@ -34,8 +37,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import logging
+import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
 
@@ -47,6 +54,9 @@ from dsa_train.checkpoint import model_io
 from dsa_train.config import CheckpointConfig, ConfigError
 
 CHECKPOINTS_DIR = "checkpoints"
+# Where unusable step directories (uncommitted, damaged) are moved: out of Orbax's sight, so the
+# step can be written again, and kept for the operator rather than deleted.
+SET_ASIDE_DIR = "damaged_checkpoints"
 TRAIN_STATE = "train_state"
 DATA_STATE = "data_state"
 CONFIG = "config"
@@ -68,6 +78,10 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(ValueError):
     """A user-facing checkpoint problem (missing, incompatible, unreadable): one clear line."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A committed checkpoint whose files are incomplete or unreadable (not merely incompatible)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,6 +344,10 @@ class RunCheckpointer:
         """Block until every started save is committed (raises if a background write failed)."""
         self._manager.wait_until_finished()
 
+    def check_for_errors(self) -> None:
+        """Raise the error of a background save that failed (e.g. a full disk), if any."""
+        self._manager.check_for_errors()
+
     def close(self) -> None:
         self._manager.close()
 
@@ -376,6 +394,8 @@ class RunCheckpointer:
         step = self._require_step(step)
         saved_tree = self._manager.item_metadata(step)[TRAIN_STATE]
         saved_tree = getattr(saved_tree, "tree", saved_tree)
+        if not saved_tree:  # Orbax reads a missing or empty _METADATA as an empty tree
+            raise DamagedCheckpointError(f"{self.directory / str(step) / TRAIN_STATE} has no readable _METADATA")
         # Without a sharding Orbax would return numpy arrays: place those on the first device.
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         if abstract_train_state is None:
@@ -396,6 +416,153 @@ class RunCheckpointer:
         }))
         data_state = _this_process_data_state(out[DATA_STATE], self.directory / str(step))
         return Restored(step=step, train_state=out[TRAIN_STATE], data_state=data_state, config=out[CONFIG])
+
+    def restore_latest_usable(self, new_config_dict: Mapping, abstract_train_state: Any
+                              ) -> tuple[Optional[Restored], list[str]]:
+        """Restore the newest committed checkpoint that can be read, for a resumption under
+        ``new_config_dict``. Unreadable ones (a truncated or garbage data file, missing metadata,
+        a garbage JSON item) are moved to ``<run_dir>/damaged_checkpoints/`` so that their step is
+        written again, and described in the returned list (``'step 4: ...'``). ``None`` when there
+        is no committed checkpoint at all; ``CheckpointError`` when there are some and none is
+        usable. An incompatible config (``ConfigError``) or a different state structure is not
+        damage: it is raised at once, nothing moved."""
+        skipped: list[str] = []
+        steps = self.all_steps()
+        for step in reversed(steps):
+            try:
+                saved = self.saved_config(step)
+            except Exception as e:  # noqa: BLE001 - any failure to read it means it is unusable
+                skipped.append(self._set_aside(step, f"its config cannot be read ({one_line(e)})"))
+                continue
+            diffs = incompatible_fields(saved, new_config_dict)
+            if diffs:
+                raise ConfigError(f"cannot resume {self.run_dir} from step {step}: the config changes the saved "
+                                  "state (" + "; ".join(diffs) + "); start a new run_dir with "
+                                  f"checkpoint.init_from = {self.run_dir} to initialize from it instead")
+            try:
+                with _stray_reader_tracebacks_dropped():
+                    restored = self.restore(step, abstract_train_state)
+            except CheckpointError as e:
+                if not isinstance(e, DamagedCheckpointError):
+                    raise  # a different structure or process count: not damage, nothing moved
+                skipped.append(self._set_aside(step, f"it cannot be read ({one_line(e)})"))
+                continue
+            except Exception as e:  # noqa: BLE001
+                skipped.append(self._set_aside(step, f"it cannot be read ({one_line(e)})"))
+                continue
+            if skipped:
+                self._manager.reload()  # Orbax must forget the moved steps, or it refuses to save them again
+            return restored, skipped
+        if skipped:
+            self._manager.reload()
+            raise CheckpointError(f"no usable checkpoint in {self.directory}: " + "; ".join(skipped))
+        return None, skipped
+
+    def set_aside_from(self, first_step: int, why: str) -> list[str]:
+        """Move every committed checkpoint from ``first_step`` on out of the run (after waiting for
+        saves in flight), e.g. the ones whose weights led to non-finite losses; one line each."""
+        self.wait()
+        moved = [self._set_aside(step, why) for step in self.all_steps() if step >= first_step]
+        if moved:
+            self._manager.reload()
+        return moved
+
+    def _set_aside(self, step: int, why: str) -> str:
+        # Every process finds the same damage; one of them moves the directory (shared storage).
+        if jax.process_index() == 0:
+            moved = set_aside_step(self.directory / str(step))
+        else:
+            moved = self.run_dir / SET_ASIDE_DIR / str(step)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"dsa_train: checkpoint {step} set aside")
+        return f"checkpoint of step {step} skipped: {why}; moved to {moved}"
+
+
+def one_line(e: BaseException, limit: int = 160) -> str:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+@contextlib.contextmanager
+def _stray_reader_tracebacks_dropped():
+    """A failed TensorStore read leaves its sibling reads to complete on an event loop Orbax has
+    already closed; each reports an 'Event loop is closed' traceback (through
+    ``sys.unraisablehook`` / ``sys.stderr``). They say nothing beyond the one error that is
+    reported, so on failure they are dropped; on success whatever came is passed through."""
+    real_stderr, real_hook = sys.stderr, sys.unraisablehook
+    captured, unraisable = io.StringIO(), []
+    sys.stderr, sys.unraisablehook = captured, unraisable.append
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        time.sleep(0.2)  # let the stray callbacks finish while they are still captured
+        raise
+    finally:
+        sys.stderr, sys.unraisablehook = real_stderr, real_hook
+        if not failed:
+            real_stderr.write(captured.getvalue())
+            for args in unraisable:
+                real_hook(args)
+
+
+class _OrbaxErrorRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+def _drop_closed_loop_callbacks(hook):
+    def unraisable(args):
+        if not (isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed"):
+            hook(args)
+    return unraisable
+
+
+@contextlib.contextmanager
+def checkpoint_failures_reported_once():
+    """While a run trains, a failed background save (full disk, read-only storage) is raised by
+    :meth:`RunCheckpointer.check_for_errors` and reported by the trainer as one line. Without this,
+    the same failure is also logged by each Orbax thread it passed through, with tracebacks
+    (hundreds of lines), and every TensorStore write still pending reports a closed event loop."""
+    logger, log_filter = logging.getLogger("absl"), _OrbaxErrorRecords()
+    hook = sys.unraisablehook
+    logger.addFilter(log_filter)
+    sys.unraisablehook = _drop_closed_loop_callbacks(hook)
+    try:
+        yield
+    finally:
+        logger.removeFilter(log_filter)
+        sys.unraisablehook = hook
+
+
+def set_aside_step(step_dir: Path) -> Path:
+    """Move one step directory to ``<run_dir>/damaged_checkpoints/<step>[.n]``; returns where."""
+    target_dir = step_dir.parent.parent / SET_ASIDE_DIR
+    target_dir.mkdir(exist_ok=True)
+    target, n = target_dir / step_dir.name, 1
+    while target.exists():
+        target, n = target_dir / f"{step_dir.name}.{n}", n + 1
+    shutil.move(str(step_dir), str(target))
+    return target
+
+
+def set_aside_uncommitted(run_dir: str | Path) -> list[str]:
+    """Move every step directory without its commit marker out of ``checkpoints/``: Orbax would
+    still list the step and the saver would never write it again. Only for the one job that owns
+    the run directory (under its lock): on an object store a save in flight has no marker yet.
+    Returns one description per step moved."""
+    checkpoints_dir = Path(run_dir) / CHECKPOINTS_DIR
+    if not checkpoints_dir.is_dir():
+        return []
+    moved = []
+    for path in sorted(checkpoints_dir.iterdir(), key=lambda p: p.name):
+        if path.is_dir() and path.name.isdigit() and not _is_step_dir(path):
+            moved.append(f"checkpoint of step {path.name} skipped: it was never committed (no {COMMIT_MARKER}); "
+                         f"moved to {set_aside_step(path)}")
+    return moved
 
 
 # ----------------------------------------------------------------------------------------------

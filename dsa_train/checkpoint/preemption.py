@@ -11,8 +11,8 @@ Usage in the training loop::
                 print(guard.message(step))
                 break
 
-The signal handler only sets a flag: the current step finishes, the state is saved and the
-process exits normally (exit code 0). A second SIGINT (Ctrl-C twice) interrupts at once.
+The signal handler only sets a flag: the current step finishes, the state is saved and
+`dsa-train train` exits with ``dsa_train.exit_codes.PREEMPTED`` (75), so a scheduler can requeue it. A second SIGINT (Ctrl-C twice) interrupts at once.
 
 Multi-process jobs: every process must stop at the same step or the final save deadlocks. There,
 the decision comes from JAX's preemption sync point
@@ -100,7 +100,8 @@ class PreemptionGuard:
             return True
         return False
 
-    def message(self, step: int) -> str:
-        """The line to print once the final checkpoint of ``step`` is committed."""
-        return (f"stopping after step {step}: {self.reason or 'stop requested'}; the checkpoint of step {step} "
+    def message(self, step: int, saved_step: Optional[int] = None) -> str:
+        """The line to print once the final checkpoint (``saved_step``, default ``step``) is committed."""
+        saved_step = step if saved_step is None else saved_step
+        return (f"preempted at step {step}: {self.reason or 'stop requested'}; the checkpoint of step {saved_step} "
                 "is saved: run the same command again to resume")

@@ -53,6 +53,9 @@ CHUNK_ELEMENTS = 16 * 2**20  # rows per conversion block: ~64 MB of fp32
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 FP8 = DTYPES["F8_E4M3"]
 PARAM_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": DTYPES["BF16"]}
+# What a floating-point parameter may be stored as: an integer or bool tensor in its place is a
+# broken or foreign checkpoint (casting it would import integers as weights).
+FLOAT_SOURCES = {DTYPES[k] for k in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")}
 
 
 @dataclass
@@ -198,6 +201,12 @@ def _plan(config: ModelConfig, info: HFSourceInfo, ckpt: SafetensorsCheckpoint, 
                 raise _mismatch(ckpt, name, ckpt.info(name).shape, shape, key)
             target.sources = [Source(name)]
         targets.append(target)
+    for target in targets:
+        for src in target.sources:
+            info_ = ckpt.info(src.name)
+            if info_.dtype not in FLOAT_SOURCES:  # every parameter of the model is floating-point
+                raise ConversionError(f"{src.name} in {info_.file.name}: dtype {info_.dtype}, expected a "
+                                      "floating-point tensor")
     if fresh_layers:
         report.initialized.append(f"lightning indexers of layers {fresh_layers[0]}..{fresh_layers[-1]} "
                                   f"(normal std 0.02, k_norm ones/zeros, seed {seed})")
@@ -244,6 +253,11 @@ class Converter:
     def __init__(self, ckpt: SafetensorsCheckpoint, block: Optional[tuple[int, int]], report: ImportReport):
         self.ckpt, self.block, self.report = ckpt, block or (128, 128), report
         self._read: set[str] = set()
+        self.non_finite: list[str] = []  # source tensors holding NaN or Inf (checked as they are read)
+
+    def _check_finite(self, name: str, values: np.ndarray) -> None:
+        if name not in self.non_finite and not np.isfinite(values.astype(np.float32)).all():
+            self.non_finite.append(name)
 
     def _scale(self, name: str, shape: tuple[int, ...]) -> Optional[np.ndarray]:
         """The block scales of an fp8 tensor (None for other dtypes), checked against its shape."""
@@ -275,7 +289,9 @@ class Converter:
             scale = scale[src.index]
         row0, row1 = src.rows or (0, slab.shape[0] if slab.ndim else 0)
         if slab.ndim < 2:
-            dst[...] = np.asarray(slab).astype(dst.dtype)
+            values = np.asarray(slab)
+            self._check_finite(src.name, values)
+            dst[...] = values.astype(dst.dtype)
             return
         step = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(slab.shape[1:]))))
         if scale is not None:
@@ -284,6 +300,7 @@ class Converter:
             rows = np.asarray(slab[r:min(r + step, row1)])
             if scale is not None:
                 rows = self._dequantize(rows, scale, r)
+            self._check_finite(src.name, rows)
             dst[r - row0:r - row0 + rows.shape[0]] = rows.astype(dst.dtype)
 
     def _dequantize(self, rows: np.ndarray, scale: np.ndarray, row_start: int) -> np.ndarray:
@@ -369,6 +386,10 @@ def import_hf_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, include_mtp
             except (OSError, ValueError, TypeError) as e:
                 raise ConversionError(f"{where} ({ckpt.info(where).file.name if where in ckpt else t.key}): "
                                       f"{one_line(e)}") from e
+        if converter.non_finite:
+            names = converter.non_finite
+            raise ConversionError(f"{len(names)} tensor(s) hold NaN or Inf: " + ", ".join(names[:5])
+                                  + (f" (+{len(names) - 5} more)" if len(names) > 5 else "") + "; nothing written")
         model_io.save_model_state(tmp, model_io.nest(staged), config)
         if mtp_names:
             mtp_staged = {}

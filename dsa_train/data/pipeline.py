@@ -22,6 +22,7 @@ raised as a one-line :class:`DataError`.
 
 from __future__ import annotations
 
+import functools
 import json
 import weakref
 from pathlib import Path
@@ -64,14 +65,74 @@ def make_train_iterator(data_config: DataConfig, *, batch_size: int, seq_len: in
 def _record_count(path: Path) -> int:
     from array_record.python.array_record_module import ArrayRecordReader
 
+    # array_record raises bare RuntimeError/ValueError with C++ context, from the constructor as
+    # well as from num_records() and close() (a truncated file fails only there).
+    reader = None
     try:
         reader = ArrayRecordReader(str(path))
-    except Exception as e:  # array_record raises bare RuntimeError/ValueError with C++ context
-        raise DataError(f"{path}: not a readable ArrayRecord file ({str(e).splitlines()[0][:200]})") from None
-    try:
-        return reader.num_records()
-    finally:
-        reader.close()
+        count = reader.num_records()
+        reader, opened = None, reader
+        opened.close()
+        return count
+    except Exception as e:
+        if reader is not None:
+            try:
+                reader.close()
+            except Exception:  # noqa: BLE001 - already failing; the first error is the one to report
+                pass
+        raise DataError(f"{path}: not a readable ArrayRecord file ({_first_line(e)}); re-run "
+                        "`dsa-train data prepare`") from None
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
+class _ShardSource:
+    """grain's ArrayRecord source, with a record that cannot be read (a shard damaged after it was
+    checked) reported as one DataError naming its shard instead of a C++ traceback."""
+
+    def __init__(self, files: list[str], counts: list[int]):
+        import grain
+
+        self._inner = grain.sources.ArrayRecordDataSource(files)
+        self._files = files
+        self._starts = np.cumsum([0, *counts])
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def _error(self, index: int, e: BaseException) -> DataError:
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return DataError(f"{self._files[shard]}: corrupt ArrayRecord shard (document {index - self._starts[shard]}: "
+                         f"{_first_line(e)}); re-run `dsa-train data prepare`")
+
+    def __getitem__(self, index: int):
+        try:
+            return self._inner[index]
+        except Exception as e:  # noqa: BLE001 - array_record raises bare RuntimeErrors
+            raise self._error(index, e) from None
+
+    def __getitems__(self, indices):
+        try:
+            return self._inner.__getitems__(indices)
+        except Exception:  # noqa: BLE001
+            return [self[i] for i in indices]  # find (and name) the record that fails
+
+
+def _checked_decode(record: bytes, *, manifest: dict) -> dict[str, np.ndarray]:
+    """Decode one document, checking the manifest's ``max_token_id`` (which `open_datasets` holds
+    against the vocabulary) while the document is in memory anyway: a manifest that lies would
+    otherwise index outside the embedding table silently."""
+    out = _decode(record)
+    tokens = out["tokens"]
+    if tokens.size:
+        high, low = int(tokens.max()), int(tokens.min())
+        if high > manifest["max_token_id"] or low < 0:
+            raise DataError(f"{manifest['_path']}: a document holds token id {high if low >= 0 else low}, outside "
+                            f"[0, max_token_id {manifest['max_token_id']}] the manifest records; the manifest or "
+                            "its shards were changed: re-run `dsa-train data prepare`")
+    return out
 
 
 def open_datasets(paths, *, vocab_size: int, tokenizer: str | None = None) -> list[dict]:
@@ -145,15 +206,16 @@ def build_grain_dataset(manifests: list[dict], data_config: DataConfig, *, local
 
     components = []
     for i, m in enumerate(manifests):
-        files = [str(Path(m["_dir"]) / s["path"]) for s in m["shards"] if s["documents"] > 0]
-        ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files))
+        shards = [s for s in m["shards"] if s["documents"] > 0]
+        ds = grain.MapDataset.source(_ShardSource([str(Path(m["_dir"]) / s["path"]) for s in shards],
+                                                  [s["documents"] for s in shards]))
         ds = ds[process_index::process_count]
         if len(ds) == 0:
             raise DataError(f"{m['_dir']}: {m['documents']} document(s) can't be shared among "
                             f"{process_count} processes")
         if data_config.shuffle:
             ds = ds.shuffle(seed=_shuffle_seed(seeds, i))
-        components.append(ds.repeat(None).map(_decode))
+        components.append(ds.repeat(None).map(functools.partial(_checked_decode, manifest=m)))
     if len(components) > 1:
         ds = grain.MapDataset.mix(components, list(data_config.weights) or None)
     else:

@@ -167,7 +167,15 @@ def read_documents(piece: dict, text_field: str, text_documents: str) -> Iterato
     path, fmt = piece["path"], piece["format"]
     if fmt == "text":
         with open(path, "rb") as f:
-            text = f.read().decode("utf-8", errors="replace")
+            data = f.read()
+        # A binary file named .txt would otherwise become one document of replacement characters.
+        nul = data.find(b"\0")
+        if nul >= 0:
+            raise DataError(f"{path}: not a text file (NUL byte at offset {nul})")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
         yield from (re.split(r"\n[ \t\r\f\v]*\n", text) if text_documents == "paragraph" else [text])
     elif fmt == "jsonl":
         yield from _read_jsonl(piece, text_field)
@@ -277,8 +285,11 @@ def prepare_shard(index: int, pieces: list[dict], out_dir: str, options: dict) -
                     batch = []
         if batch:
             flush(batch)
-    finally:
+    except BaseException:
         writer.close()
+        tmp.unlink(missing_ok=True)  # a failed shard leaves nothing behind
+        raise
+    writer.close()
     os.replace(tmp, final)
     stats = {"path": final.name, "documents": documents, "tokens": tokens, "max_token_id": max_id,
              "tokenizer_sha256": options["tokenizer_sha256"], "input_bytes": sum(p["size"] for p in pieces)}
@@ -372,7 +383,25 @@ def prepare(args: argparse.Namespace) -> dict:
             "shards": shards}
 
     out = Path(args.output)
+    created_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    before = {p.name for p in out.iterdir()}
+    try:
+        return _prepare_into(out, args, plan, shards, options, tok_path, tokenizer, eos_id, bos_id)
+    except DataError:
+        # Bad input or options: nothing this command created stays (a kill, by contrast, leaves
+        # the plan and finished shards so that the same command resumes).
+        if created_out:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            for p in out.iterdir():
+                if p.name not in before and (p.name == PLAN or p.name.startswith("shard-")):
+                    p.unlink()
+        raise
+
+
+def _prepare_into(out: Path, args, plan: dict, shards, options: dict, tok_path: Path, tokenizer, eos_id,
+                  bos_id) -> dict:
     plan_path = out / PLAN
     if plan_path.is_file():
         previous = json.loads(plan_path.read_text())

@@ -6,7 +6,11 @@ in `step.py`; this file is the bookkeeping around it.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +20,12 @@ import numpy as np
 import yaml
 from flax import nnx
 
-from dsa_train.checkpoint.manager import (MODEL_KEY, RunCheckpointer, abstract_tree, fill_states, from_pure_tree,
-                                          load_model_for_init, resolve_start, to_pure_tree)
+from dsa_train.checkpoint.manager import (CHECKPOINTS_DIR, MODEL_KEY, CheckpointError, RunCheckpointer,
+                                          abstract_tree, checkpoint_failures_reported_once, fill_states,
+                                          from_pure_tree, load_model_for_init, one_line, resolve_start,
+                                          set_aside_uncommitted, to_pure_tree)
 from dsa_train.checkpoint.preemption import PreemptionGuard
+from dsa_train.checkpoint.run_lock import RunLock
 from dsa_train.config import Config, to_dict
 from dsa_train.flops import train_flops_per_token
 from dsa_train.kernels.dispatch import resolve_impl
@@ -43,6 +50,7 @@ class RunResult:
     steps: int
     last_metrics: dict
     stopped_early: bool = False
+    preempted: bool = False  # stopped by SIGTERM / a preemption notice, after saving
 
 
 def device_peak_flops(device) -> float | None:
@@ -91,19 +99,79 @@ class _NoWriter:
         pass
 
 
+def _drop_replayed_metrics(path: Path, start_step: int) -> None:
+    """Keep the records of steps up to ``start_step`` only: a run killed after its last checkpoint
+    had logged steps that the resumed run does again, and each step gets one record."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= start_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short by the kill
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)  # atomic: a second kill here leaves one file or the other, whole
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def train(config: Config, console: bool = True) -> RunResult:
+    """Run one stage in ``config.train.run_dir``, holding the run directory's lock throughout.
+
+    Until the run is accepted (its start point is resolved and loaded), a failure leaves nothing
+    this call created: no run directory, no ``config.yaml``, no empty ``checkpoints/``."""
+    run_dir = Path(config.train.run_dir)
+    created_run_dir = not run_dir.exists()
+    created_checkpoints = not (run_dir / CHECKPOINTS_DIR).exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = None
+    accepted = []  # set (appended to) by _train once the run is accepted
+    try:
+        if jax.process_index() == 0:
+            lock = RunLock(run_dir).acquire()
+        with checkpoint_failures_reported_once():
+            return _train(config, console, run_dir, accepted)
+    except BaseException:
+        # Only the lock holder cleans up: a refused second job must not touch the first one's files.
+        if not accepted and lock is not None:
+            if created_run_dir:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            elif created_checkpoints and (run_dir / CHECKPOINTS_DIR).is_dir():
+                with contextlib.suppress(OSError):
+                    (run_dir / CHECKPOINTS_DIR).rmdir()  # only if empty
+        raise
+    finally:
+        if lock is not None:
+            lock.release(remove=not accepted and lock.created)
+
+
+def _train(config: Config, console: bool, run_dir: Path, accepted: list) -> RunResult:
     t = config.train
     if t.compile_cache_dir:
         enable_compile_cache(t.compile_cache_dir)
-    run_dir = Path(t.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(run_dir, config)
-
     from dsa_train.data.pipeline import make_train_iterator
     from dsa_train import parallel
     from dsa_train.parallel.sharding import batch_sharding, put_batch
     from dsa_train.parallel.state import init_train_state, jit_train_step, reinit_optimizer
 
+    if jax.process_index() == 0:
+        for line in set_aside_uncommitted(run_dir):
+            _warn(line)
+    _sync("dsa_train: uncommitted checkpoints set aside")
     # The mesh and the logical-axis rules decide where every array lives (dsa_train/parallel).
     mesh = parallel.make_mesh(config.mesh)
     rules = parallel.resolve_rules(config.mesh.rules)
@@ -116,26 +184,46 @@ def train(config: Config, console: bool = True) -> RunResult:
                                vocab_size=config.model.vocab_size, seed=t.seed,
                                process_index=jax.process_index(), process_count=jax.process_count())
     start_step = 0
+    saved_step = None  # the newest checkpoint of this run, all of whose steps were finite
     # checkpoint integration point: resume (own run) > init_from (another run / converted HF) > random
     checkpointer = RunCheckpointer(run_dir, config.checkpoint, to_dict(config))
-    start = resolve_start(run_dir, config.checkpoint)
-    if start.kind == "resume":
-        checkpointer.check_compatible(to_dict(config), start.step)
-        restored = checkpointer.restore(start.step, abstract_tree(checkpoint_tree(state)))
-        state = state_from_tree(state, restored.train_state)
-        if restored.data_state is not None:
-            data.set_state(restored.data_state)
-        start_step = start.step
-    elif start.kind == "init_from":
-        model_tree = load_model_for_init(start.path, abstract_tree(checkpoint_tree(state)[MODEL_KEY]),
-                                         model_config_dict=to_dict(config.model))
-        params, router_bias = model_from_tree(state, model_tree)
-        state = reinit_optimizer(config, params, router_bias, optimizers, state_shardings)  # fresh optimizer, step 0
-    if console:
-        print(f"{t.stage}: {start.describe()}")
+    try:
+        start = resolve_start(run_dir, config.checkpoint)
+        if start.kind == "resume":
+            restored, skipped = checkpointer.restore_latest_usable(to_dict(config),
+                                                                   abstract_tree(checkpoint_tree(state)))
+            for line in skipped:
+                _warn(line)
+            state = state_from_tree(state, restored.train_state)
+            if restored.data_state is not None:
+                data.set_state(restored.data_state)
+            start_step = saved_step = restored.step
+            start = dataclasses.replace(start, step=restored.step)
+        elif start.kind == "init_from":
+            model_tree = load_model_for_init(start.path, abstract_tree(checkpoint_tree(state)[MODEL_KEY]),
+                                             model_config_dict=to_dict(config.model))
+            params, router_bias = model_from_tree(state, model_tree)
+            state = reinit_optimizer(config, params, router_bias, optimizers, state_shardings)  # fresh optimizer, step 0
+        # Accepted: from here on the run directory is this run's.
+        accepted.append(True)
         if jax.process_index() == 0:
-            log_startup(config, mesh, state, start.describe(), run_dir)
+            _write_config(run_dir, config)
+            _drop_replayed_metrics(run_dir / "metrics.jsonl", start_step)
+        if console:
+            print(f"{t.stage}: {start.describe()}")
+            if jax.process_index() == 0:
+                log_startup(config, mesh, state, start.describe(), run_dir)
+        return _loop(config, console, run_dir, graphdef, state, state_shardings, optimizers, schedules, data,
+                     checkpointer, start_step, saved_step, mesh, rules, put_batch, batch_sharding, jit_train_step)
+    finally:
+        checkpointer.close()  # on every exit path: waits until the last save is committed
 
+
+def _loop(config, console, run_dir, graphdef, state, state_shardings, optimizers, schedules, data, checkpointer,
+          start_step, saved_step, mesh, rules, put_batch, batch_sharding, jit_train_step) -> RunResult:
+    from dsa_train import parallel
+
+    t = config.train
     mode = step_lib.forward_mode(config, kernels=resolve_impl(config.model.kernels))
     step_fn = jit_train_step(step_lib.make_train_step(graphdef, config, optimizers, schedules, mode), state_shardings,
                              mesh, rules, t.batch_size, t.seq_len)
@@ -150,6 +238,38 @@ def train(config: Config, console: bool = True) -> RunResult:
         from dsa_train.eval.heldout import HeldoutIndexerEval
 
         heldout = HeldoutIndexerEval(config, resolve_impl(config.model.kernels))
+
+    def healthy_checkpoint() -> str:
+        if saved_step is None:
+            return "this run has no healthy checkpoint"
+        return f"the last healthy checkpoint is step {saved_step}"
+
+    def saves_failed(step: int, action=None) -> None:
+        """Run ``action`` (a save, the final wait) and surface a failed background save: the run
+        stops at once rather than training on without checkpoints."""
+        try:
+            if action is not None:
+                action()
+            checkpointer.check_for_errors()
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - Orbax / TensorStore raise ValueError, OSError, ...
+            raise TrainingError(_write_failure(step, e, checkpointer.latest_step())) from None
+
+    def save(step: int, force: bool = False) -> None:
+        nonlocal saved_step
+        if int(state.nonfinite):
+            # Skipped steps since the last finite one: resuming from here would restart the streak.
+            newest = f"step {saved_step}" if saved_step is not None else "none yet"
+            _warn(f"not saving step {step}: inside a run of non-finite steps (newest checkpoint: {newest})")
+            return
+
+        def start():
+            nonlocal saved_step
+            if checkpointer.save(step, checkpoint_tree(state), data.get_state(), force=force):
+                saved_step = step
+
+        saves_failed(step, start)
 
     writer = MetricsWriter(run_dir, t.steps, t.stage, console=console, config=to_dict(config), wandb=t.wandb,
                            wandb_project=t.wandb_project) if jax.process_index() == 0 else _NoWriter()
@@ -169,11 +289,12 @@ def train(config: Config, console: bool = True) -> RunResult:
             if step == start_step + 1:
                 jax.block_until_ready(metrics)
                 writer.note(f"first step (compilation included): {time.perf_counter() - loop_start:.1f}s")
+            saves_failed(step)
             # Steps that save or stop are always logged, before their checkpoint is written: the
             # metrics of a resumed run have no hole.
-            stop, save = guard.should_stop(step), checkpointer.should_save(step)
+            stop, save_now = guard.should_stop(step), checkpointer.should_save(step)
             evaluate = heldout is not None and (step % t.eval_every == 0 or step == t.steps)
-            if step % t.log_every and step != t.steps and not (stop or save or evaluate):
+            if step % t.log_every and step != t.steps and not (stop or save_now or evaluate):
                 continue
             record = summarize(jax.device_get(metrics))
             now = time.perf_counter()
@@ -191,12 +312,19 @@ def train(config: Config, console: bool = True) -> RunResult:
             writer.write(step, record)
             last = record
             if int(state.nonfinite) >= t.max_nonfinite_steps:
+                # The weights saved at the step before the streak are the ones that produced it
+                # (a step's loss is computed before its update): only older checkpoints are healthy.
+                first_bad = step - int(state.nonfinite) + 1
+                for line in checkpointer.set_aside_from(first_bad - 1, f"its weights gave a non-finite loss at "
+                                                                      f"step {first_bad}"):
+                    _warn(line)
+                saved_step = checkpointer.latest_step()
                 raise TrainingError(f"stopping at step {step}: {t.max_nonfinite_steps} consecutive steps had a "
-                                    "non-finite loss or gradient (updates were skipped); lower the learning rate "
-                                    "or check the data")
+                                    f"non-finite loss or gradient (updates were skipped); {healthy_checkpoint()}: "
+                                    "lower the learning rate or check the data, and run again to resume from it")
             # checkpoint integration point: periodic save (async) and preemption check
-            if save:
-                checkpointer.save(step, checkpoint_tree(state), data.get_state())
+            if save_now:
+                save(step)
             if stop:
                 break
             mass_key = "heldout/captured_mass" if heldout is not None else "captured_mass"
@@ -207,15 +335,25 @@ def train(config: Config, console: bool = True) -> RunResult:
                                     f"{t.stop_at_captured_mass} in every layer"})
                 break
         # checkpoint integration point: final save (also after a preemption or an early stop)
-        checkpointer.save(step, checkpoint_tree(state), data.get_state(), force=True)
+        save(step, force=True)
+        saves_failed(step, checkpointer.wait)
     finally:
         profiler.stop()
         scope.__exit__(None, None, None)
         guard.uninstall()
-        checkpointer.close()  # waits until the last save is committed
         writer.close()
-    if guard.reason:
-        print(guard.message(step))
+    preempted = guard.reason is not None
+    if preempted:
+        print(guard.message(step, saved_step) if saved_step is not None else
+              f"preempted at step {step}: {guard.reason}; no checkpoint of this run was saved (its steps were "
+              "non-finite): run the same command again to start it", flush=True)
     (run_dir / "summary.json").write_text(json.dumps({"stage": t.stage, "steps": step, "last": last,
-                                                       "stopped_early": stopped_early}, indent=1))
-    return RunResult(run_dir, step, last, stopped_early)
+                                                       "stopped_early": stopped_early, "preempted": preempted},
+                                                      indent=1))
+    return RunResult(run_dir, step, last, stopped_early, preempted)
+
+
+def _write_failure(step: int, error: Exception, intact: int | None) -> str:
+    where = f"the checkpoint of step {intact} is intact" if intact is not None else "no checkpoint was written"
+    return (f"stopping at step {step}: a checkpoint could not be written ({one_line(error)}); {where}: free "
+            "space or fix the run directory's permissions, then run the same command to resume")
