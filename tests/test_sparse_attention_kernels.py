@@ -91,10 +91,13 @@ def test_blocked_matches_reference(block_q):
     assert_matches_reference(blocked(block_q), q, kv, idx, 0.3, 32)
 
 
-def test_gpu_kernel_matches_reference():
-    # K = 20 with block_k 16: two key blocks, the second one partial; H = 4 padded to 16 heads.
+@pytest.mark.parametrize("chunk_v", [16, 128])
+def test_gpu_kernel_matches_reference(chunk_v):
+    # K = 20 with block_k 16: two key blocks, the second one partial; H = 4 padded to 16 heads;
+    # chunk_v 16 splits the 32-wide value part into two gathered column chunks.
     q, kv, idx = make_inputs(b=2, k=20, drop_row=3)
-    out, lse, _ = assert_matches_reference(gpu_kernel(block_k=16, block_k_bwd=16), q, kv, idx, 0.3, 32)
+    out, lse, _ = assert_matches_reference(gpu_kernel(block_k=16, block_k_bwd=16, chunk_v=chunk_v),
+                                           q, kv, idx, 0.3, 32)
     assert np.all(np.asarray(out[:, 3]) == 0) and np.all(np.asarray(lse[:, 3]) <= NEG_INF / 2)
 
 
