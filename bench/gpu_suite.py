@@ -4,8 +4,8 @@
     python bench/gpu_suite.py --cpu-smoke     # the same code path at tiny shapes, kernels interpreted (CI)
 
 1. Checks at small shapes (values and gradients vs the pure-JAX references, -1 slots and rows
-   with fewer than k candidates included): sparse MLA forward + backward
-   (dsa_train.kernels.sparse_attention_gpu) and the indexer top-k (Pallas-scored) vs
+   with fewer than k candidates included): sparse MLA forward + backward and the head-summed
+   probabilities (dsa_train.kernels.sparse_attention_gpu), and the indexer top-k (Pallas-scored) vs
    indexer_topk_reference.
 2. Ceilings in the same run: a bf16 matmul (8192^3) and cuDNN flash attention
    (jax.nn.dot_product_attention, causal, 128 heads of 128 dims, L = 16K).
@@ -36,7 +36,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dsa_train.kernels import dispatch  # noqa: E402
-from dsa_train.kernels.sparse_attention_gpu import sparse_mla_attention_gpu  # noqa: E402
+from dsa_train.kernels.sparse_attention_gpu import (sparse_mla_attention_gpu,  # noqa: E402
+                                                    sparse_mla_head_summed_probs_gpu)
 from dsa_train.ops.attention import NEG_INF, sparse_mla_attention_reference  # noqa: E402
 from dsa_train.ops.indexer import indexer_topk_reference  # noqa: E402
 
@@ -119,6 +120,11 @@ def check_sparse_mla(interpret: bool) -> dict:
 
     got = value_and_grads(lambda *a: sparse_mla_attention_gpu(*a, interpret=interpret, block_k=16, block_k_bwd=16))
     ref = value_and_grads(sparse_mla_attention_reference)
+    got["head_summed_probs"] = jax.jit(lambda q, kv, lse: sparse_mla_head_summed_probs_gpu(
+        q, kv, idx, lse, 0.2, v, interpret=interpret))(q, kv, ref["lse"])
+    rows = jnp.take_along_axis(kv[:, None], jnp.maximum(idx, 0)[..., None], axis=2)
+    probs = jnp.exp(jnp.einsum("bshd,bskd->bshk", q, rows) * 0.2 - ref["lse"][..., None]).sum(axis=2)
+    ref["head_summed_probs"] = jnp.where(idx >= 0, probs, 0.0)
     errors = {name: float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(ref[name]), got[name] - ref[name], 0.0))))
               for name in ref}
     # fp32 inputs; on a GPU the dots run as tf32, hence the loose bound there.

@@ -17,7 +17,7 @@ def compiled():
     return sparse_mla_compiled(**REAL_SHAPES)
 
 
-@pytest.mark.parametrize("kernel", ["forward", "backward"])
+@pytest.mark.parametrize("kernel", ["forward", "backward", "head_summed_probs"])
 def test_fits_one_block_per_sm(compiled, kernel):
     figures = compiled[kernel]
     assert figures["registers"] <= SM90_MAX_REGISTERS
@@ -41,3 +41,8 @@ def test_backward_does_not_spill(compiled):
 @pytest.mark.xfail(strict=True, reason="backward uses 32-head blocks (mma.sync): 64-head blocks need 311 KB of shared memory")
 def test_backward_dots_are_wgmma(compiled):
     assert compiled["backward"]["wgmma"] > 0
+
+
+def test_head_summed_probs_wgmma_without_spills(compiled):
+    figures = compiled["head_summed_probs"]
+    assert figures["wgmma"] > 0 and figures["spill_store_bytes"] == 0

@@ -79,8 +79,9 @@ def compile_ttir(ttir: str, num_warps: int, num_stages: int, arch: int = 90) -> 
 
 
 def sparse_mla_compiled(heads=128, dim=576, v_dim=512, topk=2048, kv_len=4096, queries=4, **block_sizes) -> dict:
-    """{"forward": figures, "backward": figures} of sparse_mla_attention_gpu at bf16 for these shapes."""
-    from dsa_train.kernels.sparse_attention_gpu import GpuKernelConfig, sparse_mla_attention_gpu
+    """{"forward" | "backward" | "head_summed_probs": figures} of sparse_mla_attention_gpu at bf16 for these shapes."""
+    from dsa_train.kernels.sparse_attention_gpu import (GpuKernelConfig, sparse_mla_attention_gpu,
+                                                        sparse_mla_head_summed_probs_gpu)
 
     q = jax.ShapeDtypeStruct((1, queries, heads, dim), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, kv_len, dim), jnp.bfloat16)
@@ -96,8 +97,13 @@ def sparse_mla_compiled(heads=128, dim=576, v_dim=512, topk=2048, kv_len=4096, q
     with capture_triton_ir() as ttirs:
         jax.jit(grads).trace(q, kv, idx).lower(lowering_platforms=("cuda",))
     forward_ir, backward_ir = ttirs  # the VJP runs the forward kernel, then the backward kernel
+    lse = jax.ShapeDtypeStruct((1, queries, heads), jnp.float32)
+    with capture_triton_ir() as probs_ir:
+        jax.jit(lambda q, kv, idx, lse: sparse_mla_head_summed_probs_gpu(q, kv, idx, lse, scale, v_dim)
+                ).trace(q, kv, idx, lse).lower(lowering_platforms=("cuda",))
     cfg = GpuKernelConfig(sm_scale=scale, v_dim=v_dim, **block_sizes)
     return dict(
+        head_summed_probs=compile_ttir(probs_ir[0], num_warps=8, num_stages=1) | dict(block_h=64, block_k=16),
         forward=compile_ttir(forward_ir, cfg.num_warps, cfg.num_stages_fwd)
         | dict(block_h=cfg.block_h, block_k=cfg.block_k, chunk_v=cfg.chunk_v),
         backward=compile_ttir(backward_ir, cfg.num_warps, cfg.num_stages)

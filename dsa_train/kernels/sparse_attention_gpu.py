@@ -20,6 +20,10 @@ H / block_h adds per (query, key) pair and a non-deterministic summation order. 
 one query are assumed distinct (top-k output): on a GPU repeated ones would still be summed, but in
 interpret mode an atomic add of a tile with a repeated row keeps only one of the updates.
 
+Head-summed probabilities (sparse_mla_head_summed_probs_gpu, the sparse indexer KL's target):
+grid (K / block_k, S, B); p = exp(s - lse) recomputed from the forward's lse, summed over all heads
+of the query in one program, so the gathered rows are read once per (query, slot block).
+
 The wrapper pads H to a multiple of block_h, K to a multiple of block_k and both parts of D to
 powers of two (>= 16, Triton's minimum dot size); with the real 128 heads and 576 = 512 + 64 dims
 nothing is padded apart from K when it is not a multiple of block_k. Block sizes come from the
@@ -298,3 +302,61 @@ def _backward(q, kv, indices, out, lse, d_out, d_lse, cfg: GpuKernelConfig):
 
 
 _attention = attention_with_recompute(_forward, _backward)
+
+
+# ----------------------------------------------------------------------------------------------
+# Head-summed probabilities over the selected keys (the sparse indexer KL's target).
+
+
+def sparse_mla_head_summed_probs_gpu(q, kv, indices, lse, sm_scale: float, v_dim: int = 512, *,
+                                     interpret: bool = False, block_h: int = 64, block_k: int = 16,
+                                     num_warps: int = 8, num_stages: int = 1):
+    """sum_h softmax_h(q . k / sqrt)[slot] -> [B, S, K] fp32 (0 at -1 slots), recomputed from the
+    forward's lse [B, S, H]. Not differentiable (the KL target is a stop-gradient). One program owns
+    one query and block_k of its slots: the key rows are gathered once and reused by every head block."""
+    b, s, h, d = q.shape
+    t = kv.shape[1]
+    k = indices.shape[-1]
+    cfg = GpuKernelConfig(sm_scale=float(sm_scale), v_dim=int(v_dim), interpret=bool(interpret))
+    block_h = _head_block(h, block_h)
+    qp, kvp, idxp = _prepare(q, kv, indices.astype(jnp.int32), cfg, block_h, block_k)
+    dv, dr = _split_dims(d, cfg.v_dim)
+    hp, dp, kp = qp.shape[2], qp.shape[3], idxp.shape[2]
+    lse_p = _pad_axis(jax.lax.stop_gradient(lse).astype(jnp.float32), 2, block_h, -NEG_INF)  # padded heads: p = 0
+    kernel = functools.partial(_head_summed_probs_kernel, scale2=cfg.sm_scale * LOG2E, dv=dv, dr=dr,
+                               block_h=block_h, num_h_blocks=hp // block_h)
+    psum = pl.pallas_call(
+        kernel,
+        grid=(kp // block_k, s, b),
+        in_specs=[
+            pl.BlockSpec((None, None, hp, dp), lambda kb, i, j: (j, i, 0, 0)),
+            pl.BlockSpec((None, t, dp), lambda kb, i, j: (j, 0, 0)),
+            pl.BlockSpec((None, None, block_k), lambda kb, i, j: (j, i, kb)),
+            pl.BlockSpec((None, None, hp), lambda kb, i, j: (j, i, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, None, block_k), lambda kb, i, j: (j, i, kb)),
+        out_shape=jax.ShapeDtypeStruct((b, s, kp), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=cfg.interpret,
+        name="sparse_mla_head_summed_probs",
+    )(jax.lax.stop_gradient(qp), jax.lax.stop_gradient(kvp), idxp, lse_p)
+    return psum[:, :, :k]
+
+
+def _head_summed_probs_kernel(q_ref, kv_ref, idx_ref, lse_ref, out_ref, *, scale2: float, dv: int, dr: int,
+                              block_h: int, num_h_blocks: int):
+    idx = idx_ref[...]
+    valid = idx >= 0
+    rows = jnp.maximum(idx, 0)
+    k_v = _gather_rows(kv_ref, rows, 0, dv)
+    k_r = _gather_rows(kv_ref, rows, dv, dr)
+
+    def body(i, acc):
+        heads = pl.ds(i * block_h, block_h)
+        s = plgpu.dot(q_ref[heads, pl.ds(0, dv)], k_v, trans_b=True) + plgpu.dot(q_ref[heads, pl.ds(dv, dr)], k_r,
+                                                                                  trans_b=True)
+        p = jnp.exp2(s * scale2 - (lse_ref[heads] * LOG2E)[:, None])
+        return acc + jnp.sum(jnp.where(valid[None, :], p, 0.0), axis=0)
+
+    acc = jax.lax.fori_loop(0, num_h_blocks, body, jnp.zeros(idx.shape, jnp.float32))
+    out_ref[...] = jnp.where(valid, acc, 0.0)
