@@ -69,7 +69,7 @@ class GpuKernelConfig:
     block_h_bwd: int = 32
     block_k_bwd: int = 16
     num_warps: int = 8
-    num_stages: int = 1  # the backward's
+    num_stages: int = 1  # pipeline depth of the backward (the forward has num_stages_fwd)
     interpret: bool = False
 
 
