@@ -17,7 +17,7 @@ import pytest
 
 from dsa_train.kernels import dispatch
 from dsa_train.kernels.sparse_attention_blocked import sparse_mla_attention_blocked
-from dsa_train.kernels.sparse_attention_gpu import sparse_mla_attention_gpu
+from dsa_train.kernels.sparse_attention_gpu import sparse_mla_attention_gpu, sparse_mla_head_summed_probs_gpu
 from dsa_train.kernels.sparse_attention_tpu import sparse_mla_attention_tpu
 from dsa_train.ops.attention import NEG_INF, sparse_mla_attention, sparse_mla_attention_reference
 from dsa_train.ops.indexer import indexer_topk_reference
@@ -91,10 +91,13 @@ def test_blocked_matches_reference(block_q):
     assert_matches_reference(blocked(block_q), q, kv, idx, 0.3, 32)
 
 
-def test_gpu_kernel_matches_reference():
-    # K = 20 with block_k 16: two key blocks, the second one partial; H = 4 padded to 16 heads.
+@pytest.mark.parametrize("chunk_v", [16, 128])
+def test_gpu_kernel_matches_reference(chunk_v):
+    # K = 20 with block_k 16: two key blocks, the second one partial; H = 4 padded to 16 heads;
+    # chunk_v 16 splits the 32-wide value part into two gathered column chunks.
     q, kv, idx = make_inputs(b=2, k=20, drop_row=3)
-    out, lse, _ = assert_matches_reference(gpu_kernel(block_k=16, block_k_bwd=16), q, kv, idx, 0.3, 32)
+    out, lse, _ = assert_matches_reference(gpu_kernel(block_k=16, block_k_bwd=16, chunk_v=chunk_v),
+                                           q, kv, idx, 0.3, 32)
     assert np.all(np.asarray(out[:, 3]) == 0) and np.all(np.asarray(lse[:, 3]) <= NEG_INF / 2)
 
 
@@ -242,3 +245,20 @@ def test_indexer_topk_dispatch(monkeypatch):
     monkeypatch.setitem(sys.modules, "dsa_train.kernels.indexer_topk", fake)
     np.testing.assert_array_equal(dispatch.indexer_topk(qi, ki, w, 3, seg, "auto"), want)
     assert calls == [(3, dispatch.resolve_impl("auto"))]
+
+
+def test_gpu_head_summed_probs_match_reference():
+    # -1 slots, early rows with fewer than K candidates, a row without keys (lse = NEG_INF); H = 20
+    # with block_h 8: three head blocks, the last one padded.
+    q, kv, idx = make_inputs(s=10, t=10, h=20, d=48, k=12, seed=2, drop_row=4)
+    _, lse = sparse_mla_attention_reference(q, kv, idx, 0.3, 32)
+    got = sparse_mla_head_summed_probs_gpu(q, kv, idx, lse, 0.3, 32, interpret=True, block_h=8, block_k=8)
+    rows = jnp.take_along_axis(kv[:, None], jnp.maximum(idx, 0)[..., None], axis=2)  # [B, S, K, D]
+    logits = jnp.einsum("bshd,bskd->bshk", q, rows) * 0.3
+    ref = jnp.where(idx >= 0, jnp.exp(logits - lse[..., None]).sum(axis=2), 0.0)
+    assert got.shape == idx.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5, rtol=2e-5)
+    # Every row with keys sums to H (each head's probabilities sum to 1 over the selected slots).
+    totals = np.asarray(got.sum(-1))
+    np.testing.assert_allclose(np.delete(totals, 4, axis=1), 20.0, rtol=1e-5)
+    assert np.all(totals[:, 4] == 0)

@@ -4,10 +4,12 @@ Layout (FlashMLA's): q [B, S, H, D], one shared key/value row per token kv [B, T
 kv[..., :v_dim], indices [B, S, K] (-1 = unused slot). D splits into a "value" part (v_dim, 512)
 and a "rope" part (D - v_dim, 64); both are loaded separately so every Triton tile is a power of 2.
 
-Forward, grid (H / block_h, S, B): one program owns one query and block_h of its heads. It walks
-the query's K slots in blocks of block_k, gathers those key rows once (pointer gather, one row per
-slot) and uses them for all block_h heads (where the MQA form wins: the gathered rows are shared),
-with an online softmax in the exp2 domain; it writes out [block_h, v_dim] and lse [block_h].
+Forward, grid (H / block_h, S, B): one program owns one query and block_h (64) of its heads, so
+each QK^T and PV is a 64-row wgmma on sm_90. It walks the query's K slots in blocks of block_k,
+gathers those key rows once (pointer gather, one row per slot; the value part in chunk_v-column
+pieces so the per-element addresses do not crowd out the accumulator) and uses them for all
+block_h heads (where the MQA form wins: the gathered rows are shared), with an online softmax in
+fp32 in the exp2 domain; it writes out [block_h, v_dim] and lse [block_h].
 
 Backward, grid (S, B, H / block_h): recompute p = exp(s - lse) per block, dp = dO . v,
 ds = p (dp - delta) with delta = <out, dO> - d_lse (so the lse cotangent IS supported), dq
@@ -18,10 +20,17 @@ H / block_h adds per (query, key) pair and a non-deterministic summation order. 
 one query are assumed distinct (top-k output): on a GPU repeated ones would still be summed, but in
 interpret mode an atomic add of a tile with a repeated row keeps only one of the updates.
 
+Head-summed probabilities (sparse_mla_head_summed_probs_gpu, the sparse indexer KL's target):
+grid (K / block_k, S, B); p = exp(s - lse) recomputed from the forward's lse, summed over all heads
+of the query in one program, so the gathered rows are read once per (query, slot block).
+
 The wrapper pads H to a multiple of block_h, K to a multiple of block_k and both parts of D to
 powers of two (>= 16, Triton's minimum dot size); with the real 128 heads and 576 = 512 + 64 dims
-nothing is padded apart from K when it is not a multiple of block_k. Block sizes are untuned
-defaults (no GPU was available when this was written).
+nothing is padded apart from K when it is not a multiple of block_k. Block sizes come from the
+compiled code only (registers, shared memory, spills, wgmma count), not yet from a GPU measurement;
+bench/gpu_suite.py measures them. Known gaps at the real shapes: the forward spills ~150 bytes per
+thread, and the backward uses mma.sync (64-head backward blocks need more than the 227 KB of shared
+memory) with acq_rel atomics (Pallas' Triton atomic_add in JAX 0.10 has no relaxed form).
 """
 
 from __future__ import annotations
@@ -47,12 +56,20 @@ MIN_DOT = 16  # smallest dimension Triton's tl.dot accepts
 class GpuKernelConfig:
     sm_scale: float
     v_dim: int
-    block_h: int = 32
-    block_k: int = 32
-    block_h_bwd: int = 16
-    block_k_bwd: int = 32
+    # Forward defaults chosen from the sm_90a compiled code (tests/test_gpu_compiled.py, figures in
+    # bench/results/gpu_compiled.json): 64 heads make every dot a 64-row wgmma; block_k = 16, one
+    # stage and 128-column value chunks give the fewest spilled bytes of the configurations tried.
+    block_h: int = 64
+    block_k: int = 16
+    chunk_v: int = 128
+    num_stages_fwd: int = 1
+    # Backward: 32 heads, 16 keys, one stage is the largest head block with 0 spills and shared
+    # memory that fits (64 heads need 311 KB at one stage); it halves the re-gathers and atomic adds
+    # per (query, key) pair compared with 16-head blocks.
+    block_h_bwd: int = 32
+    block_k_bwd: int = 16
     num_warps: int = 8
-    num_stages: int = 2
+    num_stages: int = 1  # pipeline depth of the backward (the forward has num_stages_fwd)
     interpret: bool = False
 
 
@@ -116,34 +133,43 @@ def _gather_rows(kv_ref, rows, start: int, width: int):
 
 
 def _forward_kernel(q_ref, kv_ref, idx_ref, out_ref, lse_ref, *, scale2: float, dv: int, dr: int,
-                    block_k: int, num_k_blocks: int):
+                    block_k: int, num_k_blocks: int, chunk: int):
     block_h = q_ref.shape[0]
-    q_v = q_ref[:, pl.ds(0, dv)]
+    # The value part is gathered and multiplied in column chunks: a pointer gather materializes one
+    # 64-bit address per element, and a whole [block_k, 512] tile of them does not fit in registers
+    # next to the [block_h, 512] fp32 accumulator (ptxas spills).
+    n_chunks = dv // chunk
     q_r = q_ref[:, pl.ds(dv, dr)]
 
     def body(j, carry):
-        acc, m_prev, l_prev = carry
+        accs, m_prev, l_prev = carry
         idx = idx_ref[pl.ds(j * block_k, block_k)]
         valid = (idx >= 0)[None, :]
         rows = jnp.maximum(idx, 0)
-        k_v = _gather_rows(kv_ref, rows, 0, dv)
         k_r = _gather_rows(kv_ref, rows, dv, dr)
-        s = (plgpu.dot(q_v, k_v, trans_b=True) + plgpu.dot(q_r, k_r, trans_b=True)) * scale2
-        s = jnp.where(valid, s, NEG_INF)
+        s = plgpu.dot(q_r, k_r, trans_b=True)
+        k_chunks = []
+        for c in range(n_chunks):
+            k_c = _gather_rows(kv_ref, rows, c * chunk, chunk)
+            s = s + plgpu.dot(q_ref[:, pl.ds(c * chunk, chunk)], k_c, trans_b=True)
+            k_chunks.append(k_c)
+        s = jnp.where(valid, s * scale2, NEG_INF)
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
         alpha = jnp.exp2(m_prev - m_next)
         p = jnp.where(valid, jnp.exp2(s - m_next[:, None]), 0.0)
         l_next = l_prev * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + plgpu.dot(p.astype(k_v.dtype), k_v)
-        return acc, m_next, l_next
+        p_lo = p.astype(kv_ref.dtype)
+        accs = tuple(a * alpha[:, None] + plgpu.dot(p_lo, k_c) for a, k_c in zip(accs, k_chunks))
+        return accs, m_next, l_next
 
-    acc = jnp.zeros((block_h, dv), jnp.float32)
+    accs = tuple(jnp.zeros((block_h, chunk), jnp.float32) for _ in range(n_chunks))
     m = jnp.full((block_h,), NEG_INF, jnp.float32)
     l = jnp.zeros((block_h,), jnp.float32)
-    acc, m, l = jax.lax.fori_loop(0, num_k_blocks, body, (acc, m, l))
+    accs, m, l = jax.lax.fori_loop(0, num_k_blocks, body, (accs, m, l))
     has_keys = l > 0
     l_safe = jnp.where(has_keys, l, 1.0)
-    out_ref[...] = (acc / l_safe[:, None]).astype(out_ref.dtype)
+    for c, a in enumerate(accs):
+        out_ref[:, pl.ds(c * chunk, chunk)] = (a / l_safe[:, None]).astype(out_ref.dtype)
     lse_ref[...] = jnp.where(has_keys, (m + jnp.log2(l_safe)) * LN2, NEG_INF)
 
 
@@ -206,7 +232,8 @@ def _forward(q, kv, indices, cfg: GpuKernelConfig):
     dv, dr = _split_dims(d, cfg.v_dim)
     hp, dp, kp = qp.shape[2], qp.shape[3], idxp.shape[2]
     kernel = functools.partial(_forward_kernel, scale2=cfg.sm_scale * LOG2E, dv=dv, dr=dr,
-                               block_k=cfg.block_k, num_k_blocks=kp // cfg.block_k)
+                               block_k=cfg.block_k, num_k_blocks=kp // cfg.block_k,
+                               chunk=min(cfg.chunk_v, dv))
     out, lse = pl.pallas_call(
         kernel,
         # Head blocks fastest: the programs of one query run side by side and share its gathered
@@ -223,7 +250,7 @@ def _forward(q, kv, indices, cfg: GpuKernelConfig):
         ],
         out_shape=[jax.ShapeDtypeStruct((b, s, hp, dv), q.dtype),
                    jax.ShapeDtypeStruct((b, s, hp), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages_fwd),
         interpret=cfg.interpret,
         name="sparse_mla_forward",
     )(qp, kvp, idxp)
@@ -275,3 +302,61 @@ def _backward(q, kv, indices, out, lse, d_out, d_lse, cfg: GpuKernelConfig):
 
 
 _attention = attention_with_recompute(_forward, _backward)
+
+
+# ----------------------------------------------------------------------------------------------
+# Head-summed probabilities over the selected keys (the sparse indexer KL's target).
+
+
+def sparse_mla_head_summed_probs_gpu(q, kv, indices, lse, sm_scale: float, v_dim: int = 512, *,
+                                     interpret: bool = False, block_h: int = 64, block_k: int = 16,
+                                     num_warps: int = 8, num_stages: int = 1):
+    """sum_h softmax_h(q . k / sqrt)[slot] -> [B, S, K] fp32 (0 at -1 slots), recomputed from the
+    forward's lse [B, S, H]. Not differentiable (the KL target is a stop-gradient). One program owns
+    one query and block_k of its slots: the key rows are gathered once and reused by every head block."""
+    b, s, h, d = q.shape
+    t = kv.shape[1]
+    k = indices.shape[-1]
+    cfg = GpuKernelConfig(sm_scale=float(sm_scale), v_dim=int(v_dim), interpret=bool(interpret))
+    block_h = _head_block(h, block_h)
+    qp, kvp, idxp = _prepare(q, kv, indices.astype(jnp.int32), cfg, block_h, block_k)
+    dv, dr = _split_dims(d, cfg.v_dim)
+    hp, dp, kp = qp.shape[2], qp.shape[3], idxp.shape[2]
+    lse_p = _pad_axis(jax.lax.stop_gradient(lse).astype(jnp.float32), 2, block_h, -NEG_INF)  # padded heads: p = 0
+    kernel = functools.partial(_head_summed_probs_kernel, scale2=cfg.sm_scale * LOG2E, dv=dv, dr=dr,
+                               block_h=block_h, num_h_blocks=hp // block_h)
+    psum = pl.pallas_call(
+        kernel,
+        grid=(kp // block_k, s, b),
+        in_specs=[
+            pl.BlockSpec((None, None, hp, dp), lambda kb, i, j: (j, i, 0, 0)),
+            pl.BlockSpec((None, t, dp), lambda kb, i, j: (j, 0, 0)),
+            pl.BlockSpec((None, None, block_k), lambda kb, i, j: (j, i, kb)),
+            pl.BlockSpec((None, None, hp), lambda kb, i, j: (j, i, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, None, block_k), lambda kb, i, j: (j, i, kb)),
+        out_shape=jax.ShapeDtypeStruct((b, s, kp), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=cfg.interpret,
+        name="sparse_mla_head_summed_probs",
+    )(jax.lax.stop_gradient(qp), jax.lax.stop_gradient(kvp), idxp, lse_p)
+    return psum[:, :, :k]
+
+
+def _head_summed_probs_kernel(q_ref, kv_ref, idx_ref, lse_ref, out_ref, *, scale2: float, dv: int, dr: int,
+                              block_h: int, num_h_blocks: int):
+    idx = idx_ref[...]
+    valid = idx >= 0
+    rows = jnp.maximum(idx, 0)
+    k_v = _gather_rows(kv_ref, rows, 0, dv)
+    k_r = _gather_rows(kv_ref, rows, dv, dr)
+
+    def body(i, acc):
+        heads = pl.ds(i * block_h, block_h)
+        s = plgpu.dot(q_ref[heads, pl.ds(0, dv)], k_v, trans_b=True) + plgpu.dot(q_ref[heads, pl.ds(dv, dr)], k_r,
+                                                                                  trans_b=True)
+        p = jnp.exp2(s * scale2 - (lse_ref[heads] * LOG2E)[:, None])
+        return acc + jnp.sum(jnp.where(valid[None, :], p, 0.0), axis=0)
+
+    acc = jax.lax.fori_loop(0, num_h_blocks, body, jnp.zeros(idx.shape, jnp.float32))
+    out_ref[...] = jnp.where(valid, acc, 0.0)

@@ -1,0 +1,135 @@
+"""What the sparse MLA Pallas Triton kernels compile to on sm_90a, without a GPU.
+
+Lowers the kernels for CUDA on any machine (jax.jit(...).trace(...).lower with the "cuda"
+platform), captures the Triton IR that Pallas hands to XLA, compiles it with the `triton` wheel
+(TTIR -> TTGIR -> LLVM -> PTX) and runs the wheel's own ptxas for sm_90a on the PTX. Reported per
+kernel: wgmma / mma.sync instruction counts, registers per thread, spill bytes, shared memory, and
+the number of acq_rel atomics. This is what decides block sizes before a GPU measurement exists.
+
+Needs the `triton` package (test extra). CLI: python -m dsa_train.kernels.gpu_compiled_code
+writes bench/results/gpu_compiled.json (and prints it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+SM90_MAX_REGISTERS = 255  # per thread
+SM90_MAX_SHARED_BYTES = 227 * 1024  # per block (opt-in maximum on H100/H200)
+REAL_SHAPES = dict(heads=128, dim=576, v_dim=512, topk=2048, kv_len=4096, queries=4)
+
+
+@contextlib.contextmanager
+def capture_triton_ir():
+    """Collect the TTIR text of every Pallas Triton kernel lowered inside the block."""
+    from jax._src.pallas.triton import lowering as triton_lowering
+
+    captured: list[str] = []
+    original = triton_lowering.lower_jaxpr_to_triton_module
+
+    def recording(*args, **kwargs):
+        result = original(*args, **kwargs)
+        captured.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    triton_lowering.lower_jaxpr_to_triton_module = recording
+    try:
+        yield captured
+    finally:
+        triton_lowering.lower_jaxpr_to_triton_module = original
+
+
+def compile_ttir(ttir: str, num_warps: int, num_stages: int, arch: int = 90) -> dict:
+    """Compile TTIR for sm_{arch}a with Triton + ptxas; the figures that matter."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ttir")
+        with open(path, "w") as f:
+            f.write(ttir)
+        t0 = time.perf_counter()
+        kernel = triton.compile(path, target=GPUTarget("cuda", arch, 32),
+                                options=dict(num_warps=num_warps, num_stages=num_stages))
+        compile_s = time.perf_counter() - t0
+        ptx = kernel.asm["ptx"]
+        ptx_path = os.path.join(tmp, "kernel.ptx")
+        with open(ptx_path, "w") as f:
+            f.write(ptx)
+        report = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}a", "-v", ptx_path, "-o", os.devnull],
+                                capture_output=True, text=True, check=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report))
+    return dict(wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"), registers=registers,
+                spill_store_bytes=spills, shared_bytes=int(kernel.metadata.shared),
+                acq_rel_atomics=len(re.findall(r"atom\.[^;]*acq_rel|red\.[^;]*acq_rel", ptx)),
+                num_warps=num_warps, num_stages=num_stages, compile_s=round(compile_s, 2))
+
+
+def sparse_mla_compiled(heads=128, dim=576, v_dim=512, topk=2048, kv_len=4096, queries=4, **block_sizes) -> dict:
+    """{"forward" | "backward" | "head_summed_probs": figures} of sparse_mla_attention_gpu at bf16 for these shapes."""
+    from dsa_train.kernels.sparse_attention_gpu import (GpuKernelConfig, sparse_mla_attention_gpu,
+                                                        sparse_mla_head_summed_probs_gpu)
+
+    q = jax.ShapeDtypeStruct((1, queries, heads, dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, kv_len, dim), jnp.bfloat16)
+    idx = jax.ShapeDtypeStruct((1, queries, topk), jnp.int32)
+    scale = dim ** -0.5
+
+    def grads(q, kv, idx):
+        def loss(q, kv):
+            out, _ = sparse_mla_attention_gpu(q, kv, idx, scale, v_dim, **block_sizes)
+            return out.astype(jnp.float32).sum()
+        return jax.grad(loss, argnums=(0, 1))(q, kv)
+
+    with capture_triton_ir() as ttirs:
+        jax.jit(grads).trace(q, kv, idx).lower(lowering_platforms=("cuda",))
+    forward_ir, backward_ir = ttirs  # the VJP runs the forward kernel, then the backward kernel
+    lse = jax.ShapeDtypeStruct((1, queries, heads), jnp.float32)
+    with capture_triton_ir() as probs_ir:
+        jax.jit(lambda q, kv, idx, lse: sparse_mla_head_summed_probs_gpu(q, kv, idx, lse, scale, v_dim)
+                ).trace(q, kv, idx, lse).lower(lowering_platforms=("cuda",))
+    cfg = GpuKernelConfig(sm_scale=scale, v_dim=v_dim, **block_sizes)
+    return dict(
+        head_summed_probs=compile_ttir(probs_ir[0], num_warps=8, num_stages=1) | dict(block_h=64, block_k=16),
+        forward=compile_ttir(forward_ir, cfg.num_warps, cfg.num_stages_fwd)
+        | dict(block_h=cfg.block_h, block_k=cfg.block_k, chunk_v=cfg.chunk_v),
+        backward=compile_ttir(backward_ir, cfg.num_warps, cfg.num_stages)
+        | dict(block_h=cfg.block_h_bwd, block_k=cfg.block_k_bwd),
+    )
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results/gpu_compiled.json")
+    args = parser.parse_args(argv)
+    try:
+        import triton
+    except ImportError:
+        print("error: the `triton` package is needed (pip install 'dsa-train[test]')", file=sys.stderr)
+        return 2
+    result = dict(arch="sm_90a", triton=triton.__version__, jax=jax.__version__, shapes=REAL_SHAPES,
+                  dtype="bfloat16", sparse_mla=sparse_mla_compiled(**REAL_SHAPES))
+    text = json.dumps(result, indent=1)
+    with open(args.out, "w") as f:
+        f.write(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
