@@ -76,3 +76,15 @@ def test_local_window_indices_are_sinks_and_most_recent_keys():
     assert as_sets[9] == {0, 1, 7, 8, 9}  # 2 sinks + the 3 most recent
     assert as_sets[15] == {10, 11, 13, 14, 15}  # the second document's own sinks and recent keys
     assert all((row >= 0).sum() == min(5, len(s)) for row, s in zip(idx, as_sets))
+
+
+def test_fused_min_pairs_varies_the_pair_count_and_answers_stay_unique():
+    task = FusedPairTask(vocab_size=256, seq_len=96, num_pairs=12, num_queries=8, min_pairs=1)
+    rng = np.random.default_rng(0)
+    counts = set()
+    for _ in range(30):
+        tokens = task.make_document(rng)[0]
+        pair_lo, pair_hi = int(task.pair_token(0, 0)), int(task.query_token(0))
+        counts.add(int(((tokens >= pair_lo) & (tokens < pair_hi)).sum()))
+        assert len(fused_answers(task, tokens)) == 8  # every query matches exactly one pair
+    assert min(counts) < 6 and max(counts) > 9

@@ -45,7 +45,8 @@ def make_train_iterator(data_config: DataConfig, *, batch_size: int, seq_len: in
     seeds = (data_config.seed, seed)
     if data_config.source == "synthetic" and data_config.synthetic_task == "fused":
         task = FusedPairTask(vocab_size=vocab_size, seq_len=seq_len, num_pairs=data_config.num_pairs,
-                             num_queries=data_config.num_queries, answer_weight=data_config.synthetic_answer_weight)
+                             num_queries=data_config.num_queries, answer_weight=data_config.synthetic_answer_weight,
+                             min_pairs=data_config.synthetic_min_pairs)
         return SyntheticIterator(task, batch_size=batch_size, seeds=seeds, process_index=process_index,
                                  process_count=process_count)
     if data_config.source == "synthetic":

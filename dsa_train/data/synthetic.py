@@ -229,7 +229,7 @@ class SyntheticIterator:
                        "num_pairs": t.num_pairs, "num_queries": t.num_queries, "doc_len": t.doc_len,
                        "batch_size": self.global_batch, "process_index": self.process_index}
         if isinstance(t, FusedPairTask):
-            fingerprint["task"] = "fused"
+            fingerprint.update(task="fused", min_pairs=t.min_pairs)
         return fingerprint
 
     def get_state(self) -> dict:
@@ -288,6 +288,10 @@ class FusedPairTask:
     num_queries: int = 48
     num_values: int = FUSED_NUM_VALUES
     answer_weight: float = 1.0
+    # > 0: each row holds a random number of pairs in [min_pairs, num_pairs] (queries may then
+    # repeat a key). Rows with few pairs let the value read-out (pair token -> value) be learnt
+    # before the key matching, which breaks the plateau where neither part has a gradient alone.
+    min_pairs: int = 0
     doc_len: int = 0  # one document per row (the iterator's fingerprint reads it)
 
     @property
@@ -315,6 +319,9 @@ class FusedPairTask:
     def check(self) -> None:
         if self.num_values < 2:
             raise DataError(f"fused synthetic task: needs >= 2 values, got {self.num_values}")
+        if not 0 <= self.min_pairs <= self.num_pairs:
+            raise DataError(f"fused synthetic task: min_pairs must be in [0, num_pairs={self.num_pairs}], "
+                            f"got {self.min_pairs}")
         if not 1 <= self.num_queries <= self.num_pairs:
             raise DataError(f"fused synthetic task: num_queries must be in [1, num_pairs={self.num_pairs}], "
                             f"got {self.num_queries}")
@@ -332,6 +339,8 @@ class FusedPairTask:
 
         `needle_cell` (0-based within the context) pins the pair the first query asks about."""
         c, p, q = self.context_len, self.num_pairs, self.num_queries
+        if self.min_pairs and needle_cell is None:
+            p = int(rng.integers(self.min_pairs, self.num_pairs + 1))
         tokens = np.empty(self.seq_len, np.int64)
         tokens[1:1 + c] = rng.integers(*self.filler_range, size=c)
         tokens[0], tokens[-1] = BOS, EOS
@@ -344,7 +353,7 @@ class FusedPairTask:
             cells = np.concatenate([[needle_cell], others + (others >= needle_cell)])
         tokens[1 + cells] = self.pair_token(keys, values)
         asked = np.concatenate([[0], 1 + rng.choice(p - 1, size=q - 1, replace=False)]) if needle_cell is not None \
-            else rng.choice(p, size=q, replace=False)
+            else rng.choice(p, size=q, replace=q > p)
         weights = np.zeros(self.seq_len, np.float32)
         at = 1 + c + 2 * np.arange(q)
         tokens[at], tokens[at + 1] = self.query_token(keys[asked]), self.value_token(values[asked])
