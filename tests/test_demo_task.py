@@ -88,3 +88,30 @@ def test_fused_min_pairs_varies_the_pair_count_and_answers_stay_unique():
         counts.add(int(((tokens >= pair_lo) & (tokens < pair_hi)).sum()))
         assert len(fused_answers(task, tokens)) == 8  # every query matches exactly one pair
     assert min(counts) < 6 and max(counts) > 9
+
+
+def test_local_window_mode_is_dense_within_k_and_differs_beyond():
+    # The local-window control reaches the sparse path through ForwardMode(selection="local"):
+    # with every key inside the window it is exactly dense attention; with k smaller it is not.
+    import dataclasses
+
+    import jax
+
+    from dsa_train.config import load_model_config
+    from dsa_train.eval.forward import LayerRunner
+    from dsa_train.model import create_model
+
+    tokens = np.random.default_rng(0).integers(0, 512, (2, 16)).astype(np.int32)
+    seg = np.ones_like(tokens)
+    out = {}
+    for topk in (16, 5):
+        config = dataclasses.replace(load_model_config("configs/tiny.yaml"), compute_dtype="float32",
+                                     index_topk=topk, n_routed_experts=0)
+        runner = LayerRunner(create_model(config, seed=1), "reference")
+        dense = np.asarray(jax.device_get(runner.forward(tokens, seg, attention="dense"))[0])
+        local = np.asarray(jax.device_get(runner.forward(tokens, seg, attention="sparse", selection="local",
+                                                         sink_tokens=2))[0])
+        out[topk] = (dense, local)
+    np.testing.assert_allclose(out[16][1], out[16][0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[5][1][:, :5], out[5][0][:, :5], rtol=1e-5, atol=1e-5)  # <= k candidates
+    assert np.abs(out[5][1][:, 6:] - out[5][0][:, 6:]).max() > 1e-4
