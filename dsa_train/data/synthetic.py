@@ -1,5 +1,9 @@
 """Built-in long-context task: key-value retrieval from far away, deterministic from a seed.
 
+Two kinds (``data.synthetic_task``): ``pairs`` (below: key and value tokens side by side, answered
+by a two-step induction circuit) and ``fused`` (:class:`FusedPairTask` at the end of this module:
+one token per pair, answered in one attention hop; the task of ``dsa-train demo``).
+
 One document (``L`` tokens)::
 
     BOS  f f k1 v1 f f f ... f k2 v2 f ... f  Q ka va  Q kb vb  ...  EOS
