@@ -92,6 +92,12 @@ def cmd_smoke(args) -> int | None:
         return PREEMPTED
 
 
+def cmd_demo(args) -> None:
+    from dsa_train.demo import run_demo
+
+    run_demo(Path(args.out), args.overrides)
+
+
 def cmd_convert(args) -> None:
     from dsa_train.convert import convert_main
 
@@ -165,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/smoke")
     _add_overrides(p)
     p.set_defaults(func=cmd_smoke)
+
+    p = sub.add_parser("demo", help="long-context retrieval kept by DSA: dense base -> warm-up -> sparse, with controls")
+    p.add_argument("--out", default="runs/demo")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("plot", help="draw the metric curves of run directories to a PNG")
     p.add_argument("run_dirs", nargs="+")

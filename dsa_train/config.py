@@ -294,6 +294,10 @@ class DataConfig:
     # Loss weight of each answer target (filler targets weigh 1): with structured filler a row has
     # ~100 filler targets per answer, which would drown the retrieval signal.
     synthetic_answer_weight: float = 1.0
+    # "pairs": key and value tokens side by side (two hops); "fused": one token per pair (one hop,
+    # the `dsa-train demo` task; see FusedPairTask in dsa_train/data/synthetic.py)
+    synthetic_task: Literal["pairs", "fused"] = "pairs"
+    synthetic_min_pairs: int = 0  # fused task: > 0 draws each row's pair count from [this, num_pairs]
     seed: int = 0
     shuffle: bool = True
     prefetch: int = 2

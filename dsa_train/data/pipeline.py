@@ -32,7 +32,7 @@ import numpy as np
 from dsa_train.config import DataConfig
 from dsa_train.data.batch import DataError
 from dsa_train.data.manifest import file_sha256, read_manifest, tokenizer_file
-from dsa_train.data.synthetic import RetrievalTask, SyntheticIterator
+from dsa_train.data.synthetic import FusedPairTask, RetrievalTask, SyntheticIterator
 
 
 def make_train_iterator(data_config: DataConfig, *, batch_size: int, seq_len: int, vocab_size: int,
@@ -44,6 +44,12 @@ def make_train_iterator(data_config: DataConfig, *, batch_size: int, seq_len: in
     if seq_len < 1:
         raise DataError(f"seq_len must be >= 1, got {seq_len}")
     seeds = (data_config.seed, seed)
+    if data_config.source == "synthetic" and data_config.synthetic_task == "fused":
+        task = FusedPairTask(vocab_size=vocab_size, seq_len=seq_len, num_pairs=data_config.num_pairs,
+                             num_queries=data_config.num_queries, answer_weight=data_config.synthetic_answer_weight,
+                             min_pairs=data_config.synthetic_min_pairs)
+        return SyntheticIterator(task, batch_size=batch_size, seeds=seeds, process_index=process_index,
+                                 process_count=process_count)
     if data_config.source == "synthetic":
         task = RetrievalTask(vocab_size=vocab_size, seq_len=seq_len, num_pairs=data_config.num_pairs,
                              num_queries=data_config.num_queries, doc_len=data_config.synthetic_doc_len,

@@ -1,5 +1,9 @@
 """Built-in long-context task: key-value retrieval from far away, deterministic from a seed.
 
+Two kinds (``data.synthetic_task``): ``pairs`` (below: key and value tokens side by side, answered
+by a two-step induction circuit) and ``fused`` (:class:`FusedPairTask` at the end of this module:
+one token per pair, answered in one attention hop; the task of ``dsa-train demo``).
+
 One document (``L`` tokens)::
 
     BOS  f f k1 v1 f f f ... f k2 v2 f ... f  Q ka va  Q kb vb  ...  EOS
@@ -179,8 +183,8 @@ def make_row(task: RetrievalTask, rng: np.random.Generator) -> dict[str, np.ndar
 
 def make_rows(task: RetrievalTask, seeds: tuple[int, ...], first_row: int, count: int) -> dict[str, np.ndarray]:
     """Rows ``first_row .. first_row + count - 1`` of the global stream, stacked into a batch."""
-    rows = [make_row(task, np.random.default_rng(np.random.SeedSequence([*seeds, first_row + i])))
-            for i in range(count)]
+    row_fn = getattr(task, "make_row", None) or (lambda rng: make_row(task, rng))
+    rows = [row_fn(np.random.default_rng(np.random.SeedSequence([*seeds, first_row + i]))) for i in range(count)]
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
@@ -225,9 +229,12 @@ class SyntheticIterator:
 
     def _fingerprint(self) -> dict:
         t = self.task
-        return {"seeds": list(self.seeds), "vocab_size": t.vocab_size, "seq_len": t.seq_len,
-                "num_pairs": t.num_pairs, "num_queries": t.num_queries, "doc_len": t.doc_len,
-                "batch_size": self.global_batch, "process_index": self.process_index}
+        fingerprint = {"seeds": list(self.seeds), "vocab_size": t.vocab_size, "seq_len": t.seq_len,
+                       "num_pairs": t.num_pairs, "num_queries": t.num_queries, "doc_len": t.doc_len,
+                       "batch_size": self.global_batch, "process_index": self.process_index}
+        if isinstance(t, FusedPairTask):
+            fingerprint.update(task="fused", min_pairs=t.min_pairs)
+        return fingerprint
 
     def get_state(self) -> dict:
         return {"source": "synthetic", "step": self.step, "fingerprint": self._fingerprint()}
@@ -243,3 +250,139 @@ class SyntheticIterator:
 
     def close(self) -> None:
         """Nothing to release (same interface as the grain-backed iterator)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused-pair retrieval: one attention hop
+# ----------------------------------------------------------------------------------------------
+
+FUSED_NUM_VALUES = 8
+
+
+@dataclass(frozen=True)
+class FusedPairTask:
+    """Retrieval in one attention hop: every (key, value) pair is a single token.
+
+    One row (``L = seq_len`` tokens, one document)::
+
+        BOS  f f P(k1,v1) f P(k2,v2) f f ... f  Q(ka) va  Q(kb) vb ...  EOS
+             \\______ context: pairs among filler ______/ \\__ queries __/
+
+    - ``num_pairs`` pair tokens ``P(k, v)`` with distinct keys sit at random cells among uniformly
+      random filler; ``num_queries`` query tokens ``Q(k)`` follow, each followed by the value token
+      ``v`` of the one pair whose key is ``k``. ``loss_weights`` is ``answer_weight`` on each query
+      token (whose next-token target is the answer) and 0 elsewhere.
+    - Why it needs the far key: the answer depends only on which value was fused with ``k`` in
+      that row, and every value is equally likely for every key, so nothing local (the recent
+      tokens, earlier answers, token statistics) predicts it better than chance (1 / num_values)
+      unless the pair's token lies within reach. The distractors are pair tokens of the same kind
+      with other keys, so the model must match the query's key against each pair token's key by
+      content. It can: a single attention head whose QK matches Q(k) with P(k, *) and whose OV maps
+      P(k, v) to the value v solves it; that is one hop, which a tiny model learns in minutes.
+
+    Token ids (vocabulary ``V``, ``n = V - 4`` after the reserved ids, ``m`` values)::
+
+        0 PAD | 1 BOS | 2 EOS | 3 (unused) | pairs: K*m ids | queries: K ids | values: m ids | filler: rest
+        K = (n - m) // (m + 2)   (so the filler range has at least K ids)
+    """
+
+    vocab_size: int
+    seq_len: int
+    num_pairs: int = 48
+    num_queries: int = 48
+    num_values: int = FUSED_NUM_VALUES
+    answer_weight: float = 1.0
+    # > 0: each row holds a random number of pairs in [min_pairs, num_pairs] (queries may then
+    # repeat a key). Rows with few pairs let the value read-out (pair token -> value) be learnt
+    # before the key matching, which breaks the plateau where neither part has a gradient alone.
+    min_pairs: int = 0
+    doc_len: int = 0  # one document per row (the iterator's fingerprint reads it)
+
+    @property
+    def num_keys(self) -> int:
+        return (self.vocab_size - NUM_RESERVED - self.num_values) // (self.num_values + 2)
+
+    def pair_token(self, key, value):
+        return NUM_RESERVED + np.asarray(key) * self.num_values + np.asarray(value)
+
+    def query_token(self, key):
+        return NUM_RESERVED + self.num_keys * self.num_values + np.asarray(key)
+
+    def value_token(self, value):
+        return NUM_RESERVED + self.num_keys * (self.num_values + 1) + np.asarray(value)
+
+    @property
+    def filler_range(self) -> tuple[int, int]:
+        return int(self.value_token(self.num_values)), self.vocab_size
+
+    @property
+    def context_len(self) -> int:
+        """Cells between BOS and the first query."""
+        return self.seq_len - 2 - 2 * self.num_queries
+
+    def check(self) -> None:
+        if self.num_values < 2:
+            raise DataError(f"fused synthetic task: needs >= 2 values, got {self.num_values}")
+        if not 0 <= self.min_pairs <= self.num_pairs:
+            raise DataError(f"fused synthetic task: min_pairs must be in [0, num_pairs={self.num_pairs}], "
+                            f"got {self.min_pairs}")
+        if not 1 <= self.num_queries <= self.num_pairs:
+            raise DataError(f"fused synthetic task: num_queries must be in [1, num_pairs={self.num_pairs}], "
+                            f"got {self.num_queries}")
+        if self.num_keys < self.num_pairs:
+            need = NUM_RESERVED + self.num_values + (self.num_values + 2) * self.num_pairs
+            raise DataError(f"fused synthetic task: vocab_size {self.vocab_size} is too small for "
+                            f"{self.num_pairs} distinct keys with {self.num_values} values (needs >= {need})")
+        if self.context_len < self.num_pairs:
+            raise DataError(f"fused synthetic task: seq_len {self.seq_len} is too short for {self.num_pairs} "
+                            f"pairs and {self.num_queries} queries (needs >= {2 + 2 * self.num_queries + self.num_pairs})")
+
+    def make_document(self, rng: np.random.Generator, needle_cell: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, int]:
+        """One row's tokens and loss weights, and the context cell of the first query's pair.
+
+        `needle_cell` (0-based within the context) pins the pair the first query asks about."""
+        c, p, q = self.context_len, self.num_pairs, self.num_queries
+        if self.min_pairs and needle_cell is None:
+            p = int(rng.integers(self.min_pairs, self.num_pairs + 1))
+        tokens = np.empty(self.seq_len, np.int64)
+        tokens[1:1 + c] = rng.integers(*self.filler_range, size=c)
+        tokens[0], tokens[-1] = BOS, EOS
+        keys = rng.choice(self.num_keys, size=p, replace=False)
+        values = rng.integers(0, self.num_values, size=p)
+        if needle_cell is None:
+            cells = rng.choice(c, size=p, replace=False)
+        else:
+            others = rng.choice(c - 1, size=p - 1, replace=False)
+            cells = np.concatenate([[needle_cell], others + (others >= needle_cell)])
+        tokens[1 + cells] = self.pair_token(keys, values)
+        asked = np.concatenate([[0], 1 + rng.choice(p - 1, size=q - 1, replace=False)]) if needle_cell is not None \
+            else rng.choice(p, size=q, replace=q > p)
+        weights = np.zeros(self.seq_len, np.float32)
+        at = 1 + c + 2 * np.arange(q)
+        tokens[at], tokens[at + 1] = self.query_token(keys[asked]), self.value_token(values[asked])
+        weights[at] = self.answer_weight
+        return tokens.astype(np.int32), weights, int(cells[asked[0]])
+
+    def make_row(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        tokens, weights, _ = self.make_document(rng)
+        s = self.seq_len
+        return {"tokens": tokens, "segment_ids": np.ones(s, np.int32), "positions": np.arange(s, dtype=np.int32),
+                "loss_weights": weights}
+
+
+def fused_answers(task: FusedPairTask, tokens: np.ndarray) -> list[tuple[int, int]]:
+    """Reference solver for one fused row: (position of each query token, the correct next token),
+    by looking the query's key up among the row's pair tokens (independently of the generator)."""
+    first_query = int(task.query_token(0))
+    pair_lo, pair_hi = int(task.pair_token(0, 0)), first_query
+    out = []
+    for t in np.flatnonzero((tokens >= first_query) & (tokens < first_query + task.num_keys)):
+        key = int(tokens[t]) - first_query
+        context = tokens[:t]
+        pairs = context[(context >= pair_lo) & (context < pair_hi)] - NUM_RESERVED
+        hits = pairs[pairs // task.num_values == key]
+        if len(hits) != 1:
+            raise AssertionError(f"query key {key} matches {len(hits)} pair tokens")
+        out.append((int(t), int(task.value_token(hits[0] % task.num_values))))
+    return out

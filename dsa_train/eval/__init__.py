@@ -12,6 +12,9 @@ shards given with --data), for each checkpoint:
    position bucket;
 3. a needle-in-a-haystack sweep (context lengths x depths), dense and sparse, with heat maps.
 
+With --local-window, a third mode "local" is measured everywhere sparse is: sparse attention over
+the first few tokens and the most recent keys, a control of what locality alone retrieves.
+
 Two checkpoints are evaluated on the same batches and compared side by side (B - A deltas).
 Writes eval.json, report.md and PNGs to --out (default: <CHECKPOINT>/eval, or
 <A>/eval-vs-<B> when comparing).
@@ -87,6 +90,10 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--needle-depths", type=_floats, default=DEFAULT_DEPTHS)
     p.add_argument("--needle-trials", type=_positive, default=8, help="sequences per sweep cell (default 8)")
     p.add_argument("--no-needle", action="store_true", help="skip the needle sweep")
+    p.add_argument("--local-window", action="store_true",
+                   help="also evaluate the local-window control: sparse attention over the first --local-sinks "
+                        "tokens and the most recent keys (index_topk in all) instead of the indexer's top-k")
+    p.add_argument("--local-sinks", type=_positive, default=4, help="sink tokens of the local-window control (default 4)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -137,13 +144,16 @@ def run_eval(args: argparse.Namespace) -> int:
     cases = []
     if not args.no_needle:
         shortest = 2 * data_config.num_pairs + 5 if data_config.source == "synthetic" else 17
+        if data_config.source == "synthetic" and data_config.synthetic_task == "fused":
+            shortest = 2 + 2 * data_config.num_queries + data_config.num_pairs
         lengths = args.needle_lengths or default_lengths(seq_len, shortest)
         cases = needle_cases(data_config, batches, vocab_size=config.vocab_size, lengths=lengths,
                              depths=args.needle_depths, trials=args.needle_trials, seed=args.seed)
     diagnostics = DiagnosticOptions(recent_window=args.recent_window, sink_tokens=args.sink_tokens,
                                     block_q=args.block_q, output_error=not args.no_output_error)
     options = EvalOptions(bucket_edges=edges, rows=args.rows, diagnostics=diagnostics,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, local_window=args.local_window,
+                          local_sinks=args.local_sinks)
     results = [evaluate(c, batches, cases, options) for c in checkpoints]
     meta = {"data": data_note, "seq_len": seq_len, "batches": args.batches, "batch_size": args.batch_size,
             "seed": args.seed, "rows": args.rows, "bucket_edges": list(edges),

@@ -118,7 +118,8 @@ class LayerRunner:
         return self.config.use_indexer
 
     def forward(self, tokens, segment_ids, positions=None, *, attention: str = "dense",
-                on_layer_stats: Optional[Callable[[int, dict], None]] = None, head: bool = True):
+                on_layer_stats: Optional[Callable[[int, dict], None]] = None, head: bool = True,
+                selection: str = "indexer", sink_tokens: int = 4):
         """Run the model; returns (nll [B, S], correct [B, S]) for the next token at every position
         (None without `head`: the LM head is skipped).
 
@@ -127,7 +128,7 @@ class LayerRunner:
         tokens, segment_ids = jnp.asarray(tokens), jnp.asarray(segment_ids)
         positions = document_positions(segment_ids) if positions is None else jnp.asarray(positions)
         x, cos, sin = _embed_jit(self.model_graphdef, self.model_state, tokens, segment_ids, positions)
-        mode = ForwardMode(attention, logits=False, kernels=self.kernels)
+        mode = ForwardMode(attention, logits=False, kernels=self.kernels, selection=selection, sink_tokens=sink_tokens)
         measure = on_layer_stats is not None and self.has_indexer
         if measure and attention != "dense":
             raise ValueError("layer statistics are measured in the dense pass")

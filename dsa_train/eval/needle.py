@@ -21,7 +21,7 @@ import dataclasses
 
 import numpy as np
 
-from dsa_train.data.synthetic import BOS, EOS, QUERY, RetrievalTask, make_filler
+from dsa_train.data.synthetic import BOS, EOS, QUERY, FusedPairTask, RetrievalTask, make_filler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +65,17 @@ def synthetic_case(task: RetrievalTask, length: int, depth: float, trials: int, 
         tokens[length - 4:length - 1] = (QUERY, keys[0], values[0])
         rows.append(tokens)
     return NeedleCase(length, depth, np.stack(rows), np.array([length - 3]))
+
+
+def fused_case(task: FusedPairTask, depth: float, trials: int, seed: int) -> NeedleCase:
+    """Rows of the fused-pair task exactly as in training, with the pair that the first query asks
+    about at `depth` of the context; that query's answer is scored (the other queries follow it and
+    ask about the distractor pairs, so the row looks like a training row)."""
+    task.check()
+    cell = int(round(depth * (task.context_len - 1)))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, task.seq_len, int(round(depth * 1e6))]))
+    tokens = np.stack([task.make_document(rng, needle_cell=cell)[0] for _ in range(trials)])
+    return NeedleCase(task.seq_len, depth, tokens, np.array([1 + task.context_len]))
 
 
 def token_case(haystack: np.ndarray, length: int, depth: float, trials: int, seed: int, span: int = 4) -> NeedleCase:

@@ -130,14 +130,19 @@ def _quality_section(result: dict) -> list[str]:
                            "all-token loss sparse"], rows)
 
 
+MODE_LABELS = {"dense": "dense", "sparse": "sparse (indexer top-k)",
+               "local": "local window (control: the first tokens + the most recent keys, top-k in all)"}
+
+
 def _needle_section(result: dict, images: dict) -> list[str]:
     needle = result.get("needle")
     if not needle:
         return ["(needle sweep skipped)", ""]
     lines = []
     for mode, sweep in needle.items():
-        lines += [f"**{mode}**: {sweep['correct']}/{sweep['needles']} needles answered "
-                  f"(mean answer log-likelihood {sweep['loglik_mean']:.3f}).", ""]
+        lines += [f"**{MODE_LABELS.get(mode, mode)}**: {sweep['correct']}/{sweep['needles']} needles answered "
+                  f"(top-1 answer accuracy {sweep['accuracy_total']:.1%}, mean answer log-likelihood "
+                  f"{sweep['loglik_mean']:.3f}).", ""]
         header = ["depth \\ length"] + [str(n) for n in sweep["lengths"]]
         rows = [[f"{d:.0%}"] + [f"{a:.2f} / {ll:.2f}" for a, ll in zip(acc_row, ll_row)]
                 for d, acc_row, ll_row in zip(sweep["depths"], sweep["accuracy"], sweep["loglik"])]
@@ -162,7 +167,7 @@ def _single(result: dict, meta: dict, images: dict) -> list[str]:
     lines += ["## Quality: dense vs sparse attention, same weights", ""] + _quality_section(result)
     if "quality_positions" in images.get("common", {}):
         lines += [f"![quality]({images['common']['quality_positions']})", ""]
-    lines += ["## Needle in a haystack (cell: accuracy / mean answer log-likelihood)", ""]
+    lines += ["## Needle in a haystack (cell: top-1 answer accuracy / mean answer log-likelihood)", ""]
     lines += _needle_section(result, images.get(ck["name"], {}))
     return lines
 
@@ -208,7 +213,8 @@ def _comparison(results: list[dict], meta: dict, images: dict) -> list[str]:
         lines += [f"## {tag} {name}: indexer by position and quality", ""]
         lines += _indexer_sections(r, meta["diagnostics"])[2:] if r.get("indexer") else []
         lines += _quality_section(r)
-        lines += [f"### {tag} {name}: needle in a haystack (cell: accuracy / mean answer log-likelihood)", ""]
+        lines += [f"### {tag} {name}: needle in a haystack (cell: top-1 answer accuracy / mean answer "
+                  "log-likelihood)", ""]
         lines += _needle_section(r, images.get(name, {}))
     return lines
 

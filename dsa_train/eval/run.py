@@ -30,6 +30,10 @@ class EvalOptions:
     rows: str = "selective"  # which query rows the indexer statistics count (aggregate.IndexerAccumulator)
     diagnostics: DiagnosticOptions = DiagnosticOptions()
     progress: bool = True
+    # Also run the local-window control ("local" mode): sparse attention whose top-k is the first
+    # `local_sinks` tokens and the most recent keys, instead of the indexer's selection.
+    local_window: bool = False
+    local_sinks: int = 4
 
 
 def heldout_data_config(run_config: Optional[dict], data_paths: tuple[str, ...] = ()) -> tuple[DataConfig, str]:
@@ -67,14 +71,18 @@ def load_batches(data_config: DataConfig, *, batches: int, batch_size: int, seq_
 def needle_cases(data_config: DataConfig, batches: list[dict], *, vocab_size: int, lengths, depths, trials: int,
                  seed: int) -> list[needle_lib.NeedleCase]:
     """The needle sweep's sequences (module needle), built from the evaluation data's tokens."""
-    from dsa_train.data.synthetic import RetrievalTask
+    from dsa_train.data.synthetic import FusedPairTask, RetrievalTask
 
     cases = []
     synthetic = data_config.source == "synthetic"
     stream = None if synthetic else np.concatenate([b["tokens"][b["segment_ids"] > 0] for b in batches])
     for length in lengths:
         for depth in depths:
-            if synthetic:
+            if synthetic and data_config.synthetic_task == "fused":
+                task = FusedPairTask(vocab_size=vocab_size, seq_len=length, num_pairs=data_config.num_pairs,
+                                     num_queries=data_config.num_queries)
+                cases.append(needle_lib.fused_case(task, depth, trials, seed))
+            elif synthetic:
                 task = RetrievalTask(vocab_size=vocab_size, seq_len=length, num_pairs=data_config.num_pairs,
                                      num_queries=1, filler=data_config.synthetic_filler)
                 cases.append(needle_lib.synthetic_case(task, length, depth, trials, seed))
@@ -99,12 +107,22 @@ def model_summary(ckpt: LoadedCheckpoint) -> dict:
             "use_indexer": c.use_indexer, "vocab_size": c.vocab_size}
 
 
+def _mode_args(mode: str, options: EvalOptions) -> dict:
+    """Forward arguments of an evaluation mode: "dense", "sparse" (the indexer's top-k) or "local"
+    (sparse attention over the sinks and the most recent keys, the local-window control)."""
+    if mode == "local":
+        return dict(attention="sparse", selection="local", sink_tokens=options.local_sinks)
+    return dict(attention=mode)
+
+
 def evaluate(ckpt: LoadedCheckpoint, batches: list[dict], cases: list[needle_lib.NeedleCase],
              options: EvalOptions = EvalOptions()) -> dict:
     model = ckpt.model
     config = model.config
     runner = LayerRunner(model, resolve_impl(config.kernels), options.diagnostics)
     modes = ("dense", "sparse") if config.use_indexer else ("dense",)
+    if options.local_window and config.use_indexer:
+        modes += ("local",)
     indexer = (IndexerAccumulator(config.num_hidden_layers, config.index_topk, options.bucket_edges, options.rows)
                if config.use_indexer else None)
     quality = QualityAccumulator(options.bucket_edges)
@@ -118,8 +136,8 @@ def evaluate(ckpt: LoadedCheckpoint, batches: list[dict], cases: list[needle_lib
                 hook = None
                 if mode == "dense" and indexer is not None:
                     hook = lambda i, stats: indexer.add(i, jax.device_get(stats), positions)  # noqa: E731
-                nll, correct = jax.device_get(runner.forward(tokens, seg, positions, attention=mode,
-                                                             on_layer_stats=hook))
+                nll, correct = jax.device_get(runner.forward(tokens, seg, positions, on_layer_stats=hook,
+                                                             **_mode_args(mode, options)))
                 quality.add(mode, nll, correct, target_weights, batch["loss_weights"], positions)
             if progress:
                 progress.advance(task)
@@ -128,7 +146,7 @@ def evaluate(ckpt: LoadedCheckpoint, batches: list[dict], cases: list[needle_lib
             for case in cases:
                 seg = np.ones_like(case.tokens)
                 for mode in modes:
-                    nll, correct = jax.device_get(runner.forward(case.tokens, seg, attention=mode))
+                    nll, correct = jax.device_get(runner.forward(case.tokens, seg, **_mode_args(mode, options)))
                     needle_scores[mode][(case.length, case.depth)] = needle_lib.score_case(
                         np.asarray(nll), np.asarray(correct), case)
                     if progress:

@@ -15,6 +15,7 @@ from dsa_train.ops import losses
 from dsa_train.ops.attention import dense_attention_impl, sparse_mla_attention
 from dsa_train.ops.diagnostics import indexer_quality
 from dsa_train.ops.indexer import indexer_topk
+from dsa_train.ops.local_window import local_window_indices
 from dsa_train.ops.rope import apply_rope_interleaved, softmax_scale
 
 sg = jax.lax.stop_gradient
@@ -32,6 +33,10 @@ class ForwardMode(NamedTuple):
     diagnostic_rows: int = 0  # > 0: measure captured mass / k90 on that many query rows
     kernels: str = "reference"  # resolved implementation for the sparse ops
     capture: bool = False  # return the layer's attention inputs in AttentionAux.captured (evaluation)
+    # Sparse mode's top-k: "indexer", or "local" (the first `sink_tokens` keys and the most recent
+    # ones, ops/local_window.py): an evaluation control of what locality alone retrieves.
+    selection: str = "indexer"
+    sink_tokens: int = 4
 
 
 class AttentionAux(NamedTuple):
@@ -106,7 +111,10 @@ class MLA(nnx.Module):
         else:
             # Selection is discrete: no gradient flows through it (and the streaming top-k's loop
             # need not be linearized).
-            indices = indexer_topk(sg(q_i), sg(k_i), sg(w_i), c.index_topk, segment_ids, impl=mode.kernels)
+            if mode.selection == "local":
+                indices = local_window_indices(segment_ids, c.index_topk, mode.sink_tokens)
+            else:
+                indices = indexer_topk(sg(q_i), sg(k_i), sg(w_i), c.index_topk, segment_ids, impl=mode.kernels)
             latent_out, lse = sparse_mla_attention(q_mqa, kv_mqa, indices, self.sm_scale, v_dim=c.kv_lora_rank,
                                                    impl=mode.kernels)
             out = jnp.einsum("bshc,hvc->bshv", latent_out, w_uv)
