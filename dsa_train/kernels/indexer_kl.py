@@ -384,7 +384,7 @@ def sparse_indexer_kl_loss_streaming(q, kv, indices, lse, sm_scale, q_idx, k_idx
 # ---- entry points used by dsa_train.ops.losses ------------------------------------------------------
 
 def indexer_kl_loss_kernel(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, impl: str, lse=None):
-    """Dense warm-up KL; impl: any name in `indexer_tiles.IMPLS` (as resolved by dispatch)."""
+    """Dense warm-up KL; impl: any name in `indexer_tiles.IMPLS` (as resolved by kernels/backend.py)."""
     return dense_indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, lse, impl=impl)
 
 

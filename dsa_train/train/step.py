@@ -49,14 +49,13 @@ def merge_model(graphdef, params: dict, router_bias) -> CausalLM:
     return nnx.merge(graphdef, params["indexer"], params["main"], router_bias)
 
 
-def forward_mode(config: Config, kernels: str = "reference", diagnostics: bool = True) -> ForwardMode:
+def forward_mode(config: Config, diagnostics: bool = True) -> ForwardMode:
     stage = config.train.stage
     return ForwardMode(
         attention="sparse" if stage == "sparse" else "dense",
         indexer_loss=stage != "dense",
         logits=stage != "warmup",
         diagnostic_rows=config.train.diagnostic_rows if (diagnostics and stage != "dense") else 0,
-        kernels=kernels,
     )
 
 

@@ -21,7 +21,6 @@ from dsa_train.checkpoint.manager import (MODEL_KEY, RunCheckpointer, abstract_t
 from dsa_train.checkpoint.preemption import PreemptionGuard
 from dsa_train.config import Config, to_dict
 from dsa_train.flops import train_flops_per_token
-from dsa_train.kernels.dispatch import resolve_impl
 from dsa_train.train import step as step_lib
 from dsa_train.train.metrics import MetricsWriter, summarize
 from dsa_train.train.optim import make_optimizer
@@ -127,7 +126,7 @@ def train(config: Config, console: bool = True) -> RunResult:
     if console:
         print(f"{t.stage}: {start.describe()}")
 
-    mode = step_lib.forward_mode(config, kernels=resolve_impl(config.model.kernels))
+    mode = step_lib.forward_mode(config)
     step_fn = jit_train_step(step_lib.make_train_step(graphdef, config, optimizers, schedules, mode), state_shardings,
                              mesh, rules, t.batch_size, t.seq_len)
     batch_sh = batch_sharding(mesh, rules, t.batch_size, t.seq_len)
@@ -140,7 +139,7 @@ def train(config: Config, console: bool = True) -> RunResult:
     if t.eval_every:
         from dsa_train.eval.heldout import HeldoutIndexerEval
 
-        heldout = HeldoutIndexerEval(config, resolve_impl(config.model.kernels))
+        heldout = HeldoutIndexerEval(config)
 
     writer = MetricsWriter(run_dir, t.steps, t.stage, console=console) if jax.process_index() == 0 else _NoWriter()
     last, stopped_early = {}, False
