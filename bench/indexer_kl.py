@@ -100,8 +100,8 @@ def main() -> None:
     config = {"batch": 1, "heads": opts.heads, "index_heads": opts.index_heads, "main_dim": D_MAIN,
               "index_dim": D_IDX, "dtype": "float32", "documents": 1,
               "timed": "jit(value_and_grad) w.r.t. q_idx, k_idx, w_idx; min over calls (2 calls up to 4K, 1 above)"}
-    note = ("CPU only: no GPU/TPU was available in this session (Pallas kernels checked in interpret mode "
-            "and by lowering only). 2 cores shared with other jobs: timings are indicative; see load_avg. "
+    note = ("CPU timings (the Pallas kernels are covered on CPU in interpret mode and by lowering only). "
+            "Timings on a shared 2-core host are indicative; see load_avg. "
             f"Reduced heads (H={opts.heads}, Hi={opts.index_heads}; the real model has 128 and 64).")
     title = (f"indexer dense KL fwd+bwd, CPU, B=1 H={opts.heads} Hi={opts.index_heads} D=576 Di=128 fp32: "
              "reference (materialized) vs streaming")

@@ -108,7 +108,7 @@ def train(config: Config, console: bool = True) -> RunResult:
                                vocab_size=config.model.vocab_size, seed=t.seed,
                                process_index=jax.process_index(), process_count=jax.process_count())
     start_step = 0
-    # checkpoint integration point: resume (own run) > init_from (another run / converted HF) > random
+    # Initial weights: resume (own run) > init_from (another run / converted HF) > random
     checkpointer = RunCheckpointer(run_dir, config.checkpoint, to_dict(config))
     start = resolve_start(run_dir, config.checkpoint)
     if start.kind == "resume":
@@ -176,7 +176,7 @@ def train(config: Config, console: bool = True) -> RunResult:
                 raise TrainingError(f"stopping at step {step}: {t.max_nonfinite_steps} consecutive steps had a "
                                     "non-finite loss or gradient (updates were skipped); lower the learning rate "
                                     "or check the data")
-            # checkpoint integration point: periodic save (async) and preemption check
+            # Periodic save (async) and preemption check
             if save:
                 checkpointer.save(step, checkpoint_tree(state), data.get_state())
             if stop:
@@ -188,7 +188,7 @@ def train(config: Config, console: bool = True) -> RunResult:
                 writer.write(step, {"stopped_early": True, "reason": f"{mass_key} >= "
                                     f"{t.stop_at_captured_mass} in every layer"})
                 break
-        # checkpoint integration point: final save (also after a preemption or an early stop)
+        # Final save (also after a preemption or an early stop)
         checkpointer.save(step, checkpoint_tree(state), data.get_state(), force=True)
     finally:
         scope.__exit__(None, None, None)
