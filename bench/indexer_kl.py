@@ -1,9 +1,9 @@
 """Dense warm-up indexer KL, forward + backward: materialized reference vs streaming kernel.
 
 Methods (batch 1, one causal document, float32 on CPU):
-- reference: `dsa_train.ops.losses.indexer_kl_loss(impl="reference")`, builds [H, L, L] main
+- reference: `dsa_train.ops.losses.indexer_kl_loss` (the reference), builds [H, L, L] main
   attention scores/probabilities and [Hi, L, L] indexer logits;
-- streaming: `impl="streaming"` (dsa_train.kernels.indexer_kl): pass 1 (per-head lse) + pass 2 +
+- streaming: `Backend("streaming")` (dsa_train.kernels.indexer_kl): pass 1 (per-head lse) + pass 2 +
   custom_vjp backward over key blocks; nothing of size L x L;
 - streaming_lse: the same with the main attention's lse given (what the warm-up step can do when
   the dense attention already produced it): pass 1 skipped.
@@ -34,7 +34,7 @@ def run_child(method: str, length: int, options: dict) -> dict:
     import numpy as np
 
     from dsa_train.kernels.indexer_kl import attention_lse_streaming
-    from dsa_train.ops import losses
+    from dsa_train.kernels.backend import Backend
 
     h, hi = options["heads"], options["index_heads"]
     rng = np.random.default_rng(0)
@@ -49,7 +49,7 @@ def run_child(method: str, length: int, options: dict) -> dict:
         args.append(jax.jit(attention_lse_streaming, static_argnums=2)(q, kv, sm_scale, seg))
 
     def loss(q, kv, a, b, c, seg, lse=None):
-        return losses.indexer_kl_loss(q, kv, sm_scale, a, b, c, seg, impl=impl, lse=lse)
+        return Backend(impl).indexer_kl_loss(q, kv, sm_scale, a, b, c, seg, lse=lse)
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(2, 3, 4)))
     repeats = 2 if length <= 4096 else 1
