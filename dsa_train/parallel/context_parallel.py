@@ -1,14 +1,15 @@
 """Context parallelism: the sequence is sharded over the ``context`` axis.
 
 Every token-wise part of the model (projections, norms, MoE, the LM head) needs nothing special:
-its activations are simply sharded along the sequence. The three ops that look across the sequence
-run in ``shard_map``; each device keeps its own queries and all-gathers only the small per-token
-keys across ``context``:
+its activations are simply sharded along the sequence. The ops that look across the sequence (the
+kernel backend's, dsa_train/kernels/backend.py) run in ``shard_map`` when the model calls them
+through :func:`sequence_ops`; each device keeps its own queries and all-gathers only the small
+per-token keys across ``context``:
 
 - indexer top-k: local indexer queries against all indexer keys (128-dim per token), causal mask
   offset by the shard's position; query-chunked so the score buffer is ``chunk x T``;
-- sparse attention: local MQA queries against all MLA latent keys (576-dim per token) at the
-  selected (global) indices; heads stay sharded over ``tensor``;
+- sparse attention: the backend's kernel, local MQA queries against all MLA latent keys (576-dim
+  per token) at the selected (global) indices; heads stay sharded over ``tensor``;
 - sparse indexer KL: the same gathers, query-blocked and rematerialized; its numerator and
   denominator are summed over every token-sharding axis, so the loss is the global mean.
 
