@@ -10,8 +10,8 @@ per-token keys across ``context``:
   offset by the shard's position; query-chunked so the score buffer is ``chunk x T``;
 - sparse attention: the backend's kernel, local MQA queries against all MLA latent keys (576-dim
   per token) at the selected (global) indices; heads stay sharded over ``tensor``;
-- sparse indexer KL: the same gathers, query-blocked and rematerialized; its numerator and
-  denominator are summed over every token-sharding axis, so the loss is the global mean.
+- sparse indexer KL: the backend's kernel on the same gathers; its numerator and denominator are
+  summed over every token-sharding axis, so the loss is the global mean.
 
 Dense mode (warm-up, dense stage) likewise: dense attention gathers the per-head keys/values
 (heads stay sharded over ``tensor``) and the dense KL gathers the latent and indexer keys; both
@@ -42,13 +42,12 @@ from jax.sharding import PartitionSpec as P
 
 from dsa_train.ops.attention import NEG_INF
 from dsa_train.ops.indexer import indexer_scores
-from dsa_train.ops.losses import head_summed_target, indexer_scores_at, kl_from_target, sparse_target
+from dsa_train.ops.losses import head_summed_target, kl_from_target
 from dsa_train.ops.masks import causal_document_mask_at
 from dsa_train.parallel import scope as scope_lib
 from dsa_train.parallel import sequence_order
 
 TOPK_QUERY_CHUNK = 256
-KL_QUERY_BLOCK = 32
 
 
 def _layout():
@@ -148,7 +147,8 @@ def _blocks(n: int, block: int) -> int:
 class ContextParallelOps:
     """The kernel backend's interface (dsa_train/kernels/backend.py) with the sequence sharded over
     the context axis: each method runs in ``shard_map``, and sparse attention runs the backend's own
-    kernel on every shard (local queries, gathered latent keys, global indices)."""
+    kernel on every shard (local queries, gathered latent keys, global indices), and so does the
+    sparse indexer KL."""
 
     def __init__(self, backend):
         self.backend = backend
@@ -166,7 +166,7 @@ class ContextParallelOps:
         return indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids)
 
     def sparse_indexer_kl_loss(self, q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids):
-        return sparse_indexer_kl_loss(q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids)
+        return sparse_indexer_kl_loss(self.backend, q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids)
 
 
 def sequence_ops(backend):
@@ -237,45 +237,32 @@ def sparse_mla_attention(backend, q, kv, indices, sm_scale: float, v_dim: int = 
                          check_vma=backend.impl == "reference")(q, kv, indices)
 
 
-def sparse_indexer_kl_loss(q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids):
-    """Context-parallel ``ops.losses.sparse_indexer_kl_loss`` (global mean over valid queries)."""
+def sparse_indexer_kl_loss(backend, q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids):
+    """Context-parallel ``backend.sparse_indexer_kl_loss``: the backend's kernel on each shard's
+    queries against the gathered latent and indexer keys; the global mean over valid queries is
+    the shards' summed numerators over their summed counts (computed outside ``shard_map``)."""
     scope = _layout()
     b, s = segment_ids.shape
     sizes, batch, ctx = _specs(scope, s)
     bspec, cspec = _entry(batch), _entry(ctx)
-    token_axes = batch + ctx
+    token_axes = _entry(batch + ctx)
     seq = _sequence(scope, sizes, ctx)
     sg = jax.lax.stop_gradient
 
     def local(q, kv, idx, lse, qi, ki, wi, seg):
         with scope_lib.suspended():
-            kv_all, ki_all = seq.gather(kv), seq.gather(ki)
-            s_local = q.shape[1]
-            block = _blocks(s_local, KL_QUERY_BLOCK)
-            valid = (seg != 0).astype(jnp.float32)
-
-            @jax.checkpoint
-            def block_sum(ki_all, args):
-                q_b, idx_b, lse_b, qi_b, wi_b, valid_b = args
-                target = sparse_target(q_b, kv_all, idx_b, lse_b, sm_scale)
-                logits = indexer_scores_at(qi_b, ki_all, wi_b, idx_b)
-                return (kl_from_target(target, logits) * valid_b).sum()
-
-            def split(x):
-                return jnp.moveaxis(x.reshape(x.shape[0], s_local // block, block, *x.shape[2:]), 1, 0)
-
-            per_block = jax.lax.map(lambda args: block_sum(ki_all, args),
-                                    tuple(map(split, (q, idx, lse, qi, wi, valid))))
-            total = per_block.sum()
-            count = valid.sum()
-            if token_axes:
-                total = jax.lax.psum(total, _entry(token_axes))
-                count = jax.lax.psum(count, _entry(token_axes))
-            return total / jnp.maximum(count, 1.0)
+            count = (seg != 0).sum().astype(jnp.float32)
+            mean = backend.sparse_indexer_kl_loss(q, seq.gather(kv), idx, lse, sm_scale, qi, seq.gather(ki), wi, seg)
+            return (mean * jnp.maximum(count, 1.0))[None], count[None]
 
     tok = P(bspec, cspec)
-    return jax.shard_map(local, mesh=scope.mesh, in_specs=(tok, tok, tok, tok, tok, tok, tok, tok),
-                         out_specs=P())(sg(q), sg(kv), indices, sg(lse), q_idx, k_idx, w_idx, segment_ids)
+    # check_vma off as for sparse attention (the kernel's loops start from device-invariant carries);
+    # the per-shard outputs are summed outside, so no collective needs transposing but the gathers.
+    total, count = jax.shard_map(local, mesh=scope.mesh, in_specs=(tok,) * 8,
+                                 out_specs=(P(token_axes), P(token_axes)),
+                                 check_vma=backend.impl == "reference")(
+        sg(q), sg(kv), indices, sg(lse), q_idx, k_idx, w_idx, segment_ids)
+    return total.sum() / jnp.maximum(count.sum(), 1.0)
 
 
 # ---- dense mode (the warm-up and the dense stage) ----------------------------------------------------
