@@ -51,7 +51,7 @@ def run_child(layout: str, depth: int, options: dict) -> dict:
     opt = {g: make_optimizer(getattr(t, g), t.steps) for g in step_lib.GROUPS}
     txs, scheds = {g: o[0] for g, o in opt.items()}, {g: o[1] for g, o in opt.items()}
     abstract, shardings = abstract_train_state(cfg, txs, mesh, rules)
-    mode = step_lib.forward_mode(cfg, kernels="reference")
+    mode = step_lib.forward_mode(cfg)
     step = jit_train_step(step_lib.make_train_step(model_graphdef(cfg), cfg, txs, scheds, mode), shardings,
                           mesh, rules, t.batch_size, t.seq_len)
     bsh = batch_sharding(mesh, rules, t.batch_size, t.seq_len)

@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dsa_train.kernels import dispatch  # noqa: E402
+from dsa_train.kernels.backend import Backend  # noqa: E402
 from dsa_train.kernels.sparse_attention_gpu import (sparse_mla_attention_gpu,  # noqa: E402
                                                     sparse_mla_head_summed_probs_gpu)
 from dsa_train.ops.attention import NEG_INF, sparse_mla_attention_reference  # noqa: E402
@@ -140,7 +140,7 @@ def check_topk(interpret: bool) -> dict:
     w = jnp.asarray(rng.standard_normal((1, s, hi)), jnp.float32)
     seg = jnp.asarray(np.repeat([[0, 1]], s // 2, axis=1))
     impl = "pallas_interpret" if interpret else "pallas"
-    got = np.asarray(jax.jit(lambda *a: dispatch.indexer_topk(*a, k, seg, impl=impl))(q, keys, w))
+    got = np.asarray(jax.jit(lambda *a: Backend(impl).indexer_topk(*a, k, seg))(q, keys, w))
     ref = np.asarray(jax.jit(lambda *a: indexer_topk_reference(*a, k, seg))(q, keys, w))
     same = [set(g[g >= 0]) == set(r[r >= 0]) for g, r in zip(got[0], ref[0])]
     return dict(rows_equal=int(sum(same)), rows=len(same), ok=all(same))

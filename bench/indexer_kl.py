@@ -1,9 +1,9 @@
 """Dense warm-up indexer KL, forward + backward: materialized reference vs streaming kernel.
 
 Methods (batch 1, one causal document, float32 on CPU):
-- reference: `dsa_train.ops.losses.indexer_kl_loss(impl="reference")`, builds [H, L, L] main
+- reference: `dsa_train.ops.losses.indexer_kl_loss` (the reference), builds [H, L, L] main
   attention scores/probabilities and [Hi, L, L] indexer logits;
-- streaming: `impl="streaming"` (dsa_train.kernels.indexer_kl): pass 1 (per-head lse) + pass 2 +
+- streaming: `Backend("streaming")` (dsa_train.kernels.indexer_kl): pass 1 (per-head lse) + pass 2 +
   custom_vjp backward over key blocks; nothing of size L x L;
 - streaming_lse: the same with the main attention's lse given (what the warm-up step can do when
   the dense attention already produced it): pass 1 skipped.
@@ -34,7 +34,7 @@ def run_child(method: str, length: int, options: dict) -> dict:
     import numpy as np
 
     from dsa_train.kernels.indexer_kl import attention_lse_streaming
-    from dsa_train.ops import losses
+    from dsa_train.kernels.backend import Backend
 
     h, hi = options["heads"], options["index_heads"]
     rng = np.random.default_rng(0)
@@ -49,7 +49,7 @@ def run_child(method: str, length: int, options: dict) -> dict:
         args.append(jax.jit(attention_lse_streaming, static_argnums=2)(q, kv, sm_scale, seg))
 
     def loss(q, kv, a, b, c, seg, lse=None):
-        return losses.indexer_kl_loss(q, kv, sm_scale, a, b, c, seg, impl=impl, lse=lse)
+        return Backend(impl).indexer_kl_loss(q, kv, sm_scale, a, b, c, seg, lse=lse)
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(2, 3, 4)))
     repeats = 2 if length <= 4096 else 1
@@ -100,8 +100,8 @@ def main() -> None:
     config = {"batch": 1, "heads": opts.heads, "index_heads": opts.index_heads, "main_dim": D_MAIN,
               "index_dim": D_IDX, "dtype": "float32", "documents": 1,
               "timed": "jit(value_and_grad) w.r.t. q_idx, k_idx, w_idx; min over calls (2 calls up to 4K, 1 above)"}
-    note = ("CPU only: no GPU/TPU was available in this session (Pallas kernels checked in interpret mode "
-            "and by lowering only). 2 cores shared with other jobs: timings are indicative; see load_avg. "
+    note = ("CPU timings (the Pallas kernels are covered on CPU in interpret mode and by lowering only). "
+            "Timings on a shared 2-core host are indicative; see load_avg. "
             f"Reduced heads (H={opts.heads}, Hi={opts.index_heads}; the real model has 128 and 64).")
     title = (f"indexer dense KL fwd+bwd, CPU, B=1 H={opts.heads} Hi={opts.index_heads} D=576 Di=128 fp32: "
              "reference (materialized) vs streaming")

@@ -74,8 +74,8 @@ def main() -> None:
     budget = opts.mem_budget_gb or min(8.0, 0.5 * common.available_memory_gb())
     config = {"batch": 1, "index_heads": opts.index_heads, "index_dim": D_IDX, "topk": opts.topk,
               "dtype": "float32", "documents": 1, "timed": "jit(forward); min over calls (2 up to 4K, 1 above)"}
-    note = ("CPU only: no GPU/TPU was available in this session (the Pallas scoring kernel is checked in "
-            "interpret mode and by lowering only). 2 cores shared with other jobs: timings are indicative. "
+    note = ("CPU timings (the Pallas scoring kernel is covered on CPU in interpret mode and by lowering only). "
+            "Timings on a shared 2-core host are indicative. "
             f"Reduced indexer heads (Hi={opts.index_heads}; the real indexer has 64).")
     title = (f"indexer top-k (K={opts.topk}), CPU, B=1 Hi={opts.index_heads} Di=128 fp32: "
              "full scores (reference) vs streaming")

@@ -6,7 +6,7 @@ Methods (batch 1, H heads, top-k K, causal):
 - dense_mask:   the same MHA-form dense attention plus an additive top-k mask built from the indexer's
                 indices (what MaxText and HF transformers do for DSA): still O(L^2) time and memory.
 - sparse:       top-k sparse attention in the MQA/latent form (576 = 512 + 64, value 512), through
-                `dsa_train.kernels.dispatch.sparse_mla_attention` with --impl (CPU default: blocked).
+                `dsa_train.kernels.backend.Backend(--impl).sparse_mla_attention` (CPU default: blocked).
 
 Each (method, length) runs in its own subprocess: peak memory is that process's ru_maxrss (it
 includes the JAX runtime, about a few hundred MB, also reported on its own) next to XLA's compiled
@@ -74,7 +74,7 @@ def build(method: str, length: int, heads: int, topk: int, dtype_name: str, impl
     import jax.numpy as jnp
     import numpy as np
 
-    from dsa_train.kernels.dispatch import sparse_mla_attention
+    from dsa_train.kernels.backend import Backend
     from dsa_train.ops.attention import NEG_INF, dense_attention
 
     dtype = jnp.dtype(dtype_name)
@@ -87,7 +87,7 @@ def build(method: str, length: int, heads: int, topk: int, dtype_name: str, impl
         scale = d ** -0.5
 
         def loss(q, kv):
-            out, _ = sparse_mla_attention(q, kv, indices, scale, KV_LORA, impl)
+            out, _ = Backend.resolve(impl).sparse_mla_attention(q, kv, indices, scale, KV_LORA)
             return jnp.sum(out.astype(jnp.float32))
     else:
         dqk = QK_NOPE + QK_ROPE
@@ -170,13 +170,13 @@ def gpu_forward_timing(opts, args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from dsa_train.kernels.dispatch import sparse_mla_attention
+    from dsa_train.kernels.backend import Backend
 
     if opts.method != "sparse":
         return {}
     indices = jnp.asarray(causal_topk_indices(opts.length, opts.topk))
     scale = (KV_LORA + QK_ROPE) ** -0.5
-    fwd = jax.jit(lambda q, kv: sparse_mla_attention(q, kv, indices, scale, KV_LORA, opts.impl))
+    fwd = jax.jit(lambda q, kv: Backend.resolve(opts.impl).sparse_mla_attention(q, kv, indices, scale, KV_LORA))
     jax.block_until_ready(fwd(*args))
     times = []
     for _ in range(max(opts.repeats, 3)):

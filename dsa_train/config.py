@@ -81,7 +81,7 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     initializer_range: float = 0.02
-    # Sparse-path implementation (dsa_train/kernels/dispatch.py): `auto` picks the Pallas kernels
+    # Sparse-path implementation (dsa_train/kernels/backend.py): `auto` picks the Pallas kernels
     # on GPU/TPU and the memory-bounded pure-JAX path (`blocked`) on CPU; `reference` is the
     # materializing oracle the kernels are tested against.
     kernels: Literal["auto", "reference", "blocked", "pallas"] = "auto"

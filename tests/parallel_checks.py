@@ -48,7 +48,7 @@ def main(job: dict) -> dict:
         t = cfg.train
         with activate(mesh, rules, remat=t.remat, expert_capacity=cfg.mesh.expert_capacity):
             graphdef, state, shardings = init_train_state(cfg, txs, mesh, rules)
-            mode = step_lib.forward_mode(cfg, kernels="reference")
+            mode = step_lib.forward_mode(cfg)
             trained_groups = step_lib.TRAINABLE[t.stage]
             rng = np.random.default_rng(0)
             seg = np.ones((t.batch_size, t.seq_len), np.int32)

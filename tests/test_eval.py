@@ -14,7 +14,7 @@ import pytest
 from dsa_train.config import load_model_config
 from dsa_train.data.synthetic import RetrievalTask, answers
 from dsa_train.eval.aggregate import IndexerAccumulator, QualityAccumulator, bucket_labels
-from dsa_train.eval.diagnostics import layer_row_stats
+from dsa_train.ops.row_stats import layer_row_stats
 from dsa_train.eval.forward import DiagnosticOptions, LayerRunner
 from dsa_train.eval.needle import score_case, summarize, synthetic_case, token_case
 from dsa_train.model import ForwardMode, create_model
@@ -239,7 +239,7 @@ def test_layer_runner_matches_the_model():
     model = create_model(config, seed=1)
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 16)).astype(np.int32)
     seg = np.array([[1] * 16, [1] * 7 + [2] * 9], np.int32)
-    runner = LayerRunner(model, "reference", DiagnosticOptions(block_q=8, head_chunk=5))
+    runner = LayerRunner(model, DiagnosticOptions(block_q=8, head_chunk=5))
     targets = np.concatenate([tokens[:, 1:], tokens[:, :1]], 1)
     seen = []
     for mode in ("dense", "sparse"):

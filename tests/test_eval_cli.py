@@ -17,7 +17,7 @@ from dsa_train.cli import main as cli_main
 from dsa_train.config import CheckpointConfig, load_config, load_model_config, to_dict
 from dsa_train.eval import eval_main
 from dsa_train.eval.checkpoints import EvalInputError, load_checkpoint
-from dsa_train.eval.heldout import HeldoutIndexerEval, reached
+from dsa_train.eval.heldout import HeldoutIndexerEval
 from dsa_train.model import create_model
 
 SEQ = 32
@@ -111,13 +111,11 @@ def test_heldout_hook_reports_per_layer_metrics(config, tmp_path):
     cfg = load_config("configs/tiny.yaml", ["train.batch_size=2", f"train.seq_len={SEQ}", "train.eval_batches=1",
                                             "model.compute_dtype=float32", "data.num_pairs=2", "data.num_queries=1",
                                             f"train.run_dir={tmp_path}", "model.index_topk=4"])
-    hook = HeldoutIndexerEval(cfg, "reference")
+    hook = HeldoutIndexerEval(cfg)
     record = hook(create_model(cfg.model, seed=0))
     assert set(record) == {"heldout/captured_mass", "heldout/captured_mass_p10", "heldout/k90", "heldout/indexer_kl"}
     mass = record["heldout/captured_mass"]
     assert len(mass) == 2 and all(0 < m < 1 for m in mass)
-    assert reached(record, min(mass)) and not reached(record, max(mass) + 1e-3)
-    assert not reached({"heldout/captured_mass": [None, 1.0]}, 0.5)
     assert hook.batches[0]["tokens"].shape == (2, SEQ)
 
 
@@ -135,3 +133,35 @@ def test_trainer_stops_the_warmup_on_heldout_captured_mass(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert "heldout/captured_mass" not in records[0] and len(records[1]["heldout/captured_mass"]) == 2
     assert records[-1]["reason"].startswith("heldout/captured_mass >= 0.01")
+
+
+def test_eval_on_a_scan_layers_checkpoint_matches_the_per_layer_layout(config, tmp_path):
+    """The same weights (same seed in both layouts) stored as a scan_layers model and as a per-layer
+    one: `dsa-train eval` runs on both (through the model's own forward) and reports the same figures."""
+    small_k = dataclasses.replace(config, index_topk=8)  # selection matters: figures are not trivially 1
+    figures = []
+    for scan in (False, True):
+        path = tmp_path / f"scan-{scan}"
+        model_io.save_model(path, create_model(dataclasses.replace(small_k, scan_layers=scan), seed=3))
+        assert model_io.load_model_config(path).scan_layers is scan
+        out = tmp_path / f"out-{scan}"
+        assert cli_main(["eval", str(path), *ARGS, "--out", str(out)]) == 0
+        [result] = _results(out)
+        figures.append({k: result[k] for k in ("indexer", "quality", "needle")})
+    assert figures[0]["indexer"]["layers"][0]["captured_mass"] < 0.999
+    _assert_same_figures(figures[1], figures[0])
+
+
+def _assert_same_figures(got, want, path="results"):
+    if isinstance(want, dict):
+        assert set(got) == set(want), path
+        for k in want:
+            _assert_same_figures(got[k], want[k], f"{path}.{k}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_same_figures(g, w, f"{path}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-5), path
+    else:
+        assert got == want, path

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsa_train.kernels import dispatch, indexer_kl, indexer_kl_pallas, indexer_topk
+from dsa_train.kernels import indexer_kl, indexer_kl_pallas, indexer_topk
+from dsa_train.kernels.backend import Backend
 from dsa_train.ops import losses
 from dsa_train.ops.attention import sparse_mla_attention_reference
 from dsa_train.ops.indexer import indexer_topk_reference
@@ -81,11 +82,11 @@ def test_topk_pallas_interpret_matches_reference(variant):
 
 
 @pytest.mark.parametrize("impl", ["blocked", "pallas_interpret", "pallas_tpu_interpret"])
-def test_topk_through_dispatch(impl):
+def test_topk_through_backend(impl):
     s, topk = 21, 8
     _, _, q_idx, k_idx, w_idx, seg = _inputs(s, seed=2)
     ref = _topk_reference(q_idx, k_idx, w_idx, topk, seg)
-    _same_sets(jax.jit(lambda *a: dispatch.indexer_topk(*a, topk, seg, impl=impl))(q_idx, k_idx, w_idx), ref)
+    _same_sets(jax.jit(lambda *a: Backend(impl).indexer_topk(*a, topk, seg))(q_idx, k_idx, w_idx), ref)
 
 
 def test_unknown_impl_is_a_clear_error():
@@ -148,7 +149,7 @@ def test_dense_kl_streaming_matches_reference(s, blocks, given_lse):
 def test_dense_kl_pallas_interpret_matches_reference(impl):
     s = 21
     q, kv, q_idx, k_idx, w_idx, seg = _inputs(s, seed=4)
-    f = lambda q_, kv_, a, b, c, sg: losses.indexer_kl_loss(q_, kv_, D ** -0.5, a, b, c, sg, impl=impl)
+    f = lambda q_, kv_, a, b, c, sg: Backend(impl).indexer_kl_loss(q_, kv_, D ** -0.5, a, b, c, sg)
     got = _value_and_indexer_grads(f, q, kv, q_idx, k_idx, w_idx, seg)
     _check_loss_and_grads(got, _dense_reference(q, kv, q_idx, k_idx, w_idx, seg))
 
@@ -156,7 +157,7 @@ def test_dense_kl_pallas_interpret_matches_reference(impl):
 def test_dense_kl_bf16_inputs_close_to_reference():
     s = 21
     q, kv, q_idx, k_idx, w_idx, seg = _inputs(s, seed=5, dtype=jnp.bfloat16)
-    f = lambda q_, kv_, a, b, c, sg: losses.indexer_kl_loss(q_, kv_, D ** -0.5, a, b, c, sg, impl="blocked")
+    f = lambda q_, kv_, a, b, c, sg: Backend("blocked").indexer_kl_loss(q_, kv_, D ** -0.5, a, b, c, sg)
     v, g = _value_and_indexer_grads(f, q, kv, q_idx, k_idx, w_idx, seg)
     rv, rg = _dense_reference(q, kv, q_idx, k_idx, w_idx, seg)
     assert all(x.dtype == jnp.bfloat16 for x in g[:2])
@@ -167,7 +168,7 @@ def test_dense_kl_bf16_inputs_close_to_reference():
 
 def test_dense_kl_main_inputs_get_no_gradient():
     q, kv, q_idx, k_idx, w_idx, seg = _inputs(13, seed=6)
-    f = lambda q_, kv_: losses.indexer_kl_loss(q_, kv_, D ** -0.5, q_idx, k_idx, w_idx, seg, impl="streaming")
+    f = lambda q_, kv_: Backend("streaming").indexer_kl_loss(q_, kv_, D ** -0.5, q_idx, k_idx, w_idx, seg)
     dq, dkv = jax.jit(jax.grad(f, argnums=(0, 1)))(q, kv)
     assert not np.any(dq) and not np.any(dkv)
 
@@ -195,7 +196,7 @@ def test_streaming_dense_kl_has_no_quadratic_buffer():
               jax.ShapeDtypeStruct((1, s, 2), jnp.float32), jax.ShapeDtypeStruct((1, s), jnp.int32))
 
     def temp_bytes(impl):
-        f = lambda q, kv, a, b, c, sg: losses.indexer_kl_loss(q, kv, 0.1, a, b, c, sg, impl=impl)
+        f = lambda q, kv, a, b, c, sg: Backend(impl).indexer_kl_loss(q, kv, 0.1, a, b, c, sg)
         compiled = jax.jit(jax.value_and_grad(f, argnums=(2, 3, 4))).lower(*shapes).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
@@ -216,7 +217,7 @@ def test_sparse_kl_matches_reference(s, topk, block_q):
             if impl == "reference":
                 return losses.sparse_indexer_kl_loss(q_, kv_, indices, lse, D ** -0.5, a, b, c, sg)
             if impl == "auto":
-                return losses.sparse_indexer_kl_loss(q_, kv_, indices, lse, D ** -0.5, a, b, c, sg, impl="auto")
+                return Backend.resolve("auto").sparse_indexer_kl_loss(q_, kv_, indices, lse, D ** -0.5, a, b, c, sg)
             return indexer_kl.sparse_indexer_kl_loss_streaming(q_, kv_, indices, lse, D ** -0.5, a, b, c, sg,
                                                                block_q=block)
         return _value_and_indexer_grads(f, q, kv, q_idx, k_idx, w_idx, seg)
@@ -259,8 +260,8 @@ def test_dense_kl_kernel_lowers(platform, grad, given_lse):
               jax.ShapeDtypeStruct((1, s, 4, 128), jnp.bfloat16), jax.ShapeDtypeStruct((1, s, 128), jnp.bfloat16),
               jax.ShapeDtypeStruct((1, s, 4), jnp.float32), jax.ShapeDtypeStruct((1, s), jnp.int32),
               jax.ShapeDtypeStruct((1, s, h), jnp.float32))
-    f = lambda q, kv, a, b, c, sg, lse: losses.indexer_kl_loss(q, kv, 0.07, a, b, c, sg, impl="pallas",
-                                                               lse=lse if given_lse else None)
+    f = lambda q, kv, a, b, c, sg, lse: Backend("pallas").indexer_kl_loss(q, kv, 0.07, a, b, c, sg,
+                                                                  lse=lse if given_lse else None)
     kernels = ["indexer_kl_stats"] + ([] if given_lse else ["indexer_kl_attention_lse"])
     if grad:  # the backward is Pallas too: the dq/dw (query-major) and dk (key-major) kernels
         f = jax.grad(f, argnums=(2, 3, 4))

@@ -2,24 +2,22 @@
 
 Values and gradients (dq, dkv, with a cotangent on lse too) of the blocked path and of both Pallas
 kernels in interpret mode; lowering of both kernels for CUDA and TPU through jax.export (forward and
-backward); dispatch and error handling.
+backward); the kernel backend and its input checks.
 """
 
 from __future__ import annotations
-
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsa_train.kernels import dispatch
+from dsa_train.kernels import backend as backend_lib
+from dsa_train.kernels.backend import Backend, resolve_impl
 from dsa_train.kernels.sparse_attention_blocked import sparse_mla_attention_blocked
 from dsa_train.kernels.sparse_attention_gpu import sparse_mla_attention_gpu, sparse_mla_head_summed_probs_gpu
 from dsa_train.kernels.sparse_attention_tpu import sparse_mla_attention_tpu
-from dsa_train.ops.attention import NEG_INF, sparse_mla_attention, sparse_mla_attention_reference
+from dsa_train.ops.attention import NEG_INF, sparse_mla_attention_reference
 from dsa_train.ops.indexer import indexer_topk_reference
 
 
@@ -190,7 +188,7 @@ def test_tpu_kernel_lowers_for_tpu(shape):
 
 def test_pallas_impl_picks_kernel_per_lowering_platform():
     # impl="pallas" is resolved when lowering, so a CPU host can export for either accelerator.
-    dispatched = lambda q, kv, idx, scale, v: dispatch.sparse_mla_attention(q, kv, idx, scale, v, "pallas")
+    dispatched = lambda q, kv, idx, scale, v: Backend("pallas").sparse_mla_attention(q, kv, idx, scale, v)
     cuda_fwd, cuda_bwd = export_forward_and_backward(dispatched, "cuda", *SHAPES["tiny"])
     tpu_fwd, tpu_bwd = export_forward_and_backward(dispatched, "tpu", *SHAPES["tiny"])
     assert "xla.gpu.triton" in cuda_bwd and "tpu_custom_call" not in cuda_bwd
@@ -198,53 +196,54 @@ def test_pallas_impl_picks_kernel_per_lowering_platform():
 
 
 # ----------------------------------------------------------------------------------------------
-# Dispatch.
+# The kernel backend.
 
 
 def test_resolve_impl():
-    assert dispatch.resolve_impl("auto", backend="cpu") == "blocked"
-    assert dispatch.resolve_impl("auto", backend="gpu") == "pallas"
-    assert dispatch.resolve_impl("auto", backend="tpu") == "pallas"
-    assert dispatch.resolve_impl("reference") == "reference"
-    assert dispatch.resolve_impl("auto") == ("blocked" if jax.default_backend() == "cpu" else "pallas")
+    assert resolve_impl("auto", platform="cpu") == "blocked"
+    assert resolve_impl("auto", platform="gpu") == "pallas"
+    assert resolve_impl("auto", platform="tpu") == "pallas"
+    assert resolve_impl("reference") == "reference"
+    assert resolve_impl("auto") == ("blocked" if jax.default_backend() == "cpu" else "pallas")
     with pytest.raises(ValueError, match="unknown kernel implementation"):
-        dispatch.resolve_impl("cuda")
+        resolve_impl("cuda")
 
 
 @pytest.mark.parametrize("impl", ["auto", "blocked", "pallas", "pallas_interpret", "reference"])
-def test_dispatch_through_ops(impl):
+def test_backend_sparse_attention(impl):
     q, kv, idx = make_inputs(s=6, t=6, k=4, seed=5)
     want = sparse_mla_attention_reference(q, kv, idx, 0.3, 32)
-    got = jax.jit(lambda *a: sparse_mla_attention(*a, 0.3, v_dim=32, impl=impl))(q, kv, idx)
+    got = jax.jit(lambda *a: Backend.resolve(impl).sparse_mla_attention(*a, 0.3, v_dim=32))(q, kv, idx)
     for w, g in zip(want, got):
         np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
 
 
-def test_dispatch_errors():
+def test_backend_input_errors():
     q, kv, idx = make_inputs(s=6, t=6, k=4)
     with pytest.raises(ValueError, match="shape mismatch"):
-        dispatch.sparse_mla_attention(q, kv[:, :, :40], idx, 0.3, 32, "blocked")
+        Backend("blocked").sparse_mla_attention(q, kv[:, :, :40], idx, 0.3, 32)
     with pytest.raises(ValueError, match="v_dim"):
-        dispatch.sparse_mla_attention(q, kv, idx, 0.3, 64, "blocked")
+        Backend("blocked").sparse_mla_attention(q, kv, idx, 0.3, 64)
     with pytest.raises(ValueError, match="indices must be integers"):
-        dispatch.sparse_mla_attention(q, kv, idx.astype(jnp.float32), 0.3, 32, "blocked")
+        Backend("blocked").sparse_mla_attention(q, kv, idx.astype(jnp.float32), 0.3, 32)
 
 
-def test_indexer_topk_dispatch(monkeypatch):
+def test_backend_indexer_topk(monkeypatch):
     rng = np.random.default_rng(6)
     qi = jnp.asarray(rng.standard_normal((1, 6, 2, 8)), jnp.float32)
     ki = jnp.asarray(rng.standard_normal((1, 6, 8)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((1, 6, 2)), jnp.float32)
     seg = jnp.ones((1, 6), jnp.int32)
     want = indexer_topk_reference(qi, ki, w, 3, seg)
-    np.testing.assert_array_equal(dispatch.indexer_topk(qi, ki, w, 3, seg, "reference"), want)
+    np.testing.assert_array_equal(Backend("reference").indexer_topk(qi, ki, w, 3, seg), want)
     # Every other implementation goes to dsa_train.kernels.indexer_topk.indexer_topk_kernel.
     calls = []
-    fake = types.ModuleType("dsa_train.kernels.indexer_topk")
-    fake.indexer_topk_kernel = lambda q, k, weights, topk, segment_ids, impl: calls.append((topk, impl)) or want
-    monkeypatch.setitem(sys.modules, "dsa_train.kernels.indexer_topk", fake)
-    np.testing.assert_array_equal(dispatch.indexer_topk(qi, ki, w, 3, seg, "auto"), want)
-    assert calls == [(3, dispatch.resolve_impl("auto"))]
+    fake = lambda q, k, weights, topk, segment_ids, impl: calls.append((topk, impl)) or want  # noqa: E731
+    monkeypatch.setattr(backend_lib, "indexer_topk_kernel", fake)
+    np.testing.assert_array_equal(Backend.resolve("auto").indexer_topk(qi, ki, w, 3, seg), want)
+    assert calls == [(3, resolve_impl("auto"))]
+    with pytest.raises(ValueError, match="resolved kernel name"):
+        Backend("auto")
 
 
 def test_gpu_head_summed_probs_match_reference():

@@ -141,3 +141,41 @@ def test_grad_accumulation_matches_full_batch():
     _, m_a = step_a(state_a, batch)
     _, m_1 = step_1(state_a, batch)
     np.testing.assert_allclose(float(m_a["grad_norm/main"]), float(m_1["grad_norm/main"]), rtol=2e-4)
+
+
+def test_grad_accumulation_with_unequal_loss_weights_equals_one_big_batch():
+    """grad_accum = 4 over four rows whose weighted-target counts differ (answer-token weights, as
+    the synthetic task's): loss and gradients equal one batch of the four rows (fp32)."""
+    rows, seq = 4, 24
+    rng = np.random.default_rng(3)
+    seg = np.ones((rows, seq), np.int32)
+    seg[1, 10:] = 2
+    seg[3, 18:] = 0
+    weights = np.zeros((rows, seq), np.float32)
+    for r, n in enumerate((2, 20, 5, 11)):  # a different number of weighted targets per row
+        weights[r, rng.choice(seq - 1, n, replace=False)] = rng.uniform(0.5, 2.0, n)
+    batch = {"tokens": jnp.asarray(np.where(seg > 0, rng.integers(4, 512, (rows, seq)), 0).astype(np.int32)),
+             "segment_ids": jnp.asarray(seg), "loss_weights": jnp.asarray(weights * (seg > 0))}
+    results = []
+    for accum in (4, 1):
+        cfg = load_config("configs/tiny.yaml", ["train.stage=dense", f"train.batch_size={rows}", f"train.seq_len={seq}",
+                                                f"train.grad_accum={accum}", "model.compute_dtype=float32",
+                                                "train.moe_bias_update_rate=0.0"])
+        graphdef, params, bias = S.split_model(create_model(cfg.model, seed=5))
+        opt = {g: make_optimizer(getattr(cfg.train, g), cfg.train.steps) for g in S.GROUPS}
+        txs, scheds = {g: o[0] for g, o in opt.items()}, {g: o[1] for g, o in opt.items()}
+        state = S.init_state(cfg, params, bias, txs)
+        _, metrics = jax.jit(S.make_train_step(graphdef, cfg, txs, scheds, S.forward_mode(cfg)))(state, batch)
+        mode = S.forward_mode(cfg)
+        total = S.model_inputs(batch)["target_weights"].sum()
+        loss_fn = lambda tr, b: S._loss_and_metrics(graphdef, cfg, mode, tr, {"indexer": params["indexer"]},  # noqa
+                                                    bias, b, total, accum)
+        (loss, _), grads = jax.jit(lambda tr: S._accumulate(jax.value_and_grad(loss_fn, has_aux=True), tr, batch,
+                                                            accum))({"main": params["main"]})
+        results.append((metrics, float(loss), jax.tree.leaves(grads)))
+    (m4, loss4, g4), (m1, loss1, g1) = results
+    for name in ("loss", "lm_loss", "accuracy", "grad_norm/main"):
+        np.testing.assert_allclose(float(m4[name]), float(m1[name]), rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(loss4, loss1, rtol=1e-5)
+    for a, b in zip(g4, g1):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * np.abs(np.asarray(b)).max())

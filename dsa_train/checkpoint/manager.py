@@ -582,10 +582,6 @@ def _committed_steps(checkpoints_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in checkpoints_dir.iterdir() if _is_step_dir(p))
 
 
-def run_has_checkpoint(run_dir: str | Path) -> bool:
-    return bool(_committed_steps(Path(run_dir) / CHECKPOINTS_DIR))
-
-
 def _find_run_step(path: Path) -> Optional[Path]:
     """The step directory ``path`` designates: a run dir (latest step), its ``checkpoints`` dir
     (latest step) or one step directory. None when ``path`` is not a training checkpoint."""

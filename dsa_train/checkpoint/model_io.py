@@ -323,17 +323,6 @@ def _abstract_stack(xs: list) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((len(xs), *xs[0].shape), xs[0].dtype, sharding=sharding)
 
 
-def restore_into(model: nnx.Module, path: str | Path) -> None:
-    """Overwrite every variable of a live model with the model directory's arrays (cast to the
-    model's dtypes, placed like the model's arrays)."""
-    state = nnx.state(model)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                            nnx.to_pure_dict(state))
-    restored = load_model_state(path, abstract)
-    nnx.replace_by_pure_dict(state, restored)
-    nnx.update(model, state)
-
-
 def load_model_params(path: str | Path, config: Optional[ModelConfig] = None) -> nnx.Module:
     """A CausalLM with the model directory's weights, never materializing a random init.
 

@@ -20,8 +20,8 @@ Writes eval.json, report.md and PNGs to --out (default: <CHECKPOINT>/eval, or
 <A>/eval-vs-<B> when comparing).
 
 Library entry points: :func:`eval_main` (the command), :mod:`dsa_train.eval.run` (``evaluate``),
-:mod:`dsa_train.eval.diagnostics` (pure per-row statistics), :mod:`dsa_train.eval.heldout` (the
-trainer's periodic held-out hook).
+:mod:`dsa_train.ops.row_stats` (pure per-row statistics, computed in the model's forward),
+:mod:`dsa_train.eval.heldout` (the trainer's periodic held-out hook).
 """
 
 from __future__ import annotations

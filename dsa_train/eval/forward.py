@@ -1,13 +1,13 @@
-"""Evaluation forward passes: the model run layer by layer, so one layer's captured attention
-inputs (q/kv in MQA form, the indexer's q/k/w) are measured and dropped before the next layer runs.
+"""Evaluation forward passes through the model's own forward (`CausalLM.__call__`), whatever its
+layer layout (per-layer or `model.scan_layers`).
 
-Running the layers one at a time keeps memory at one layer's captures (CausalLM with
-ForwardMode(capture=True) would hold every layer's at once). `embed` and `head` mirror the
-prologue and epilogue of `CausalLM.__call__`; tests check the layer-by-layer hidden state equals
-the model's own.
+The dense pass asks the model for every layer's per-row indexer statistics
+(`ForwardMode(row_stats=...)`, ops/row_stats.py): each layer computes them from its attention inputs
+and drops those inputs, so only the [L, B, S] statistics leave the forward. The LM head then runs
+over the final hidden state in position chunks, so [B, S, vocab] logits never exist at once.
 
-Each piece is jitted once per (layer structure, shapes): the dense and the MoE layers share their
-compiled code across layers and across checkpoints of the same model config.
+Both pieces are jitted once per (model structure, shapes), so checkpoints of the same model config
+share their compiled code.
 """
 
 from __future__ import annotations
@@ -19,13 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsa_train.eval.diagnostics import layer_row_stats
 from dsa_train.model import CausalLM, ForwardMode
-from dsa_train.ops.attention import sparse_mla_attention
-from dsa_train.ops.indexer import indexer_topk
 from dsa_train.ops.losses import lm_targets
 from dsa_train.ops.masks import document_positions
-from dsa_train.ops.rope import rope_angles
+from dsa_train.ops.row_stats import RowStatsOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,47 +35,19 @@ class DiagnosticOptions:
     output_error: bool = True  # relative L2 of the sparse vs dense attention output
     head_chunk: int = 512  # positions per LM-head chunk: [B, chunk, vocab] logits at a time
 
+    def row_stats(self) -> RowStatsOptions:
+        return RowStatsOptions(self.recent_window, self.sink_tokens, self.block_q, self.output_error)
 
-def _embed(graphdef, state, tokens, segment_ids, positions):
+
+def _forward(graphdef, state, tokens, segment_ids, positions, mode: ForwardMode):
+    """The model's forward without logits -> (final normed hidden [B, S, D], row stats name -> [L, B, S])."""
+    out = nnx.merge(graphdef, state)(tokens, segment_ids, positions, mode=mode)
+    return out.hidden, out.row_stats
+
+
+def _head(graphdef, state, hidden, tokens, segment_ids, chunk: int):
+    """LM head in position chunks -> (nll [B, S], argmax correct [B, S]) of the next token."""
     model = nnx.merge(graphdef, state)
-    cos, sin = rope_angles(positions, model.config)
-    return model.model.embed_tokens(tokens), cos, sin
-
-
-def _layer(graphdef, state, x, segment_ids, cos, sin, mode: ForwardMode):
-    layer = nnx.merge(graphdef, state)
-    valid = (segment_ids != 0).astype(jnp.float32)
-    x, _, _ = layer(x, segment_ids, valid, cos, sin, mode)
-    return x
-
-
-def _layer_with_stats(graphdef, state, x, segment_ids, positions, cos, sin, kernels: str, topk: int,
-                      options: DiagnosticOptions):
-    """One dense layer step plus the row statistics of its attention (diagnostics.layer_row_stats)."""
-    layer = nnx.merge(graphdef, state)
-    valid = (segment_ids != 0).astype(jnp.float32)
-    x_next, aux, _ = layer(x, segment_ids, valid, cos, sin, ForwardMode("dense", logits=False, kernels=kernels,
-                                                                      capture=True))
-    q, kv, q_i, k_i, w_i = aux.captured
-    attn, c = layer.self_attn, layer.self_attn.config
-    extra = {}
-    if options.output_error:
-        # The sparse output through the same ops sparse training runs (top-k, sparse MLA kernel).
-        indices = indexer_topk(q_i, k_i, w_i, topk, segment_ids, impl=kernels)
-        latent, _ = sparse_mla_attention(q, kv, indices, attn.sm_scale, v_dim=c.kv_lora_rank, impl=kernels)
-        w = attn.kv_b_proj.weight[...].reshape(c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim,
-                                              c.kv_lora_rank)
-        extra = dict(sparse_latent=latent, w_uv=w[:, c.qk_nope_head_dim:], w_o=attn.o_proj.weight[...])
-    stats = layer_row_stats(q, kv, attn.sm_scale, q_i, k_i, w_i, segment_ids, positions, topk,
-                            recent_window=options.recent_window, sink_tokens=options.sink_tokens,
-                            block_q=options.block_q, **extra)
-    return x_next, stats
-
-
-def _head(graphdef, state, x, tokens, segment_ids, chunk: int):
-    """Final norm + LM head in position chunks -> (nll [B, S], argmax correct [B, S]) of the next token."""
-    model = nnx.merge(graphdef, state)
-    hidden = model.model.norm(x)
     targets, _ = lm_targets(tokens, segment_ids)
     b, s, d = hidden.shape
     chunk = max(1, min(chunk, s))
@@ -98,20 +67,18 @@ def _head(graphdef, state, x, tokens, segment_ids, chunk: int):
     return unblock(nll), unblock(correct)
 
 
-_embed_jit = jax.jit(_embed, static_argnums=0)
-_layer_jit = jax.jit(_layer, static_argnums=(0, 6))
-_layer_stats_jit = jax.jit(_layer_with_stats, static_argnums=(0, 7, 8, 9))
+_forward_jit = jax.jit(_forward, static_argnums=(0, 5))
 _head_jit = jax.jit(_head, static_argnums=(0, 5))
 
 
 class LayerRunner:
-    """A model split into jittable pieces: embed, each decoder layer, the LM head."""
+    """A model's forward pass for evaluation: next-token scores and, in the dense pass, every
+    layer's per-row indexer statistics. The model runs on its own kernel backend."""
 
-    def __init__(self, model: CausalLM, kernels: str, options: DiagnosticOptions = DiagnosticOptions()):
+    def __init__(self, model: CausalLM, options: DiagnosticOptions = DiagnosticOptions()):
         self.config = model.config
-        self.kernels, self.options = kernels, options
-        self.model_graphdef, self.model_state = nnx.split(model)
-        self.layers = [nnx.split(layer) for layer in model.model.layers]
+        self.options = options
+        self.graphdef, self.state = nnx.split(model)
 
     @property
     def has_indexer(self) -> bool:
@@ -124,21 +91,18 @@ class LayerRunner:
         (None without `head`: the LM head is skipped).
 
         With `on_layer_stats` (dense attention only), each layer's row statistics (device arrays,
-        see diagnostics.layer_row_stats) are handed to it right after the layer ran."""
+        see ops/row_stats.layer_row_stats) are handed to it, in layer order."""
         tokens, segment_ids = jnp.asarray(tokens), jnp.asarray(segment_ids)
         positions = document_positions(segment_ids) if positions is None else jnp.asarray(positions)
-        x, cos, sin = _embed_jit(self.model_graphdef, self.model_state, tokens, segment_ids, positions)
-        mode = ForwardMode(attention, logits=False, kernels=self.kernels, selection=selection, sink_tokens=sink_tokens)
         measure = on_layer_stats is not None and self.has_indexer
         if measure and attention != "dense":
             raise ValueError("layer statistics are measured in the dense pass")
-        for i, (graphdef, state) in enumerate(self.layers):
-            if measure:
-                x, stats = _layer_stats_jit(graphdef, state, x, segment_ids, positions, cos, sin, self.kernels,
-                                            self.config.index_topk, self.options)
-                on_layer_stats(i, stats)
-            else:
-                x = _layer_jit(graphdef, state, x, segment_ids, cos, sin, mode)
+        mode = ForwardMode(attention, logits=False, row_stats=self.options.row_stats() if measure else None,
+                           selection=selection, sink_tokens=sink_tokens)
+        hidden, row_stats = _forward_jit(self.graphdef, self.state, tokens, segment_ids, positions, mode)
+        if measure:
+            for i in range(self.config.num_hidden_layers):
+                on_layer_stats(i, {k: v[i] for k, v in row_stats.items()})
         if not head:
             return None
-        return _head_jit(self.model_graphdef, self.model_state, x, tokens, segment_ids, self.options.head_chunk)
+        return _head_jit(self.graphdef, self.state, hidden, tokens, segment_ids, self.options.head_chunk)

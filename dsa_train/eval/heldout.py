@@ -30,9 +30,9 @@ def heldout_seed(train_seed: int) -> int:
 
 
 class HeldoutIndexerEval:
-    def __init__(self, config: Config, kernels: str):
+    def __init__(self, config: Config):
         t = config.train
-        self.config, self.kernels = config, kernels
+        self.config = config
         self.batches = load_batches(dataclasses.replace(config.data, prefetch=0), batches=t.eval_batches,
                                     batch_size=t.batch_size // t.grad_accum, seq_len=t.seq_len,
                                     vocab_size=config.model.vocab_size, seed=heldout_seed(t.seed))
@@ -42,7 +42,7 @@ class HeldoutIndexerEval:
         """-> {"heldout/captured_mass": [L], "heldout/captured_mass_p10": [L], "heldout/k90": [L],
         "heldout/indexer_kl": [L]}; a layer whose rows all have <= index_topk candidates reports None."""
         c = model.config
-        runner = LayerRunner(model, self.kernels, self.options)
+        runner = LayerRunner(model, self.options)
         acc = IndexerAccumulator(c.num_hidden_layers, c.index_topk, edges=(), rows="selective")
         for batch in self.batches:
             positions = batch["positions"]
@@ -51,8 +51,3 @@ class HeldoutIndexerEval:
         layers = acc.summary()["layers"]
         return {PREFIX + name: [e.get(key) for e in layers] for key, name in REPORTED.items()}
 
-
-def reached(record: dict, threshold: float) -> bool:
-    """Every layer's held-out captured mass is measured and >= threshold."""
-    mass = record.get(PREFIX + "captured_mass")
-    return bool(mass) and all(m is not None and m >= threshold for m in mass)

@@ -20,7 +20,6 @@ from dsa_train.eval.checkpoints import EvalInputError, LoadedCheckpoint
 from dsa_train.eval.forward import DiagnosticOptions, LayerRunner
 from dsa_train.eval import needle as needle_lib
 from dsa_train.eval.defaults import DEFAULT_BUCKET_EDGES, DEFAULT_HELDOUT_SEED
-from dsa_train.kernels.dispatch import resolve_impl
 from dsa_train.ops.losses import lm_targets
 
 
@@ -119,7 +118,7 @@ def evaluate(ckpt: LoadedCheckpoint, batches: list[dict], cases: list[needle_lib
              options: EvalOptions = EvalOptions()) -> dict:
     model = ckpt.model
     config = model.config
-    runner = LayerRunner(model, resolve_impl(config.kernels), options.diagnostics)
+    runner = LayerRunner(model, options.diagnostics)
     modes = ("dense", "sparse") if config.use_indexer else ("dense",)
     if options.local_window and config.use_indexer:
         modes += ("local",)

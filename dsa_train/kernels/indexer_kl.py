@@ -374,8 +374,12 @@ _sparse_kl.defvjp(_sparse_kl_fwd, _sparse_kl_bwd)
 
 def sparse_indexer_kl_loss_streaming(q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids,
                                      block_q: int = SPARSE_BLOCK_Q):
-    """KL over the selected keys with O(S K) memory; `lse` [B, S, H] is the sparse attention's own."""
-    tiles.check_self_attention(q.shape[1], kv.shape[1])
+    """KL over the selected keys with O(S K) memory; `lse` [B, S, H] is the sparse attention's own.
+
+    Keys are only read at `indices`, so kv / k_idx may hold more keys than there are queries (a
+    context shard's local queries against the gathered keys)."""
+    if kv.shape[1] != k_idx.shape[1]:
+        raise ValueError(f"kv and k_idx need the same keys, got {kv.shape[1]} and {k_idx.shape[1]}")
     sg = jax.lax.stop_gradient
     cfg = _SparseConfig(float(sm_scale), min(block_q, max(1, q.shape[1])))
     return _sparse_kl(cfg, q_idx, k_idx, w_idx, sg(q), sg(kv), indices, sg(lse).astype(F32), segment_ids)
@@ -384,7 +388,7 @@ def sparse_indexer_kl_loss_streaming(q, kv, indices, lse, sm_scale, q_idx, k_idx
 # ---- entry points used by dsa_train.ops.losses ------------------------------------------------------
 
 def indexer_kl_loss_kernel(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, impl: str, lse=None):
-    """Dense warm-up KL; impl: any name in `indexer_tiles.IMPLS` (as resolved by dispatch)."""
+    """Dense warm-up KL; impl: any name in `indexer_tiles.IMPLS` (as resolved by kernels/backend.py)."""
     return dense_indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, lse, impl=impl)
 
 

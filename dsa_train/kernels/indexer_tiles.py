@@ -31,7 +31,7 @@ class Impl(NamedTuple):
     interpret: bool
 
 
-# Names as resolved by `dsa_train.kernels.dispatch.resolve_impl` ("blocked" is its CPU default),
+# Names as resolved by `dsa_train.kernels.backend.resolve_impl` ("blocked" is its CPU default),
 # plus "streaming", this module's own name for the pure-JAX path.
 IMPLS = {
     "streaming": Impl("streaming", None, False),

@@ -193,7 +193,7 @@ def indexer_topk_pallas(q, k, weights, topk: int, segment_ids, interpret: bool =
 
 
 def indexer_topk_kernel(q, k, weights, topk: int, segment_ids, impl: str) -> jnp.ndarray:
-    """Entry point used by `dsa_train.kernels.dispatch.indexer_topk` for every non-reference impl
+    """Entry point used by `dsa_train.kernels.backend.Backend.indexer_topk` for every non-reference impl
     ("streaming"/"blocked": pure JAX; "pallas", "pallas_gpu", "pallas_tpu" and their "_interpret"
     forms: the Pallas-scored version)."""
     chosen = tiles.resolve(impl)

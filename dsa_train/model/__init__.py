@@ -1,4 +1,4 @@
 from dsa_train.model.mla import ForwardMode
-from dsa_train.model.transformer import CausalLM, ModelOutput, create_model, is_indexer_param
+from dsa_train.model.transformer import CausalLM, ModelOutput, create_model
 
-__all__ = ["CausalLM", "ForwardMode", "ModelOutput", "create_model", "is_indexer_param"]
+__all__ = ["CausalLM", "ForwardMode", "ModelOutput", "create_model"]

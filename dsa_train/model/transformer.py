@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsa_train.config import ModelConfig
+from dsa_train.kernels.backend import Backend
 from dsa_train.model.layer_layout import layer_stacks
 from dsa_train.model.layers import DTYPES, Embedding, Linear, RMSNorm, SwiGLU
 from dsa_train.model.mla import MLA, ForwardMode
@@ -32,15 +33,15 @@ class ModelOutput(NamedTuple):
     moe: tuple[MoEStats, ...]  # one per MoE layer
     diagnostics: dict  # name -> [L] per-layer indexer quality (empty unless requested)
     indices: tuple  # per-layer top-k indices [B, S, K] in sparse mode
-    captured: tuple = ()  # per-layer AttentionAux.captured when mode.capture (see mla.py)
+    row_stats: dict = {}  # name -> [L, B, S] per-row indexer statistics with mode.row_stats (see mla.py)
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs, backend: Backend | None = None):
         c = config
         pdt, cdt = DTYPES[c.param_dtype], DTYPES[c.compute_dtype]
         self.input_layernorm = RMSNorm(c.hidden_size, "embed", c.rms_norm_eps, param_dtype=pdt)
-        self.self_attn = MLA(config, rngs=rngs)
+        self.self_attn = MLA(config, rngs=rngs, backend=backend)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, "embed", c.rms_norm_eps, param_dtype=pdt)
         if c.is_moe_layer(layer):
             self.mlp = MoE(config, rngs=rngs)
@@ -75,13 +76,13 @@ def stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
 
 
 class DecoderStack(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, backend: Backend | None = None):
         c = self.config = config
         self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, rngs=rngs, param_dtype=DTYPES[c.param_dtype],
                                       dtype=DTYPES[c.compute_dtype])
         # Layers are created in layer order either way: the same seed gives the same weights in
         # both layouts (the stacks are filled from the same random stream).
-        layers = [DecoderLayer(c, i, rngs=rngs) for i in range(c.num_hidden_layers)]
+        layers = [DecoderLayer(c, i, rngs=rngs, backend=backend) for i in range(c.num_hidden_layers)]
         if c.scan_layers:
             for name, held in layer_stacks(c).items():  # dense_layers, moe_layers
                 setattr(self, name, stack_layers([layers[i] for i in held]))
@@ -112,11 +113,14 @@ class DecoderStack(nnx.Module):
 
 
 class CausalLM(nnx.Module):
-    """`model` (embeddings, layers, final norm) + untied `lm_head`, as in `DeepseekV32ForCausalLM`."""
+    """`model` (embeddings, layers, final norm) + untied `lm_head`, as in `DeepseekV32ForCausalLM`.
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    ``backend``: the kernel backend every layer runs (default: what ``config.kernels`` resolves to)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, backend: Backend | None = None):
         self.config = config
-        self.model = DecoderStack(config, rngs=rngs)
+        backend = Backend.resolve(config.kernels) if backend is None else backend
+        self.model = DecoderStack(config, rngs=rngs, backend=backend)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, ("vocab", "embed"), rngs=rngs,
                               param_dtype=DTYPES[config.param_dtype], dtype=DTYPES[config.compute_dtype])
 
@@ -132,26 +136,22 @@ class CausalLM(nnx.Module):
         cos, sin = rope_angles(positions, self.config)
         x = constrain_residual(self.model.embed_tokens(tokens))
         x, per_layer = self.model.run_layers(x, segment_ids, valid, cos, sin, mode)
-        kl, moe, diags, indices, captured = [], [], [], [], []
+        kl, moe, diags, indices, row_stats = [], [], [], [], []
         for aux, stats in per_layer:
             kl.append(aux.indexer_loss)
             diags.append(aux.diagnostics)
             if aux.indices is not None:
                 indices.append(aux.indices)
-            if aux.captured is not None:
-                captured.append(aux.captured)
+            if aux.row_stats is not None:
+                row_stats.append(aux.row_stats)
             if stats is not None:
                 moe.append(stats)
         hidden = self.model.norm(x)
         logits = self.lm_head(hidden).astype(jnp.float32) if mode.logits else None
         diagnostics = {k: jnp.stack([d[k] for d in diags]) for k in diags[0]} if diags and diags[0] else {}
-        return ModelOutput(logits, hidden, jnp.stack(kl), tuple(moe), diagnostics, tuple(indices), tuple(captured))
+        stacked_rows = {k: jnp.stack([r[k] for r in row_stats]) for k in row_stats[0]} if row_stats else {}
+        return ModelOutput(logits, hidden, jnp.stack(kl), tuple(moe), diagnostics, tuple(indices), stacked_rows)
 
 
-def create_model(config: ModelConfig, seed: int = 0) -> CausalLM:
-    return CausalLM(config, rngs=nnx.Rngs(params=seed))
-
-
-def is_indexer_param(path, _value=None) -> bool:
-    """Filter for the indexer's parameters (the only trainable ones in the warm-up)."""
-    return "indexer" in tuple(str(p) for p in path)
+def create_model(config: ModelConfig, seed: int = 0, backend: Backend | None = None) -> CausalLM:
+    return CausalLM(config, rngs=nnx.Rngs(params=seed), backend=backend)

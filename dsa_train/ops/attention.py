@@ -68,17 +68,6 @@ def dense_attention_blocked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segm
     return out, lse
 
 
-def dense_attention_impl(q, k, v, segment_ids, sm_scale, impl: str = "reference"):
-    """Dispatch: the reference materializes [B, H, S, T]; every other choice runs query-blocked."""
-    from dsa_train.parallel import context_parallel
-
-    if context_parallel.active():  # sequence sharded over a mesh axis (dsa_train/parallel)
-        return context_parallel.dense_attention(q, k, v, segment_ids, sm_scale, impl)
-    if impl == "reference":
-        return dense_attention(q, k, v, segment_ids, sm_scale)
-    return dense_attention_blocked(q, k, v, segment_ids, sm_scale)
-
-
 def gather_keys(kv: jnp.ndarray, indices: jnp.ndarray) -> jnp.ndarray:
     """kv [B, T, D], indices [B, S, K] (-1 allowed) -> [B, S, K, D]; invalid slots read key 0."""
     safe = jnp.maximum(indices, 0)
@@ -101,16 +90,3 @@ def sparse_mla_attention_reference(q: jnp.ndarray, kv: jnp.ndarray, indices: jnp
     out = jnp.einsum("bshk,bskd->bshd", probs.astype(kv.dtype), keys[..., :v_dim],
                      preferred_element_type=jnp.float32)
     return out.astype(q.dtype), lse
-
-
-def sparse_mla_attention(q, kv, indices, sm_scale, v_dim: int = 512, impl: str = "reference"):
-    """Dispatch point for the sparse attention kernels (see `dsa_train.kernels`)."""
-    from dsa_train.parallel import context_parallel
-
-    if context_parallel.active():  # sequence sharded over a mesh axis (dsa_train/parallel)
-        return context_parallel.sparse_mla_attention(q, kv, indices, sm_scale, v_dim, impl)
-    if impl == "reference":
-        return sparse_mla_attention_reference(q, kv, indices, sm_scale, v_dim)
-    from dsa_train.kernels import dispatch
-
-    return dispatch.sparse_mla_attention(q, kv, indices, sm_scale, v_dim, impl)

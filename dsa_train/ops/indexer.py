@@ -32,22 +32,3 @@ def indexer_topk_reference(q, k, weights, topk: int, segment_ids) -> jnp.ndarray
     scores = masked_indexer_scores(q, k, weights, segment_ids)
     values, idx = jax.lax.top_k(scores, min(topk, scores.shape[-1]))
     return jnp.where(values > MASKED, idx, -1).astype(jnp.int32)
-
-
-def indexer_topk(q, k, weights, topk: int, segment_ids, impl: str = "reference") -> jnp.ndarray:
-    """Dispatch point for the streaming top-k kernels (see `dsa_train.kernels`)."""
-    from dsa_train.parallel import context_parallel
-
-    if context_parallel.active():  # sequence sharded over a mesh axis (dsa_train/parallel)
-        return context_parallel.indexer_topk(q, k, weights, topk, segment_ids, impl)
-    if impl == "reference":
-        return indexer_topk_reference(q, k, weights, topk, segment_ids)
-    from dsa_train.kernels import dispatch
-
-    return dispatch.indexer_topk(q, k, weights, topk, segment_ids, impl)
-
-
-def gather_scores(scores: jnp.ndarray, indices: jnp.ndarray) -> jnp.ndarray:
-    """scores [B, S, T], indices [B, S, K] -> [B, S, K] with -inf at invalid slots."""
-    picked = jnp.take_along_axis(scores, jnp.maximum(indices, 0), axis=-1)
-    return jnp.where(indices >= 0, picked, MASKED)

@@ -1,4 +1,4 @@
-"""Losses as pure functions (references; streaming kernels sit behind the same names).
+"""Losses as pure functions (the references the kernel backend is tested against).
 
 Shapes: B batch, S queries, T keys (= S), H main heads, D = 576 MQA key dim, Hi/Di indexer heads/dim,
 K selected keys per query. `segment_ids` [B, S] (0 = padding) define causality and documents.
@@ -25,14 +25,25 @@ def valid_queries(segment_ids: jnp.ndarray) -> jnp.ndarray:
     return (segment_ids != 0).astype(jnp.float32)
 
 
+def head_probs(q: jnp.ndarray, kv: jnp.ndarray, sm_scale: float, mask: jnp.ndarray) -> jnp.ndarray:
+    """Per-head main attention probabilities [B, Q, H, T] of MQA-form q [B, Q, H, D] over kv [B, T, D],
+    restricted to the visible keys ``mask`` [B, Q, T] (zero elsewhere)."""
+    scores = jnp.einsum("bshd,btd->bsht", q, kv, preferred_element_type=jnp.float32) * sm_scale
+    probs = jax.nn.softmax(jnp.where(mask[:, :, None, :], scores, NEG_INF), axis=-1)
+    return jnp.where(mask[:, :, None, :], probs, 0.0)
+
+
+def head_summed_target(q: jnp.ndarray, kv: jnp.ndarray, sm_scale: float, mask: jnp.ndarray) -> jnp.ndarray:
+    """The indexer's dense target p_t [B, Q, T]: :func:`head_probs` summed over heads, L1-normalized
+    (each head's row sums to one, so that is the mean over heads)."""
+    return head_probs(q, kv, sm_scale, mask).mean(axis=2)
+
+
 def head_summed_attention_probs(q: jnp.ndarray, kv: jnp.ndarray, sm_scale: float,
                                 segment_ids: jnp.ndarray) -> jnp.ndarray:
-    """Dense target distribution [B, S, T] from MQA-form q [B, S, H, D] and kv [B, T, D]."""
-    scores = jnp.einsum("bshd,btd->bsht", q, kv, preferred_element_type=jnp.float32) * sm_scale
-    mask = causal_document_mask(segment_ids, segment_ids)[:, :, None, :]
-    probs = jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1)
-    probs = jnp.where(mask, probs, 0.0)
-    return jax.lax.stop_gradient(probs.mean(axis=2))
+    """Dense target distribution [B, S, T] of every query (causal, same document); never differentiated."""
+    mask = causal_document_mask(segment_ids, segment_ids)
+    return jax.lax.stop_gradient(head_summed_target(q, kv, sm_scale, mask))
 
 
 def kl_from_target(target: jnp.ndarray, logits: jnp.ndarray) -> jnp.ndarray:
@@ -42,32 +53,11 @@ def kl_from_target(target: jnp.ndarray, logits: jnp.ndarray) -> jnp.ndarray:
     return (_xlogy(target) - cross).sum(-1)
 
 
-def _kernel_impl(impl: str) -> str:
-    """"auto" -> the implementation `dsa_train.kernels.dispatch` picks for this backend."""
-    if impl != "auto":
-        return impl
-    from dsa_train.kernels.dispatch import resolve_impl
-
-    return resolve_impl(impl)
-
-
-def indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, impl: str = "reference",
-                    lse=None) -> jnp.ndarray:
+def indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids) -> jnp.ndarray:
     """Dense warm-up loss: mean over valid queries of KL(p_t || softmax(I_t)) over causal,
     same-document keys. Gradients reach only the indexer inputs (q_idx, k_idx, w_idx).
 
-    impl "reference" (this code; builds [B, S, H, T]) or a kernel name ("auto", "blocked"/"streaming",
-    "pallas", ...; `dsa_train.kernels.indexer_kl`, no S x T buffer). `lse` [B, S, H]: optional
-    per-head log-sum-exp of the main attention, reused by the kernels (ignored by the reference)."""
-    from dsa_train.parallel import context_parallel
-
-    if context_parallel.active():  # sequence sharded over a mesh axis (dsa_train/parallel)
-        return context_parallel.indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, impl, lse)
-    impl = _kernel_impl(impl)
-    if impl != "reference":
-        from dsa_train.kernels.indexer_kl import indexer_kl_loss_kernel
-
-        return indexer_kl_loss_kernel(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, impl, lse=lse)
+    The reference: builds [B, S, H, T] (the kernels in `dsa_train.kernels.indexer_kl` do not)."""
     target = head_summed_attention_probs(q, kv, sm_scale, segment_ids)
     logits = masked_indexer_scores(q_idx, k_idx, w_idx, segment_ids)
     kl = kl_from_target(target, logits)
@@ -96,21 +86,10 @@ def indexer_scores_at(q_idx, k_idx, w_idx, indices) -> jnp.ndarray:
     return jnp.where(indices >= 0, scores, -jnp.inf)
 
 
-def sparse_indexer_kl_loss(q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids,
-                           impl: str = "reference") -> jnp.ndarray:
+def sparse_indexer_kl_loss(q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids) -> jnp.ndarray:
     """Sparse-stage loss: KL(p_t,S_t || softmax(I_t,S_t)), both restricted to the selected set.
 
-    impl "reference" (this code) or a kernel name (query-blocked, O(S K) memory, custom_vjp)."""
-    from dsa_train.parallel import context_parallel
-
-    if context_parallel.active():  # sequence sharded over a mesh axis (dsa_train/parallel)
-        return context_parallel.sparse_indexer_kl_loss(q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx,
-                                                       segment_ids, impl)
-    impl = _kernel_impl(impl)
-    if impl != "reference":
-        from dsa_train.kernels.indexer_kl import sparse_indexer_kl_loss_kernel
-
-        return sparse_indexer_kl_loss_kernel(q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids, impl)
+    The reference (the kernels in `dsa_train.kernels.indexer_kl` are query-blocked, O(S K) memory)."""
     target = sparse_target(q, kv, indices, lse, sm_scale)
     logits = indexer_scores_at(q_idx, k_idx, w_idx, indices)
     kl = kl_from_target(target, logits)

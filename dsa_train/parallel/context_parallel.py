@@ -1,16 +1,17 @@
 """Context parallelism: the sequence is sharded over the ``context`` axis.
 
 Every token-wise part of the model (projections, norms, MoE, the LM head) needs nothing special:
-its activations are simply sharded along the sequence. The three ops that look across the sequence
-run in ``shard_map``; each device keeps its own queries and all-gathers only the small per-token
-keys across ``context``:
+its activations are simply sharded along the sequence. The ops that look across the sequence (the
+kernel backend's, dsa_train/kernels/backend.py) run in ``shard_map`` when the model calls them
+through :func:`sequence_ops`; each device keeps its own queries and all-gathers only the small
+per-token keys across ``context``:
 
 - indexer top-k: local indexer queries against all indexer keys (128-dim per token), causal mask
   offset by the shard's position; query-chunked so the score buffer is ``chunk x T``;
-- sparse attention: local MQA queries against all MLA latent keys (576-dim per token) at the
-  selected (global) indices; heads stay sharded over ``tensor``;
-- sparse indexer KL: the same gathers, query-blocked and rematerialized; its numerator and
-  denominator are summed over every token-sharding axis, so the loss is the global mean.
+- sparse attention: the backend's kernel, local MQA queries against all MLA latent keys (576-dim
+  per token) at the selected (global) indices; heads stay sharded over ``tensor``;
+- sparse indexer KL: the backend's kernel on the same gathers; its numerator and denominator are
+  summed over every token-sharding axis, so the loss is the global mean.
 
 Dense mode (warm-up, dense stage) likewise: dense attention gathers the per-head keys/values
 (heads stay sharded over ``tensor``) and the dense KL gathers the latent and indexer keys; both
@@ -39,12 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from dsa_train.ops.attention import NEG_INF
+from dsa_train.ops.indexer import indexer_scores
+from dsa_train.ops.losses import head_summed_target, kl_from_target
 from dsa_train.ops.masks import causal_document_mask_at
 from dsa_train.parallel import scope as scope_lib
 from dsa_train.parallel import sequence_order
 
 TOPK_QUERY_CHUNK = 256
-KL_QUERY_BLOCK = 32
 
 
 def _layout():
@@ -141,8 +144,40 @@ def _blocks(n: int, block: int) -> int:
     return block
 
 
-def indexer_topk(q, k, weights, topk: int, segment_ids, impl: str = "reference"):
-    """Context-parallel ``ops.indexer.indexer_topk``: same result (global key indices)."""
+class ContextParallelOps:
+    """The kernel backend's interface (dsa_train/kernels/backend.py) with the sequence sharded over
+    the context axis: each method runs in ``shard_map``, and sparse attention runs the backend's own
+    kernel on every shard (local queries, gathered latent keys, global indices), and so does the
+    sparse indexer KL."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def dense_attention(self, q, k, v, segment_ids, sm_scale: float):
+        return dense_attention(q, k, v, segment_ids, sm_scale)
+
+    def indexer_topk(self, q, k, weights, topk: int, segment_ids):
+        return indexer_topk(q, k, weights, topk, segment_ids)
+
+    def sparse_mla_attention(self, q, kv, indices, sm_scale: float, v_dim: int = 512):
+        return sparse_mla_attention(self.backend, q, kv, indices, sm_scale, v_dim)
+
+    def indexer_kl_loss(self, q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, lse=None):
+        return indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids)
+
+    def sparse_indexer_kl_loss(self, q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids):
+        return sparse_indexer_kl_loss(self.backend, q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids)
+
+
+def sequence_ops(backend):
+    """What the model calls for the ops that look across the sequence: ``backend`` itself, or its
+    context-parallel form while tracing under a scope whose sequence is sharded."""
+    return ContextParallelOps(backend) if active() else backend
+
+
+def indexer_topk(q, k, weights, topk: int, segment_ids):
+    """Context-parallel indexer top-k: the result of ``ops.indexer.indexer_topk_reference``
+    (global key indices)."""
     scope = _layout()
     b, s = segment_ids.shape
     sizes, batch, ctx = _specs(scope, s)
@@ -179,8 +214,9 @@ def indexer_topk(q, k, weights, topk: int, segment_ids, impl: str = "reference")
                                                           jax.lax.stop_gradient(weights), segment_ids)
 
 
-def sparse_mla_attention(q, kv, indices, sm_scale: float, v_dim: int = 512, impl: str = "reference"):
-    """Context-parallel ``ops.attention.sparse_mla_attention``: local queries, gathered latent keys."""
+def sparse_mla_attention(backend, q, kv, indices, sm_scale: float, v_dim: int = 512):
+    """Context-parallel ``backend.sparse_mla_attention``: the backend's kernel on local queries
+    against the gathered latent keys."""
     scope = _layout()
     b, s, h, _ = q.shape
     sizes, batch, ctx = _specs(scope, s)
@@ -190,14 +226,7 @@ def sparse_mla_attention(q, kv, indices, sm_scale: float, v_dim: int = 512, impl
 
     def local(q, kv, idx):
         with scope_lib.suspended():
-            kv_all = seq.gather(kv)
-            if impl == "reference":
-                from dsa_train.ops.attention import sparse_mla_attention_reference
-
-                return sparse_mla_attention_reference(q, kv_all, idx, sm_scale, v_dim)
-            from dsa_train.kernels import dispatch
-
-            return dispatch.sparse_mla_attention(q, kv_all, idx, sm_scale, v_dim, impl)
+            return backend.sparse_mla_attention(q, seq.gather(kv), idx, sm_scale, v_dim)
 
     # The kernels' internal loops start from unannotated (device-invariant) carries, which the
     # varying-manual-axes check rejects; without the check shard_map's transpose divides the output
@@ -205,50 +234,35 @@ def sparse_mla_attention(q, kv, indices, sm_scale: float, v_dim: int = 512, impl
     return jax.shard_map(local, mesh=scope.mesh,
                          in_specs=(P(bspec, cspec, hspec), P(bspec, cspec), P(bspec, cspec)),
                          out_specs=(P(bspec, cspec, hspec), P(bspec, cspec, hspec)),
-                         check_vma=impl == "reference")(q, kv, indices)
+                         check_vma=backend.impl == "reference")(q, kv, indices)
 
 
-def sparse_indexer_kl_loss(q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids, impl: str = "reference"):
-    """Context-parallel ``ops.losses.sparse_indexer_kl_loss`` (global mean over valid queries)."""
-    from dsa_train.ops.losses import indexer_scores_at, kl_from_target, sparse_target
-
+def sparse_indexer_kl_loss(backend, q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids):
+    """Context-parallel ``backend.sparse_indexer_kl_loss``: the backend's kernel on each shard's
+    queries against the gathered latent and indexer keys; the global mean over valid queries is
+    the shards' summed numerators over their summed counts (computed outside ``shard_map``)."""
     scope = _layout()
     b, s = segment_ids.shape
     sizes, batch, ctx = _specs(scope, s)
     bspec, cspec = _entry(batch), _entry(ctx)
-    token_axes = batch + ctx
+    token_axes = _entry(batch + ctx)
     seq = _sequence(scope, sizes, ctx)
     sg = jax.lax.stop_gradient
 
     def local(q, kv, idx, lse, qi, ki, wi, seg):
         with scope_lib.suspended():
-            kv_all, ki_all = seq.gather(kv), seq.gather(ki)
-            s_local = q.shape[1]
-            block = _blocks(s_local, KL_QUERY_BLOCK)
-            valid = (seg != 0).astype(jnp.float32)
-
-            @jax.checkpoint
-            def block_sum(ki_all, args):
-                q_b, idx_b, lse_b, qi_b, wi_b, valid_b = args
-                target = sparse_target(q_b, kv_all, idx_b, lse_b, sm_scale)
-                logits = indexer_scores_at(qi_b, ki_all, wi_b, idx_b)
-                return (kl_from_target(target, logits) * valid_b).sum()
-
-            def split(x):
-                return jnp.moveaxis(x.reshape(x.shape[0], s_local // block, block, *x.shape[2:]), 1, 0)
-
-            per_block = jax.lax.map(lambda args: block_sum(ki_all, args),
-                                    tuple(map(split, (q, idx, lse, qi, wi, valid))))
-            total = per_block.sum()
-            count = valid.sum()
-            if token_axes:
-                total = jax.lax.psum(total, _entry(token_axes))
-                count = jax.lax.psum(count, _entry(token_axes))
-            return total / jnp.maximum(count, 1.0)
+            count = (seg != 0).sum().astype(jnp.float32)
+            mean = backend.sparse_indexer_kl_loss(q, seq.gather(kv), idx, lse, sm_scale, qi, seq.gather(ki), wi, seg)
+            return (mean * jnp.maximum(count, 1.0))[None], count[None]
 
     tok = P(bspec, cspec)
-    return jax.shard_map(local, mesh=scope.mesh, in_specs=(tok, tok, tok, tok, tok, tok, tok, tok),
-                         out_specs=P())(sg(q), sg(kv), indices, sg(lse), q_idx, k_idx, w_idx, segment_ids)
+    # check_vma off as for sparse attention (the kernel's loops start from device-invariant carries);
+    # the per-shard outputs are summed outside, so no collective needs transposing but the gathers.
+    total, count = jax.shard_map(local, mesh=scope.mesh, in_specs=(tok,) * 8,
+                                 out_specs=(P(token_axes), P(token_axes)),
+                                 check_vma=backend.impl == "reference")(
+        sg(q), sg(kv), indices, sg(lse), q_idx, k_idx, w_idx, segment_ids)
+    return total.sum() / jnp.maximum(count.sum(), 1.0)
 
 
 # ---- dense mode (the warm-up and the dense stage) ----------------------------------------------------
@@ -260,12 +274,10 @@ def _score_block(s_local: int, per_query: int) -> int:
     return _blocks(s_local, max(1, SCORE_BUDGET // max(per_query, 1)))
 
 
-def dense_attention(q, k, v, segment_ids, sm_scale: float, impl: str = "reference"):
-    """Context-parallel ``ops.attention.dense_attention_impl``: local queries against keys and
+def dense_attention(q, k, v, segment_ids, sm_scale: float):
+    """Context-parallel ``ops.attention.dense_attention_blocked``: local queries against keys and
     values all-gathered across ``context`` (heads stay sharded over ``tensor``), query-blocked with
     the causal mask offset by the shard's position; each block is recomputed in the backward pass."""
-    from dsa_train.ops.attention import NEG_INF
-
     scope = _layout()
     b, s, h, _ = q.shape
     sizes, batch, ctx = _specs(scope, s)
@@ -302,14 +314,10 @@ def dense_attention(q, k, v, segment_ids, sm_scale: float, impl: str = "referenc
                          out_specs=(tok, tok))(q, k, v, segment_ids)
 
 
-def indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, impl: str = "reference", lse=None):
+def indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids):
     """Context-parallel ``ops.losses.indexer_kl_loss`` (dense warm-up KL, global mean over valid
     queries): per query block, the head-summed target over all gathered latent keys and the indexer
-    distribution over all gathered indexer keys; ``lse`` is not needed (recomputed per block)."""
-    from dsa_train.ops.attention import NEG_INF
-    from dsa_train.ops.indexer import indexer_scores
-    from dsa_train.ops.losses import kl_from_target
-
+    distribution over all gathered indexer keys (the main attention's lse is recomputed per block)."""
     scope = _layout()
     b, s = segment_ids.shape
     sizes, batch, ctx = _specs(scope, s)
@@ -331,9 +339,7 @@ def indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, impl: str
                 sl = lambda x: jax.lax.dynamic_slice_in_dim(x, start, block, 1)  # noqa: E731
                 mask = causal_document_mask_at(sl(seg), seg_all, jax.lax.dynamic_slice_in_dim(q_pos, start, block),
                                                k_pos)  # [b, Q, T]
-                scores = jnp.einsum("bshd,btd->bsht", sl(q), kv_all, preferred_element_type=jnp.float32) * sm_scale
-                probs = jax.nn.softmax(jnp.where(mask[:, :, None], scores, NEG_INF), axis=-1)
-                target = jnp.where(mask[:, :, None], probs, 0.0).mean(axis=2)
+                target = head_summed_target(sl(q), kv_all, sm_scale, mask)
                 logits = jnp.where(mask, indexer_scores(sl(qi), ki_all, sl(wi)), -jnp.inf)
                 return (kl_from_target(sg(target), logits) * sl(valid)).sum()
 

@@ -415,7 +415,6 @@ def compile_memory(config, mesh, rules) -> dict:
     import numpy as np
 
     from dsa_train.data.batch import BATCH_DTYPES, BATCH_KEYS
-    from dsa_train.kernels.dispatch import resolve_impl
     from dsa_train.parallel.scope import activate
     from dsa_train.parallel.sharding import batch_sharding
     from dsa_train.parallel.state import abstract_train_state, jit_train_step, model_graphdef
@@ -426,7 +425,7 @@ def compile_memory(config, mesh, rules) -> dict:
     opt = {g: make_optimizer(getattr(t, g), t.steps) for g in step_lib.GROUPS}
     txs, scheds = {g: o[0] for g, o in opt.items()}, {g: o[1] for g, o in opt.items()}
     abstract, shardings = abstract_train_state(config, txs, mesh, rules)
-    mode = step_lib.forward_mode(config, kernels=resolve_impl(config.model.kernels))
+    mode = step_lib.forward_mode(config)
     step = jit_train_step(step_lib.make_train_step(model_graphdef(config), config, txs, scheds, mode), shardings,
                           mesh, rules, t.batch_size, t.seq_len)
     bsh = batch_sharding(mesh, rules, t.batch_size, t.seq_len)

@@ -49,14 +49,13 @@ def merge_model(graphdef, params: dict, router_bias) -> CausalLM:
     return nnx.merge(graphdef, params["indexer"], params["main"], router_bias)
 
 
-def forward_mode(config: Config, kernels: str = "reference", diagnostics: bool = True) -> ForwardMode:
+def forward_mode(config: Config, diagnostics: bool = True) -> ForwardMode:
     stage = config.train.stage
     return ForwardMode(
         attention="sparse" if stage == "sparse" else "dense",
         indexer_loss=stage != "dense",
         logits=stage != "warmup",
         diagnostic_rows=config.train.diagnostic_rows if (diagnostics and stage != "dense") else 0,
-        kernels=kernels,
     )
 
 
@@ -81,7 +80,12 @@ def model_inputs(batch: dict) -> dict:
 
 
 def _loss_and_metrics(graphdef, config: Config, mode: ForwardMode, trained: dict, frozen: dict, router_bias,
-                      batch: dict):
+                      batch: dict, target_total=None, accum: int = 1):
+    """The loss of one (micro-)batch and its metrics. The LM loss and accuracy are sums over this
+    batch's weighted targets divided by ``target_total``, the weighted-target count of the whole
+    step's batch (default: this batch's own), so that the micro-batches of a step add up to the big
+    batch's figure whatever the loss weights; every other term is this batch's mean divided by
+    ``accum``, the number of micro-batches (see :func:`_accumulate`)."""
     t = config.train
     model = merge_model(graphdef, {**frozen, **trained}, router_bias)
     inputs = model_inputs(batch)
@@ -93,12 +97,12 @@ def _loss_and_metrics(graphdef, config: Config, mode: ForwardMode, trained: dict
     seg, targets, weights = inputs["segment_ids"], inputs["targets"], inputs["target_weights"]
     metrics = {}
     loss = jnp.zeros((), jnp.float32)
+    lm_terms = {}
     if mode.logits:
-        lm = (token_nll(out.logits, targets) * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+        denominator = jnp.maximum(weights.sum() if target_total is None else target_total, 1.0)
+        lm = (token_nll(out.logits, targets) * weights).sum() / denominator
         correct = (jnp.argmax(out.logits, -1) == targets).astype(jnp.float32)
-        metrics["lm_loss"] = lm
-        metrics["accuracy"] = (correct * weights).sum() / jnp.maximum(weights.sum(), 1.0)
-        loss = loss + lm
+        lm_terms = {"lm_loss": lm, "accuracy": (correct * weights).sum() / denominator}
         if out.moe and t.moe_balance_loss_alpha > 0:
             valid = (seg != 0).astype(jnp.float32)
             balance = sum(moe_sequence_balance_loss(s.scores, s.expert_idx, valid, t.moe_balance_loss_alpha)
@@ -110,13 +114,17 @@ def _loss_and_metrics(graphdef, config: Config, mode: ForwardMode, trained: dict
         loss = loss + t.indexer_loss_weight * out.indexer_loss.sum()
     for name, value in out.diagnostics.items():
         metrics[name] = value  # [L]
+    metrics = {name: value / accum for name, value in metrics.items()}
+    loss = loss / accum + lm_terms.get("lm_loss", 0.0)
+    metrics.update(lm_terms)
     counts = jnp.stack([s.expert_counts for s in out.moe]) if out.moe else jnp.zeros((0, 1))
     metrics["loss"] = loss
     return loss, (metrics, counts)
 
 
 def _accumulate(grad_fn, trained, batch: dict, accum: int):
-    """Average gradients and metrics over `accum` micro-batches (sequentially, to bound memory)."""
+    """Sum losses, gradients and metrics over `accum` micro-batches (sequentially, to bound memory);
+    each micro-batch's terms are already scaled so that the sums are the whole batch's figures."""
     if accum == 1:
         return grad_fn(trained, batch)
     micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
@@ -130,9 +138,7 @@ def _accumulate(grad_fn, trained, batch: dict, accum: int):
     (loss, (metrics, counts)), grads = grad_fn(trained, first)
     carry, _ = jax.lax.scan(body, (loss, metrics, counts, grads), rest)
     loss, metrics, counts, grads = carry
-    scale = 1.0 / accum
-    return (loss * scale, (jax.tree.map(lambda m: m * scale, metrics), counts)), jax.tree.map(
-        lambda g: g * scale, grads)
+    return (loss, (metrics, counts)), grads
 
 
 def update_router_bias(router_bias, counts: jnp.ndarray, rate: float):
@@ -157,7 +163,10 @@ def make_train_step(graphdef, config: Config, optimizers: dict, schedules: dict,
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         trained = {g: state.params[g] for g in trained_groups}
         frozen = {g: p for g, p in state.params.items() if g not in trained_groups}
-        loss_fn = lambda tr, b: _loss_and_metrics(graphdef, config, mode, tr, frozen, state.router_bias, b)  # noqa
+        # The LM loss is normalized by the whole batch's weighted-target count, not per micro-batch.
+        target_total = model_inputs(batch)["target_weights"].sum()
+        loss_fn = lambda tr, b: _loss_and_metrics(graphdef, config, mode, tr, frozen, state.router_bias, b,  # noqa
+                                                  target_total, t.grad_accum)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (metrics, counts)), grads = _accumulate(grad_fn, trained, batch, t.grad_accum)
 

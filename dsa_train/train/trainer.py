@@ -28,7 +28,6 @@ from dsa_train.checkpoint.preemption import PreemptionGuard
 from dsa_train.checkpoint.run_lock import RunLock
 from dsa_train.config import Config, to_dict
 from dsa_train.flops import train_flops_per_token
-from dsa_train.kernels.dispatch import resolve_impl
 from dsa_train.train import step as step_lib
 from dsa_train.train.console import log_startup
 from dsa_train.train.metrics import MetricsWriter, summarize
@@ -185,7 +184,7 @@ def _train(config: Config, console: bool, run_dir: Path, accepted: list) -> RunR
                                process_index=jax.process_index(), process_count=jax.process_count())
     start_step = 0
     saved_step = None  # the newest checkpoint of this run, all of whose steps were finite
-    # checkpoint integration point: resume (own run) > init_from (another run / converted HF) > random
+    # Initial weights: resume (own run) > init_from (another run / converted HF) > random
     checkpointer = RunCheckpointer(run_dir, config.checkpoint, to_dict(config))
     try:
         start = resolve_start(run_dir, config.checkpoint)
@@ -224,7 +223,7 @@ def _loop(config, console, run_dir, graphdef, state, state_shardings, optimizers
     from dsa_train import parallel
 
     t = config.train
-    mode = step_lib.forward_mode(config, kernels=resolve_impl(config.model.kernels))
+    mode = step_lib.forward_mode(config)
     step_fn = jit_train_step(step_lib.make_train_step(graphdef, config, optimizers, schedules, mode), state_shardings,
                              mesh, rules, t.batch_size, t.seq_len)
     batch_sh = batch_sharding(mesh, rules, t.batch_size, t.seq_len)
@@ -237,7 +236,7 @@ def _loop(config, console, run_dir, graphdef, state, state_shardings, optimizers
     if t.eval_every:
         from dsa_train.eval.heldout import HeldoutIndexerEval
 
-        heldout = HeldoutIndexerEval(config, resolve_impl(config.model.kernels))
+        heldout = HeldoutIndexerEval(config)
 
     def healthy_checkpoint() -> str:
         if saved_step is None:
@@ -322,7 +321,7 @@ def _loop(config, console, run_dir, graphdef, state, state_shardings, optimizers
                 raise TrainingError(f"stopping at step {step}: {t.max_nonfinite_steps} consecutive steps had a "
                                     f"non-finite loss or gradient (updates were skipped); {healthy_checkpoint()}: "
                                     "lower the learning rate or check the data, and run again to resume from it")
-            # checkpoint integration point: periodic save (async) and preemption check
+            # Periodic save (async) and preemption check
             if save_now:
                 save(step)
             if stop:
@@ -334,7 +333,7 @@ def _loop(config, console, run_dir, graphdef, state, state_shardings, optimizers
                 writer.write(step, {"stopped_early": True, "reason": f"{mass_key} >= "
                                     f"{t.stop_at_captured_mass} in every layer"})
                 break
-        # checkpoint integration point: final save (also after a preemption or an early stop)
+        # Final save (also after a preemption or an early stop)
         save(step, force=True)
         saves_failed(step, checkpointer.wait)
     finally:

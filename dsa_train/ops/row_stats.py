@@ -1,6 +1,7 @@
 """Per-query indexer diagnostics of one layer, streamed over query blocks (pure JAX).
 
-Inputs are the layer's attention inputs in MQA form (what `ForwardMode(capture=True)` returns):
+What `dsa-train eval` measures: the model computes them inside its own forward pass (MLA with
+`ForwardMode(row_stats=...)`), from the layer's attention inputs in MQA form:
 q [B, S, H, D], kv [B, T, D] (value = kv[..., :kv_lora]), and the indexer's q [B, S, Hi, Di],
 k [B, T, Di], w [B, S, Hi]. For every query row t the dense target is the head-summed,
 L1-normalized attention p_t (the warm-up's KL target, see losses.head_summed_attention_probs), and
@@ -20,19 +21,28 @@ Only [B, block_q, H, T] exists at a time: nothing of size S x T is built except 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
-from dsa_train.ops.attention import NEG_INF
 from dsa_train.ops.indexer import indexer_scores
+from dsa_train.ops.losses import head_probs, kl_from_target
 from dsa_train.ops.masks import causal_document_mask
 
 ROW_METRICS = ("valid", "candidates", "captured_mass", "k50", "k90", "k99", "kl", "kl_uniform",
                "recent_share", "sink_share")
 OUTPUT_METRICS = ("out_err2", "out_norm2")
 MASS_LEVELS = {"k50": 0.5, "k90": 0.9, "k99": 0.99}
+
+
+class RowStatsOptions(NamedTuple):
+    """What the per-row statistics measure (static under jit)."""
+
+    recent_window: int = 128
+    sink_tokens: int = 16
+    block_q: int = 64
+    output_error: bool = True  # out_err2 / out_norm2: the sparse vs dense attention output
 
 
 def project_attention_output(latent: jnp.ndarray, w_uv: jnp.ndarray, w_o: jnp.ndarray) -> jnp.ndarray:
@@ -50,10 +60,8 @@ def _block_stats(q_b, kv, sm_scale, qi_b, k_idx, wi_b, seg_q, segment_ids, key_p
     b, nq = q_b.shape[:2]
     t = kv.shape[1]
     mask = causal_document_mask(seg_q, segment_ids, q_offset=q_start)  # [B, Q, T]
-    scores = jnp.einsum("bqhd,btd->bqht", q_b, kv, preferred_element_type=jnp.float32) * sm_scale
-    probs = jax.nn.softmax(jnp.where(mask[:, :, None], scores, NEG_INF), axis=-1)
-    probs = jnp.where(mask[:, :, None], probs, 0.0)
-    target = probs.mean(2)  # [B, Q, T], sums to one over the candidates
+    probs = head_probs(q_b, kv, sm_scale, mask)  # [B, Q, H, T]
+    target = probs.mean(2)  # the head-summed target (losses.head_summed_target), sums to one
     candidates = mask.sum(-1)
 
     logits = jnp.where(mask, indexer_scores(qi_b, k_idx, wi_b), -jnp.inf)
@@ -68,12 +76,8 @@ def _block_stats(q_b, kv, sm_scale, qi_b, k_idx, wi_b, seg_q, segment_ids, key_p
         # Rounding can leave the total a hair under 1: never report more keys than candidates.
         stats[name] = jnp.minimum((cumulative < level).sum(-1) + 1, candidates).astype(jnp.float32)
 
-    safe_p = jnp.where(target > 0, target, 1.0)
-    plogp = jnp.where(target > 0, target * jnp.log(safe_p), 0.0).sum(-1)
-    log_q = jax.nn.log_softmax(logits, axis=-1)
-    cross = jnp.where(target > 0, target * jnp.where(jnp.isfinite(log_q), log_q, 0.0), 0.0).sum(-1)
-    stats["kl"] = plogp - cross
-    stats["kl_uniform"] = plogp + jnp.log(jnp.maximum(candidates, 1).astype(jnp.float32))
+    stats["kl"] = kl_from_target(target, logits)
+    stats["kl_uniform"] = kl_from_target(target, jnp.where(mask, 0.0, -jnp.inf))  # uniform over the candidates
 
     query_index = q_start + jnp.arange(nq)[None, :, None]
     recent = selected & (query_index - top_idx < recent_window)
