@@ -106,8 +106,8 @@ def test_local_window_mode_is_dense_within_k_and_differs_beyond():
     out = {}
     for topk in (16, 5):
         config = dataclasses.replace(load_model_config("configs/tiny.yaml"), compute_dtype="float32",
-                                     index_topk=topk, n_routed_experts=0)
-        runner = LayerRunner(create_model(config, seed=1), "reference")
+                                     index_topk=topk, n_routed_experts=0, kernels="reference")
+        runner = LayerRunner(create_model(config, seed=1))
         dense = np.asarray(jax.device_get(runner.forward(tokens, seg, attention="dense"))[0])
         local = np.asarray(jax.device_get(runner.forward(tokens, seg, attention="sparse", selection="local",
                                                          sink_tokens=2))[0])
