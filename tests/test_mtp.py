@@ -258,7 +258,8 @@ def _train(config_model, params_model, stage, steps=2):
     return S.merge_model(graphdef, state.params, state.router_bias)
 
 
-@pytest.mark.parametrize("fmt", ["bf16", pytest.param("fp8", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
 def test_mtp_checkpoint_import_train_export(hf_mtp, tmp_path, fmt):
     root = hf_mtp[0]
     src = tmp_path / fmt
