@@ -311,3 +311,15 @@ def test_mtp_checkpoint_import_train_export(hf_mtp, tmp_path, fmt):
     ref = R.hf_logits(hf, tokens)
     got = np.asarray(model(jnp.asarray(tokens), mode=ForwardMode("dense")).logits)
     assert np.abs(got - ref).max() <= TOL * np.abs(ref).max()
+
+
+def test_info_counts_mtp_apart(capsys):
+    from dsa_train.cli import main
+
+    assert main(["info", "configs/deepseek-v3.2.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "total parameters: 671,877,929,216" in out  # transformers' count of the main model
+    # One MoE decoder layer with its indexer, eh_proj [7168, 14336] and three norms. Without the
+    # indexer and with the checkpoint's embedding/head copies (2 x 926,679,040) that is 13.46B:
+    # 671.03B + 13.46B = the 685B the V3 report gives for the main model plus MTP.
+    assert "MTP parameters: 11,624,027,392 (indexer 13,959,424)" in out
