@@ -323,3 +323,31 @@ def test_info_counts_mtp_apart(capsys):
     # indexer and with the checkpoint's embedding/head copies (2 x 926,679,040) that is 13.46B:
     # 671.03B + 13.46B = the 685B the V3 report gives for the main model plus MTP.
     assert "MTP parameters: 11,624,027,392 (indexer 13,959,424)" in out
+
+
+def test_eval_mtp_acceptance_proxy_counts_next_next_tokens(hf_mtp):
+    """The proxy is the top-1 agreement of the MTP logits at i with t_{i+2}, over the positions
+    where t_{i+2} is in the same document (two packed documents and padding here)."""
+    from dsa_train.eval.mtp import MTPAcceptance
+
+    root = hf_mtp[0]
+    config = dataclasses.replace(model_io.load_model_config(root / "ours"), compute_dtype="float32")
+    model = model_io.load_model_params(root / "ours", config)
+    tokens = _tokens(seed=5)
+    seg = np.array([[1] * 10 + [2] * 6, [1] * 12 + [0] * 4], np.int32)
+    positions = np.stack([np.r_[np.arange(10), np.arange(6)], np.r_[np.arange(12), np.zeros(4, int)]]).astype(np.int32)
+    acc = MTPAcceptance()
+    acc.add(model, {"tokens": jnp.asarray(tokens), "segment_ids": jnp.asarray(seg),
+                    "positions": jnp.asarray(positions)}, "dense", "reference")
+    summary = acc.summary()["dense"]
+    # By hand: positions whose t_{i+2} is in the document.
+    out = model(jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(positions), ForwardMode("dense"))
+    pred = np.argmax(np.asarray(out.mtp.logits[0]), -1)
+    hits = total = 0
+    for b in range(BATCH):
+        for i in range(SEQ - 2):
+            if seg[b, i] and seg[b, i] == seg[b, i + 1] == seg[b, i + 2]:
+                total += 1
+                hits += int(pred[b, i] == tokens[b, i + 2])
+    assert summary["tokens"] == total == 8 + 4 + 10
+    assert summary["top1_agreement"] == pytest.approx(hits / total)

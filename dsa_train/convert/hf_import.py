@@ -216,7 +216,7 @@ def _check_leftovers(config: ModelConfig, ckpt: SafetensorsCheckpoint, targets: 
         if name in used:
             continue
         m = re.match(r"model\.layers\.(\d+)\.(.*)", name)
-        modeled_mtp = m and config.num_hidden_layers <= int(m[1]) < config.num_hidden_layers + config.num_nextn_predict_layers
+        modeled_mtp = bool(m) and 0 <= int(m[1]) - config.num_hidden_layers < config.num_nextn_predict_layers
         if modeled_mtp and m[2].removesuffix("_scale_inv") in MTP_SHARED_COPIES:
             shared_copies += not name.endswith("_scale_inv")
         elif modeled_mtp and ".self_attn.indexer." in name and not config.use_indexer:
