@@ -126,7 +126,9 @@ def train(config: Config, console: bool = True) -> RunResult:
         model_tree = load_model_for_init(start.path, abstract_tree(checkpoint_tree(abstract_state)[MODEL_KEY]),
                                          model_config_dict=to_dict(config.model))
         params, router_bias = model_from_tree(abstract_state, model_tree)
+        del model_tree  # its arrays are donated to the new state: no second copy stays alive
         state = reinit_optimizer(config, params, router_bias, optimizers, state_shardings)  # fresh optimizer, step 0
+        del params, router_bias
     else:
         state = init_train_state(config, optimizers, mesh, rules)[1]
     if console:
