@@ -37,8 +37,19 @@ def cmd_info(args) -> None:
     table.add_row("[bold]total", f"[bold]{counts.total:,}")
     table.add_row("active per token (matmuls)", f"{counts.active_per_token:,}")
     console.print(table)
+    if counts.mtp_by_group:
+        mtp = Table(title=f"MTP ({config.num_nextn_predict_layers} depth(s), not in the total above)")
+        mtp.add_column("block")
+        mtp.add_column("parameters", justify="right")
+        for name, n in sorted(counts.mtp_by_group.items(), key=lambda kv: -kv[1]):
+            mtp.add_row(name, f"{n:,}")
+        mtp.add_row("[bold]total", f"[bold]{counts.mtp_total:,}")
+        mtp.add_row("active per token (matmuls)", f"{counts.mtp_active_per_token:,}")
+        console.print(mtp)
     print(f"total parameters: {counts.total:,}")
     print(f"indexer parameters: {counts.by_group.get('indexer', 0):,}")
+    if counts.mtp_by_group:
+        print(f"MTP parameters: {counts.mtp_total:,} (indexer {counts.mtp_by_group.get('indexer', 0):,})")
     ft = Table(title=f"forward FLOPs per token at sequence length {args.seq_len:,}")
     for col in ("mode", "matmul", "main attention", "indexer", "total"):
         ft.add_column(col, justify="right")

@@ -89,6 +89,9 @@ class ModelConfig:
     # a leading `layers` axis) and run them with jax.lax.scan: compile time stops growing with
     # depth. The per-layer (HF) names stay the checkpoint-conversion format (model/layer_layout.py).
     scan_layers: bool = False
+    # Multi-token prediction depths (DeepSeek-V3 MTP, stored as HF layers num_hidden_layers..);
+    # 0: none. The released V3 / V3.1 / V3.2 checkpoints carry one.
+    num_nextn_predict_layers: int = 0
 
     @property
     def qk_head_dim(self) -> int:
@@ -135,6 +138,8 @@ class ModelConfig:
                 errors.append(("num_experts_per_tok", "must be >= 1"))
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
             errors.append(("first_k_dense_replace", "must be in [0, num_hidden_layers]"))
+        if self.num_nextn_predict_layers < 0:
+            errors.append(("num_nextn_predict_layers", "must be >= 0 (0: no MTP)"))
         return errors
 
 
@@ -186,6 +191,10 @@ class TrainConfig:
     # The report gives no coefficient for the indexer KL; it only matters through clipping and
     # learning rates because the indexer's parameters and inputs are disjoint from the model's.
     indexer_loss_weight: float = 1.0
+    # Weight of the MTP cross-entropy (mean over depths). DeepSeek-V3 pre-training used 0.3 for the
+    # first 10T tokens and 0.1 for the last 4.8T; continued training starts from that converged
+    # model, so it keeps the later value.
+    mtp_loss_weight: float = 0.1
     moe_bias_update_rate: float = 1e-3
     moe_balance_loss_alpha: float = 1e-4
     max_nonfinite_steps: int = 5
@@ -221,7 +230,7 @@ class TrainConfig:
                 errors.append((name, f"must be >= 1, got {getattr(self, name)}"))
         if self.batch_size % self.grad_accum:
             errors.append(("grad_accum", f"must divide batch_size ({self.batch_size})"))
-        for name in ("moe_bias_update_rate", "moe_balance_loss_alpha", "indexer_loss_weight"):
+        for name in ("moe_bias_update_rate", "moe_balance_loss_alpha", "indexer_loss_weight", "mtp_loss_weight"):
             if getattr(self, name) < 0:
                 errors.append((name, "must be >= 0"))
         if self.eval_every < 0:

@@ -8,7 +8,7 @@ parameters cost 2 x (active parameters) per token; attention adds the score and 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flax import nnx
 
@@ -20,6 +20,14 @@ class ParamCounts:
     total: int
     by_group: dict  # embedding, attention, indexer, dense_ffn, moe_router, moe_experts, shared_experts, norms, lm_head
     active_per_token: int  # parameters a token's matmuls touch (k routed experts + shared)
+    # The MTP depths (model.num_nextn_predict_layers), by the same groups and counted apart: none
+    # of the figures above include them (HF's parameter count of the main model excludes them too).
+    mtp_by_group: dict = field(default_factory=dict)
+    mtp_active_per_token: int = 0  # their matmuls (embedding lookup and lm_head are the main model's)
+
+    @property
+    def mtp_total(self) -> int:
+        return sum(self.mtp_by_group.values())
 
 
 def _group(path: tuple) -> str:
@@ -48,11 +56,15 @@ def count_params(config: ModelConfig) -> ParamCounts:
 
     abstract = nnx.eval_shape(lambda: create_model(config))
     groups: dict[str, int] = defaultdict(int)
+    mtp_groups: dict[str, int] = defaultdict(int)
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         size = 1
         for d in var.shape:
             size *= d
-        groups[_group(path)] += size
+        if str(path[0]) == "mtp":
+            mtp_groups[_mtp_group(path)] += size
+        else:
+            groups[_group(path)] += size
     total = sum(groups.values())
     inactive = 0
     if config.has_moe:
@@ -60,7 +72,20 @@ def count_params(config: ModelConfig) -> ParamCounts:
         inactive = per_expert * (config.n_routed_experts - config.num_experts_per_tok) * _moe_layers(config)
     # The embedding is a lookup, not a matmul.
     active = total - inactive - groups["embedding"]
-    return ParamCounts(total, dict(groups), active)
+    mtp_active = sum(mtp_groups.values())
+    if config.has_moe and mtp_groups.get("moe_experts"):
+        mtp_active -= mtp_groups["moe_experts"] * (config.n_routed_experts - config.num_experts_per_tok) \
+            // config.n_routed_experts
+    return ParamCounts(total, dict(groups), active, dict(mtp_groups), mtp_active)
+
+
+def _mtp_group(path: tuple) -> str:
+    """The MTP layer's own blocks: its input projection (enorm, hnorm, eh_proj) apart, the rest
+    (its decoder layer, shared_head.norm) as in the main model."""
+    names = [str(p) for p in path]
+    if "eh_proj" in names:
+        return "eh_proj"
+    return _group(path[2:])
 
 
 def _moe_layers(config: ModelConfig) -> int:

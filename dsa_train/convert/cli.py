@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="parameter dtype")
     imp.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="bfloat16")
     imp.add_argument("--include-mtp", action="store_true", help="keep the MTP layer (written back on export)")
+    imp.add_argument("--mtp", action="store_true",
+                     help="make the MTP layer part of the model: trained, exported under the released names")
     imp.add_argument("--no-indexer", action="store_true", help="import without lightning indexers")
     imp.add_argument("--index-topk", type=int)
     imp.add_argument("--index-n-heads", type=int, help="for fresh indexers (V3 / V3.1 sources)")
@@ -53,7 +55,7 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
                 args.hf_dir, args.out_dir, include_mtp=args.include_mtp, dtype=args.dtype,
                 compute_dtype=args.compute_dtype, use_indexer=False if args.no_indexer else None,
                 index_n_heads=args.index_n_heads, index_head_dim=args.index_head_dim, index_topk=args.index_topk,
-                seed=args.seed, overwrite=args.overwrite)
+                seed=args.seed, overwrite=args.overwrite, mtp=args.mtp)
         else:
             from dsa_train.convert.hf_export import export_hf_checkpoint
 

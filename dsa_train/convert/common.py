@@ -10,6 +10,20 @@ from pathlib import Path
 from typing import Iterator
 
 
+# The MTP depths' copies of the shared embedding and output head in a HF checkpoint (our model
+# shares the main ones): skipped on import, written back from the main tensors on export.
+MTP_SHARED_COPIES = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+
+
+def hf_name(key: str, num_hidden_layers: int) -> str:
+    """HF tensor name of one of our (per-layer) variable keys: MTP depth k ('mtp/k/...') is HF
+    layer num_hidden_layers + k; every other key maps one to one ('/' -> '.')."""
+    parts = key.split("/")
+    if parts[0] == "mtp":
+        parts = ["model", "layers", str(num_hidden_layers + int(parts[1]))] + parts[2:]
+    return ".".join(parts)
+
+
 class ConversionError(ValueError):
     """A user-facing conversion problem, one line naming the tensor or file it is about."""
 

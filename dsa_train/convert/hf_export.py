@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 import numpy as np
 
 from dsa_train.config import ConfigError, ModelConfig
-from dsa_train.convert.common import ConversionError, atomic_output_dir
+from dsa_train.convert.common import MTP_SHARED_COPIES, ConversionError, atomic_output_dir, hf_name
 from dsa_train.convert.hf_config import hf_config_from_model_config
 from dsa_train.convert.hf_import import ASSET_FILES, ASSETS_DIR, MTP_DIR, SOURCE_CONFIG_FILE
 from dsa_train.convert.safetensors_io import DTYPES, INDEX_FILE, PlannedTensor, write_safetensors
@@ -173,13 +173,14 @@ def _rows(get: Callable[[], np.ndarray], dtype: np.dtype) -> Callable[[], Iterab
     return chunks
 
 
-def _hf_tensors(key: str, shape: tuple, get: Callable[[str], np.ndarray], dtype: np.dtype) -> list[PlannedTensor]:
-    """The HF tensor(s) of one of our variables."""
-    m = re.fullmatch(r"model/layers/(\d+)/mlp/experts/(gate_proj|up_proj|down_proj)", key)
+def _hf_tensors(key: str, shape: tuple, get: Callable[[str], np.ndarray], dtype: np.dtype,
+                num_hidden_layers: int = 0) -> list[PlannedTensor]:
+    """The HF tensor(s) of one of our variables (MTP depth k becomes layer num_hidden_layers + k)."""
+    name = hf_name(key, num_hidden_layers)
+    m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)", name)
     if m:
         return [PlannedTensor(f"model.layers.{m[1]}.mlp.experts.{e}.{m[2]}.weight", dtype, tuple(shape[1:]),
                               _rows(lambda e=e: get(key)[e], dtype)) for e in range(shape[0])]
-    name = key.replace("/", ".")
     out_dtype = np.dtype(np.float32) if name.endswith(FP32_TENSORS) else dtype
     return [PlannedTensor(name, out_dtype, tuple(shape), _rows(lambda: get(key), out_dtype))]
 
@@ -237,13 +238,20 @@ def export_hf_checkpoint(source: Any, out_dir: str | Path, *, dtype: str = "bflo
         src_config = json.loads((assets / SOURCE_CONFIG_FILE).read_text())
         extra = {k: src_config[k] for k in PASSTHROUGH_KEYS if k in src_config}
     mtp_layers = sorted({int(k.split("/")[2]) for k in mtp_meta})
-    if mtp_layers:
-        extra["num_nextn_predict_layers"] = len(mtp_layers)
+    if mtp_layers or config.num_nextn_predict_layers:
+        extra["num_nextn_predict_layers"] = len(mtp_layers) or config.num_nextn_predict_layers
     hf_config = hf_config_from_model_config(config, dtype=dtype, extra=extra)
 
     tensors: list[PlannedTensor] = []
     for key, (shape, _) in meta.items():
-        tensors += _hf_tensors(key, shape, get, out_dtype)
+        tensors += _hf_tensors(key, shape, get, out_dtype, config.num_hidden_layers)
+    for depth in range(config.num_nextn_predict_layers):
+        # The released layout: every MTP layer carries its own copy of the shared embedding and head.
+        layer = config.num_hidden_layers + depth
+        for copy, main in MTP_SHARED_COPIES.items():
+            key = main.removesuffix(".weight").replace(".", "/") + "/weight"
+            tensors.append(PlannedTensor(f"model.layers.{layer}.{copy}", out_dtype, tuple(meta[key][0]),
+                                         _rows(lambda key=key: get(key), out_dtype)))
     for key, (shape, src_dtype) in mtp_meta.items():
         name = key.replace("/", ".")
         t_dtype = src_dtype if name.endswith(FP32_TENSORS) or src_dtype.kind in "iub" else out_dtype

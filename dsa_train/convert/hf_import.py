@@ -39,7 +39,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from dsa_train.config import ConfigError, ModelConfig
-from dsa_train.convert.common import ConversionError, atomic_output_dir, one_line
+from dsa_train.convert.common import MTP_SHARED_COPIES, ConversionError, atomic_output_dir, hf_name, one_line
 from dsa_train.convert.hf_config import HFSourceInfo, model_config_from_hf, read_hf_config
 from dsa_train.convert.safetensors_io import DTYPES, SafetensorsCheckpoint
 
@@ -182,19 +182,21 @@ def _plan(config: ModelConfig, info: HFSourceInfo, ckpt: SafetensorsCheckpoint, 
     for key, (shape, dtype) in _abstract_variables(config).items():
         parts = key.split("/")
         target = Target(key, shape, dtype)
-        m = re.fullmatch(r"model/layers/(\d+)/mlp/experts/(\w+)", key)
+        m = re.fullmatch(r"(model/layers|mtp)/(\d+)/mlp/experts/(\w+)", key)
         if m:
-            target.sources, layout = _expert_sources(ckpt, int(m[1]), m[2], shape, key)
+            layer = int(m[2]) + (config.num_hidden_layers if m[1] == "mtp" else 0)
+            target.sources, layout = _expert_sources(ckpt, layer, m[3], shape, key)
             target.stacked = True
             report.expert_layout = layout if report.expert_layout in ("none", layout) else "mixed"
         elif "indexer" in parts and not info.has_indexer:
-            layer = int(parts[2])
+            # MTP depth k: layer num_hidden_layers + k (its own seed, like any other layer)
+            layer = int(parts[2]) if parts[0] == "model" else config.num_hidden_layers + int(parts[1])
             sub = "/".join(parts[parts.index("indexer") + 1:])
             target.init = lambda layer=layer, sub=sub, dtype=dtype: indexer_init(layer)[sub].astype(dtype)
             if layer not in fresh_layers:
                 fresh_layers.append(layer)
         else:
-            name = ".".join(parts)
+            name = hf_name(key, config.num_hidden_layers)
             if name not in ckpt:
                 raise ConversionError(f"missing tensor {name} in {ckpt.dir}")
             if ckpt.info(name).shape != shape:
@@ -218,12 +220,17 @@ def _check_leftovers(config: ModelConfig, ckpt: SafetensorsCheckpoint, targets: 
     """Refuse unknown source tensors; return the MTP tensor names to import (if asked)."""
     used = {s.name for t in targets for s in t.sources}
     used |= {n + "_scale_inv" for n in used}
-    mtp, dropped_indexer, ignored = [], 0, 0
+    mtp, dropped_indexer, ignored, shared_copies = [], 0, 0, 0
     for name in ckpt.names():
         if name in used:
             continue
-        m = re.match(r"model\.layers\.(\d+)\.", name)
-        if m and int(m[1]) >= config.num_hidden_layers:
+        m = re.match(r"model\.layers\.(\d+)\.(.*)", name)
+        modeled_mtp = bool(m) and 0 <= int(m[1]) - config.num_hidden_layers < config.num_nextn_predict_layers
+        if modeled_mtp and m[2].removesuffix("_scale_inv") in MTP_SHARED_COPIES:
+            shared_copies += not name.endswith("_scale_inv")
+        elif modeled_mtp and ".self_attn.indexer." in name and not config.use_indexer:
+            dropped_indexer += 1
+        elif m and int(m[1]) >= config.num_hidden_layers and not modeled_mtp:
             mtp.append(name)
         elif ".self_attn.indexer." in name and not config.use_indexer:
             dropped_indexer += 1
@@ -232,6 +239,9 @@ def _check_leftovers(config: ModelConfig, ckpt: SafetensorsCheckpoint, targets: 
         else:
             raise ConversionError(f"unexpected tensor {name} in {ckpt.info(name).file.name}: not part of "
                                   f"the model described by config.json")
+    if shared_copies:
+        report.skipped.append(f"{shared_copies} MTP copies of embed_tokens / lm_head (the model shares the main "
+                              f"ones; the export writes them back from those)")
     if dropped_indexer:
         report.skipped.append(f"{dropped_indexer} indexer tensors (use_indexer=false)")
     if ignored:
@@ -335,14 +345,16 @@ def import_hf_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, include_mtp
                          dtype: str = "float32", compute_dtype: str = "bfloat16",
                          use_indexer: Optional[bool] = None, index_n_heads: Optional[int] = None,
                          index_head_dim: Optional[int] = None, index_topk: Optional[int] = None,
-                         seed: int = 0, overwrite: bool = False) -> ImportReport:
+                         seed: int = 0, overwrite: bool = False, mtp: bool = False) -> ImportReport:
     """Convert the HF checkpoint in ``hf_dir`` into a model directory ``out_dir``.
 
     ``dtype``: parameter dtype of the result ("float32" or "bfloat16"; the indexer's
     weights_proj and the router stay fp32, as in our model). ``use_indexer`` / ``index_*``
     override the indexer settings (V3 checkpoints get fresh indexers by default). ``seed``: for
     freshly initialized indexers. ``include_mtp``: also keep the MTP layer(s) (under ``mtp/``,
-    HF names, not used by our model; the exporter writes them back). Raises ConfigError /
+    HF names, not used by our model; the exporter writes them back). ``mtp``: make the MTP
+    layer(s) part of the model instead (model.num_nextn_predict_layers from config.json; trained
+    and exported under the released names; a V3 / V3.1 MTP layer gets a fresh indexer). Raises ConfigError /
     ConversionError with one line naming the problem; ``out_dir`` then does not exist.
     """
     hf_dir = Path(hf_dir)
@@ -352,6 +364,11 @@ def import_hf_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, include_mtp
     config, info = model_config_from_hf(
         hf, origin=str(hf_dir / "config.json"), param_dtype=dtype, compute_dtype=compute_dtype,
         use_indexer=use_indexer, index_n_heads=index_n_heads, index_head_dim=index_head_dim, index_topk=index_topk)
+    if mtp:
+        if not info.num_mtp_layers:
+            raise ConfigError(f"{hf_dir / 'config.json'}: num_nextn_predict_layers is 0: the checkpoint has no "
+                              f"MTP layer to import")
+        config = dataclasses.replace(config, num_nextn_predict_layers=info.num_mtp_layers)
     report = ImportReport(source=str(hf_dir), out_dir=str(Path(out_dir).absolute()), model_type=info.model_type,
                           config=config, notes=list(info.notes))
     ckpt = SafetensorsCheckpoint(hf_dir)

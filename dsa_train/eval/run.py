@@ -20,6 +20,7 @@ from dsa_train.eval.checkpoints import EvalInputError, LoadedCheckpoint
 from dsa_train.eval.forward import DiagnosticOptions, LayerRunner
 from dsa_train.eval import needle as needle_lib
 from dsa_train.eval.defaults import DEFAULT_BUCKET_EDGES, DEFAULT_HELDOUT_SEED
+from dsa_train.eval.mtp import MTPAcceptance, has_mtp
 from dsa_train.ops.losses import lm_targets
 
 
@@ -125,6 +126,7 @@ def evaluate(ckpt: LoadedCheckpoint, batches: list[dict], cases: list[needle_lib
     indexer = (IndexerAccumulator(config.num_hidden_layers, config.index_topk, options.bucket_edges, options.rows)
                if config.use_indexer else None)
     quality = QualityAccumulator(options.bucket_edges)
+    acceptance = MTPAcceptance() if has_mtp(model) else None
     needle_scores = {m: {} for m in modes}
     with _progress(options.progress) as progress:
         task = progress.add_task(f"{ckpt.name}: held-out batches", total=len(batches)) if progress else None
@@ -138,6 +140,8 @@ def evaluate(ckpt: LoadedCheckpoint, batches: list[dict], cases: list[needle_lib
                 nll, correct = jax.device_get(runner.forward(tokens, seg, positions, on_layer_stats=hook,
                                                              **_mode_args(mode, options)))
                 quality.add(mode, nll, correct, target_weights, batch["loss_weights"], positions)
+                if acceptance is not None:
+                    acceptance.add(model, batch, mode)
             if progress:
                 progress.advance(task)
         if cases:
@@ -155,6 +159,7 @@ def evaluate(ckpt: LoadedCheckpoint, batches: list[dict], cases: list[needle_lib
         "indexer": indexer.summary() if indexer is not None else None,
         "quality": quality.summary(),
         "needle": {m: needle_lib.summarize(cases, s) for m, s in needle_scores.items()} if cases else None,
+        "mtp_acceptance": acceptance.summary() if acceptance is not None else None,
     }
 
 

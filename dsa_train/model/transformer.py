@@ -34,6 +34,7 @@ class ModelOutput(NamedTuple):
     diagnostics: dict  # name -> [L] per-layer indexer quality (empty unless requested)
     indices: tuple  # per-layer top-k indices [B, S, K] in sparse mode
     row_stats: dict = {}  # name -> [L, B, S] per-row indexer statistics with mode.row_stats (see mla.py)
+    mtp: Optional["MTPOutput"] = None  # the MTP depths' outputs (model.num_nextn_predict_layers > 0)
 
 
 class DecoderLayer(nnx.Module):
@@ -123,11 +124,20 @@ class CausalLM(nnx.Module):
         self.model = DecoderStack(config, rngs=rngs, backend=backend)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, ("vocab", "embed"), rngs=rngs,
                               param_dtype=DTYPES[config.param_dtype], dtype=DTYPES[config.compute_dtype])
+        if config.num_nextn_predict_layers:
+            from dsa_train.model.mtp import MTPLayer  # mtp.py builds on DecoderLayer
+
+            # Created after everything else: the main model's weights do not depend on the depth.
+            self.mtp = nnx.List([MTPLayer(config, config.num_hidden_layers + k, rngs=rngs, backend=backend)
+                                 for k in range(config.num_nextn_predict_layers)])
 
     def __call__(self, tokens: jnp.ndarray, segment_ids: jnp.ndarray | None = None,
-                 positions: jnp.ndarray | None = None, mode: ForwardMode = ForwardMode()) -> ModelOutput:
+                 positions: jnp.ndarray | None = None, mode: ForwardMode = ForwardMode(),
+                 mtp_tokens: tuple | None = None) -> ModelOutput:
         """tokens [B, S] int32; segment_ids [B, S] (0 = padding; default one document per row);
-        positions [B, S] (default: position inside each document)."""
+        positions [B, S] (default: position inside each document); mtp_tokens: per MTP depth k the
+        tokens t_{i+k} [B, S] (default: shifted from ``tokens``; the train step passes them, built
+        before any context-parallel reordering, see mtp.mtp_inputs)."""
         if segment_ids is None:
             segment_ids = default_segment_ids(tokens)
         if positions is None:
@@ -149,8 +159,31 @@ class CausalLM(nnx.Module):
         hidden = self.model.norm(x)
         logits = self.lm_head(hidden).astype(jnp.float32) if mode.logits else None
         diagnostics = {k: jnp.stack([d[k] for d in diags]) for k in diags[0]} if diags and diags[0] else {}
+        mtp = None
+        if hasattr(self, "mtp") and (mode.logits or mode.indexer_loss):
+            mtp = self._mtp(tokens, hidden, mtp_tokens, segment_ids, valid, cos, sin, mode)
+            moe += list(mtp.moe)  # after the main layers, as the router biases sort (mtp/ after model/)
         stacked_rows = {k: jnp.stack([r[k] for r in row_stats]) for k in row_stats[0]} if row_stats else {}
-        return ModelOutput(logits, hidden, jnp.stack(kl), tuple(moe), diagnostics, tuple(indices), stacked_rows)
+        return ModelOutput(logits, hidden, jnp.stack(kl), tuple(moe), diagnostics, tuple(indices), stacked_rows, mtp)
+
+    def _mtp(self, tokens, hidden, mtp_tokens, segment_ids, valid, cos, sin, mode: ForwardMode):
+        from dsa_train.model.mtp import MTPOutput, shift_left
+
+        if mtp_tokens is None:
+            mtp_tokens = tuple(shift_left(tokens, k + 1) for k in range(len(self.mtp)))
+        logits, kl, moe = [], [], []
+        h = hidden
+        for layer, depth_tokens in zip(self.mtp, mtp_tokens):
+            x = constrain_residual(layer.project(self.model.embed_tokens(depth_tokens), h))
+            x, aux, stats = run_layer(layer, x, segment_ids, valid, cos, sin, mode)
+            kl.append(aux.indexer_loss)
+            if stats is not None:
+                moe.append(stats)
+            # h^k feeds depth k+1 through its hnorm; shared_head.norm is on the way to the head only.
+            h = x
+            if mode.logits:
+                logits.append(self.lm_head(layer.shared_head.norm(x)).astype(jnp.float32))
+        return MTPOutput(tuple(logits), jnp.stack(kl), tuple(moe))
 
 
 def create_model(config: ModelConfig, seed: int = 0, backend: Backend | None = None) -> CausalLM:

@@ -54,11 +54,14 @@ def init_train_state(config: Config, optimizers: dict, mesh: Mesh, rules: Rules)
 
 def reinit_optimizer(config: Config, params: dict, router_bias, optimizers: dict, shardings):
     """A fresh TrainState (step 0, new optimizer state) around given parameters, sharded like
-    ``shardings`` (used when a stage starts from another run's model)."""
+    ``shardings`` (used when a stage starts from another run's model). ``params`` and
+    ``router_bias`` are donated."""
     from dsa_train.train import step as step_lib
 
     init = lambda p, b: step_lib.init_state(config, p, b, optimizers)  # noqa: E731
-    return jax.jit(init, out_shardings=shardings)(params, router_bias)
+    # Donated: the parameters become the new state's without a second copy on the devices (the
+    # caller's arrays are consumed).
+    return jax.jit(init, out_shardings=shardings, donate_argnums=(0, 1))(params, router_bias)
 
 
 def jit_train_step(train_step: Callable, state_shardings, mesh: Mesh, rules: Rules, batch_size: int,

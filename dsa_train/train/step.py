@@ -7,6 +7,9 @@ Stages (config.train.stage):
           differentiated, and get no optimizer state.
 - sparse: everything trains with top-k attention; the LM loss reaches only the main model and the
           sparse KL only the indexers (the indexer's inputs are detached inside the model).
+The MTP depths (model.num_nextn_predict_layers) follow the same rules: their parameters belong to
+the main group (their indexers to the indexer group), and their cross-entropy on the token k+1
+ahead, weighted by train.mtp_loss_weight, joins the LM loss wherever the LM loss is computed.
 After every step the MoE selection biases move toward balance: b += gamma * sign(mean - load).
 """
 
@@ -22,6 +25,7 @@ from flax import nnx
 from dsa_train.config import Config
 from dsa_train.model import CausalLM, ForwardMode
 from dsa_train.model.layers import RouterBias
+from dsa_train.model.mtp import mtp_inputs, mtp_loss_and_accuracy
 from dsa_train.ops.losses import moe_sequence_balance_loss, token_nll, weighted_lm_targets
 from dsa_train.ops.masks import document_positions
 from dsa_train.parallel import context_parallel
@@ -89,11 +93,15 @@ def _loss_and_metrics(graphdef, config: Config, mode: ForwardMode, trained: dict
     t = config.train
     model = merge_model(graphdef, {**frozen, **trained}, router_bias)
     inputs = model_inputs(batch)
+    depth = config.model.num_nextn_predict_layers
+    if depth:  # shifted before any reordering, like the next-token targets
+        inputs.update(mtp_inputs(inputs["tokens"], inputs["targets"], inputs["target_weights"], depth))
     # mesh.context_order: under context parallelism the rows may be laid out zig-zag over the
     # shards (one reorder of the [B, S] inputs here); every loss below is a sum over tokens.
     with context_parallel.laid_out(config.mesh.context_order, inputs["tokens"].shape[1]) as lay_out:
         inputs = {name: lay_out(x) for name, x in inputs.items()}
-        out = model(inputs["tokens"], inputs["segment_ids"], inputs["positions"], mode)
+        out = model(inputs["tokens"], inputs["segment_ids"], inputs["positions"], mode,
+                    mtp_tokens=tuple(inputs[f"mtp_tokens_{k}"] for k in range(1, depth + 1)) or None)
     seg, targets, weights = inputs["segment_ids"], inputs["targets"], inputs["target_weights"]
     metrics = {}
     loss = jnp.zeros((), jnp.float32)
@@ -109,9 +117,16 @@ def _loss_and_metrics(graphdef, config: Config, mode: ForwardMode, trained: dict
                           for s in out.moe)
             metrics["balance_loss"] = balance
             loss = loss + balance
+    if out.mtp is not None and mode.logits:
+        mtp_loss, mtp_accuracy = mtp_loss_and_accuracy(out.mtp.logits, inputs)
+        metrics["mtp_loss"], metrics["mtp_accuracy"] = mtp_loss, mtp_accuracy
+        loss = loss + t.mtp_loss_weight * mtp_loss
     if mode.indexer_loss:
         metrics["indexer_kl"] = out.indexer_loss  # [L]
         loss = loss + t.indexer_loss_weight * out.indexer_loss.sum()
+        if out.mtp is not None:
+            metrics["mtp_indexer_kl"] = out.mtp.indexer_loss  # [D]
+            loss = loss + t.indexer_loss_weight * out.mtp.indexer_loss.sum()
     for name, value in out.diagnostics.items():
         metrics[name] = value  # [L]
     metrics = {name: value / accum for name, value in metrics.items()}

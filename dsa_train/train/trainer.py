@@ -165,7 +165,8 @@ def _train(config: Config, console: bool, run_dir: Path, accepted: list) -> RunR
     from dsa_train.data.pipeline import make_train_iterator
     from dsa_train import parallel
     from dsa_train.parallel.sharding import batch_sharding, put_batch
-    from dsa_train.parallel.state import init_train_state, jit_train_step, reinit_optimizer
+    from dsa_train.parallel.state import (abstract_train_state, init_train_state, jit_train_step, model_graphdef,
+                                          reinit_optimizer)
 
     if jax.process_index() == 0:
         for line in set_aside_uncommitted(run_dir):
@@ -177,8 +178,10 @@ def _train(config: Config, console: bool, run_dir: Path, accepted: list) -> RunR
     optimizers, schedules = {}, {}
     for group in step_lib.GROUPS:
         optimizers[group], schedules[group] = make_optimizer(getattr(t, group), t.steps)
-    # Created directly sharded: no device ever holds the whole state.
-    graphdef, state, state_shardings = init_train_state(config, optimizers, mesh, rules)
+    # Built abstractly (shapes and shardings only): a resumed or initialized-from state is read
+    # straight into its sharded arrays, and only a fresh start generates random weights (sharded).
+    graphdef = model_graphdef(config)
+    abstract_state, state_shardings = abstract_train_state(config, optimizers, mesh, rules)
     data = make_train_iterator(config.data, batch_size=t.batch_size, seq_len=t.seq_len,
                                vocab_size=config.model.vocab_size, seed=t.seed,
                                process_index=jax.process_index(), process_count=jax.process_count())
@@ -190,19 +193,23 @@ def _train(config: Config, console: bool, run_dir: Path, accepted: list) -> RunR
         start = resolve_start(run_dir, config.checkpoint)
         if start.kind == "resume":
             restored, skipped = checkpointer.restore_latest_usable(to_dict(config),
-                                                                   abstract_tree(checkpoint_tree(state)))
+                                                                   abstract_tree(checkpoint_tree(abstract_state)))
             for line in skipped:
                 _warn(line)
-            state = state_from_tree(state, restored.train_state)
+            state = state_from_tree(abstract_state, restored.train_state)
             if restored.data_state is not None:
                 data.set_state(restored.data_state)
             start_step = saved_step = restored.step
             start = dataclasses.replace(start, step=restored.step)
         elif start.kind == "init_from":
-            model_tree = load_model_for_init(start.path, abstract_tree(checkpoint_tree(state)[MODEL_KEY]),
+            model_tree = load_model_for_init(start.path, abstract_tree(checkpoint_tree(abstract_state)[MODEL_KEY]),
                                              model_config_dict=to_dict(config.model))
-            params, router_bias = model_from_tree(state, model_tree)
+            params, router_bias = model_from_tree(abstract_state, model_tree)
+            del model_tree  # its arrays are donated to the new state: no second copy stays alive
             state = reinit_optimizer(config, params, router_bias, optimizers, state_shardings)  # fresh optimizer, step 0
+            del params, router_bias
+        else:
+            state = init_train_state(config, optimizers, mesh, rules)[1]
         # Accepted: from here on the run directory is this run's.
         accepted.append(True)
         if jax.process_index() == 0:
