@@ -338,7 +338,7 @@ def test_eval_mtp_acceptance_proxy_counts_next_next_tokens(hf_mtp):
     positions = np.stack([np.r_[np.arange(10), np.arange(6)], np.r_[np.arange(12), np.zeros(4, int)]]).astype(np.int32)
     acc = MTPAcceptance()
     acc.add(model, {"tokens": jnp.asarray(tokens), "segment_ids": jnp.asarray(seg),
-                    "positions": jnp.asarray(positions)}, "dense", "reference")
+                    "positions": jnp.asarray(positions)}, "dense")
     summary = acc.summary()["dense"]
     # By hand: positions whose t_{i+2} is in the document.
     out = model(jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(positions), ForwardMode("dense"))
