@@ -1,7 +1,7 @@
 """End to end: `dsa-train demo` (the README's retrieval table). Seeded, so the run is deterministic
 on one machine; 64 needles per depth, so one needle is 1.6 points.
 
-Asserted: the issue's figures that the demo meets (dense base >= 90 % at every depth, the local
+Asserted: the target figures that the demo meets (dense base >= 90 % at every depth, the local
 window <= 30 % where it does not reach the needle, captured mass >= 0.9 on at least one layer), and
 bounds on the ones it does not meet yet (the README says by how much): sparse mode >= 80 % at every
 depth, and at least 40 points above the untrained indexers beyond the window (that control's
