@@ -15,7 +15,7 @@ from dsa_train.train.trainer import train
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = ["train.stage=warmup", "train.batch_size=2", "train.seq_len=32", "train.log_every=1",
+BASE = ["train.stage=warmup", "train.batch_size=2", "train.seq_len=32", "model.index_topk=8", "train.log_every=1",
         "data.source=synthetic", "data.num_pairs=4", "data.num_queries=2", "checkpoint.save_every=2"]
 
 

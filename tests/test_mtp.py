@@ -243,7 +243,7 @@ def _bf16_rewrite(src_dir, out_dir):
 
 def _train(config_model, params_model, stage, steps=2):
     cfg = load_config("configs/tiny.yaml", [f"train.stage={stage}", f"train.batch_size={BATCH}",
-                                            f"train.seq_len={SEQ}", "train.diagnostic_rows=0"])
+                                            f"train.seq_len={SEQ}", "model.index_topk=4", "train.diagnostic_rows=0"])
     cfg = dataclasses.replace(cfg, model=config_model)
     graphdef, params, bias = S.split_model(params_model)
     opt = {g: make_optimizer(getattr(cfg.train, g), cfg.train.steps) for g in S.GROUPS}
