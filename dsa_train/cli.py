@@ -19,6 +19,19 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
                    help="override any config key, e.g. --set train.steps=100 --set model=configs/tiny.yaml")
 
 
+def _parameter_table(title: str, by_group: dict, total: int, active_per_token: int):
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("block")
+    table.add_column("parameters", justify="right")
+    for name, n in sorted(by_group.items(), key=lambda kv: -kv[1]):
+        table.add_row(name, f"{n:,}")
+    table.add_row("[bold]total", f"[bold]{total:,}")
+    table.add_row("active per token (matmuls)", f"{active_per_token:,}")
+    return table
+
+
 def cmd_info(args) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -29,23 +42,11 @@ def cmd_info(args) -> None:
     config = load_config(args.config, args.overrides).model
     counts = count_params(config)
     console = Console()
-    table = Table(title=f"{args.config}: parameters")
-    table.add_column("block")
-    table.add_column("parameters", justify="right")
-    for name, n in sorted(counts.by_group.items(), key=lambda kv: -kv[1]):
-        table.add_row(name, f"{n:,}")
-    table.add_row("[bold]total", f"[bold]{counts.total:,}")
-    table.add_row("active per token (matmuls)", f"{counts.active_per_token:,}")
-    console.print(table)
+    console.print(_parameter_table(f"{args.config}: parameters", counts.by_group, counts.total,
+                                   counts.active_per_token))
     if counts.mtp_by_group:
-        mtp = Table(title=f"MTP ({config.num_nextn_predict_layers} depth(s), not in the total above)")
-        mtp.add_column("block")
-        mtp.add_column("parameters", justify="right")
-        for name, n in sorted(counts.mtp_by_group.items(), key=lambda kv: -kv[1]):
-            mtp.add_row(name, f"{n:,}")
-        mtp.add_row("[bold]total", f"[bold]{counts.mtp_total:,}")
-        mtp.add_row("active per token (matmuls)", f"{counts.mtp_active_per_token:,}")
-        console.print(mtp)
+        console.print(_parameter_table(f"MTP ({config.num_nextn_predict_layers} depth(s), not in the total above)",
+                                       counts.mtp_by_group, counts.mtp_total, counts.mtp_active_per_token))
     print(f"total parameters: {counts.total:,}")
     print(f"indexer parameters: {counts.by_group.get('indexer', 0):,}")
     if counts.mtp_by_group:

@@ -29,6 +29,7 @@ from dsa_train.cli import main
 from dsa_train.config import CheckpointConfig, load_config, to_dict
 from dsa_train.data import pipeline
 from dsa_train.train.trainer import _drop_replayed_metrics
+from test_checkpoint_resume import sigterm_at_batch
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "dense-base.yaml")
@@ -380,31 +381,6 @@ def test_a_bad_final_checkpoint_is_redone_from_the_one_before(reference, tmp_pat
     assert f"resuming {run} from step 2" in out and f"finished at step {STEPS}" in out
     assert committed(run) == [2, STEPS]  # the last step is written again
     assert metrics(run) == metrics(reference)  # one record per step, equal to the uninterrupted run
-
-
-def sigterm_at_batch(make_iterator, batch: int):
-    """`make_train_iterator` whose iterator sends this process SIGTERM while producing batch `batch`."""
-
-    class Iterator:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __iter__(self):
-            return self
-
-        def __next__(self):
-            out = next(self.inner)
-            if self.inner.get_state()["step"] == batch:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return out
-
-        def get_state(self):
-            return self.inner.get_state()
-
-        def set_state(self, state):
-            self.inner.set_state(state)
-
-    return lambda *args, **kwargs: Iterator(make_iterator(*args, **kwargs))
 
 
 @pytest.mark.slow

@@ -473,10 +473,7 @@ class RunCheckpointer:
             moved = set_aside_step(self.directory / str(step))
         else:
             moved = self.run_dir / SET_ASIDE_DIR / str(step)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"dsa_train: checkpoint {step} set aside")
+        sync_processes(f"dsa_train: checkpoint {step} set aside")
         return f"checkpoint of step {step} skipped: {why}; moved to {moved}"
 
 
@@ -536,6 +533,14 @@ def checkpoint_failures_reported_once():
     finally:
         logger.removeFilter(log_filter)
         sys.unraisablehook = hook
+
+
+def sync_processes(name: str) -> None:
+    """Barrier across the job's processes (no-op for one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def set_aside_step(step_dir: Path) -> Path:

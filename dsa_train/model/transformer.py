@@ -9,7 +9,7 @@ holds one layer per stack whatever the depth.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,9 @@ from dsa_train.ops.masks import default_segment_ids, document_positions
 from dsa_train.ops.rope import rope_angles
 from dsa_train.parallel.layers import constrain_residual, run_layer
 
+if TYPE_CHECKING:  # mtp.py imports this module
+    from dsa_train.model.mtp import MTPOutput
+
 
 class ModelOutput(NamedTuple):
     logits: Optional[jnp.ndarray]  # [B, S, V] fp32, None when mode.logits is False
@@ -34,7 +37,7 @@ class ModelOutput(NamedTuple):
     diagnostics: dict  # name -> [L] per-layer indexer quality (empty unless requested)
     indices: tuple  # per-layer top-k indices [B, S, K] in sparse mode
     row_stats: dict = {}  # name -> [L, B, S] per-row indexer statistics with mode.row_stats (see mla.py)
-    mtp: Optional["MTPOutput"] = None  # the MTP depths' outputs (model.num_nextn_predict_layers > 0)
+    mtp: Optional[MTPOutput] = None  # the MTP depths' outputs (model.num_nextn_predict_layers > 0)
 
 
 class DecoderLayer(nnx.Module):

@@ -178,8 +178,9 @@ def make_train_step(graphdef, config: Config, optimizers: dict, schedules: dict,
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         trained = {g: state.params[g] for g in trained_groups}
         frozen = {g: p for g, p in state.params.items() if g not in trained_groups}
-        # The LM loss is normalized by the whole batch's weighted-target count, not per micro-batch.
-        target_total = model_inputs(batch)["target_weights"].sum()
+        # With micro-batches the LM loss is normalized by the whole batch's weighted-target count
+        # (a single batch normalizes by its own: the same count).
+        target_total = model_inputs(batch)["target_weights"].sum() if t.grad_accum > 1 else None
         loss_fn = lambda tr, b: _loss_and_metrics(graphdef, config, mode, tr, frozen, state.router_bias, b,  # noqa
                                                   target_total, t.grad_accum)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

@@ -23,7 +23,7 @@ from flax import nnx
 from dsa_train.checkpoint.manager import (CHECKPOINTS_DIR, MODEL_KEY, CheckpointError, RunCheckpointer,
                                           abstract_tree, checkpoint_failures_reported_once, fill_states,
                                           from_pure_tree, load_model_for_init, one_line, resolve_start,
-                                          set_aside_uncommitted, to_pure_tree)
+                                          set_aside_uncommitted, sync_processes, to_pure_tree)
 from dsa_train.checkpoint.preemption import PreemptionGuard
 from dsa_train.checkpoint.run_lock import RunLock
 from dsa_train.config import Config, to_dict
@@ -121,13 +121,6 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 def train(config: Config, console: bool = True) -> RunResult:
     """Run one stage in ``config.train.run_dir``, holding the run directory's lock throughout.
 
@@ -171,7 +164,7 @@ def _train(config: Config, console: bool, run_dir: Path, accepted: list) -> RunR
     if jax.process_index() == 0:
         for line in set_aside_uncommitted(run_dir):
             _warn(line)
-    _sync("dsa_train: uncommitted checkpoints set aside")
+    sync_processes("dsa_train: uncommitted checkpoints set aside")
     # The mesh and the logical-axis rules decide where every array lives (dsa_train/parallel).
     mesh = parallel.make_mesh(config.mesh)
     rules = parallel.resolve_rules(config.mesh.rules)
@@ -263,7 +256,6 @@ def _loop(config, console, run_dir, graphdef, state, state_shardings, optimizers
             raise TrainingError(_write_failure(step, e, checkpointer.latest_step())) from None
 
     def save(step: int, force: bool = False) -> None:
-        nonlocal saved_step
         if int(state.nonfinite):
             # Skipped steps since the last finite one: resuming from here would restart the streak.
             newest = f"step {saved_step}" if saved_step is not None else "none yet"
