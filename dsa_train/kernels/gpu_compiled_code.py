@@ -79,7 +79,7 @@ def compile_ttir(ttir: str, num_warps: int, num_stages: int, arch: int = 90) -> 
 
 
 def sparse_mla_compiled(heads=128, dim=576, v_dim=512, topk=2048, kv_len=4096, queries=4, **block_sizes) -> dict:
-    """{"forward" | "backward" | "head_summed_probs": figures} of sparse_mla_attention_gpu at bf16 for these shapes."""
+    """{"forward" | "backward_dq" | "backward_dkv" | "head_summed_probs": figures} of sparse_mla_attention_gpu at bf16 for these shapes."""
     from dsa_train.kernels.sparse_attention_gpu import (GpuKernelConfig, sparse_mla_attention_gpu,
                                                         sparse_mla_head_summed_probs_gpu)
 
@@ -96,18 +96,19 @@ def sparse_mla_compiled(heads=128, dim=576, v_dim=512, topk=2048, kv_len=4096, q
 
     with capture_triton_ir() as ttirs:
         jax.jit(grads).trace(q, kv, idx).lower(lowering_platforms=("cuda",))
-    forward_ir, backward_ir = ttirs  # the VJP runs the forward kernel, then the backward kernel
+    forward_ir, dq_ir, dkv_ir = ttirs  # the VJP runs the forward kernel, then the two backward kernels
     lse = jax.ShapeDtypeStruct((1, queries, heads), jnp.float32)
     with capture_triton_ir() as probs_ir:
         jax.jit(lambda q, kv, idx, lse: sparse_mla_head_summed_probs_gpu(q, kv, idx, lse, scale, v_dim)
                 ).trace(q, kv, idx, lse).lower(lowering_platforms=("cuda",))
     cfg = GpuKernelConfig(sm_scale=scale, v_dim=v_dim, **block_sizes)
+    value_blocks = dict(block_h=cfg.block_h, block_k=cfg.block_k, chunk_v=cfg.chunk_v, v_splits=cfg.v_splits)
     return dict(
         head_summed_probs=compile_ttir(probs_ir[0], num_warps=8, num_stages=1) | dict(block_h=64, block_k=16),
-        forward=compile_ttir(forward_ir, cfg.num_warps, cfg.num_stages_fwd)
-        | dict(block_h=cfg.block_h, block_k=cfg.block_k, chunk_v=cfg.chunk_v),
-        backward=compile_ttir(backward_ir, cfg.num_warps, cfg.num_stages)
-        | dict(block_h=cfg.block_h_bwd, block_k=cfg.block_k_bwd),
+        forward=compile_ttir(forward_ir, cfg.num_warps, cfg.num_stages_fwd) | value_blocks,
+        backward_dq=compile_ttir(dq_ir, cfg.num_warps, cfg.num_stages) | value_blocks,
+        backward_dkv=compile_ttir(dkv_ir, cfg.num_warps_dkv, cfg.num_stages_dkv)
+        | dict(block_k=cfg.block_k_bwd, block_h=cfg.block_h_bwd, chunk_v=cfg.chunk_v, v_splits=cfg.v_splits_dkv),
     )
 
 
