@@ -7,7 +7,8 @@ kernel: wgmma / mma.sync instruction counts, registers per thread, spill bytes, 
 the number of acq_rel atomics. This is what decides block sizes before a GPU measurement exists.
 
 Needs the `triton` package (test extra). CLI: python -m dsa_train.kernels.gpu_compiled_code
-writes bench/results/gpu_compiled.json (and prints it).
+writes bench/results/gpu_compiled.json (and prints it): the defaults' figures, then those of the
+CANDIDATES (alternative block sizes, one kernel each) the defaults were chosen against.
 """
 
 from __future__ import annotations
@@ -106,10 +107,35 @@ def sparse_mla_compiled(heads=128, dim=576, v_dim=512, topk=2048, kv_len=4096, q
     return dict(
         head_summed_probs=compile_ttir(probs_ir[0], num_warps=8, num_stages=1) | dict(block_h=64, block_k=16),
         forward=compile_ttir(forward_ir, cfg.num_warps, cfg.num_stages_fwd) | value_blocks,
-        backward_dq=compile_ttir(dq_ir, cfg.num_warps, cfg.num_stages) | value_blocks,
+        backward_dq=compile_ttir(dq_ir, cfg.num_warps, cfg.num_stages) | value_blocks | dict(v_splits=cfg.v_splits_dq),
         backward_dkv=compile_ttir(dkv_ir, cfg.num_warps_dkv, cfg.num_stages_dkv)
         | dict(block_k=cfg.block_k_bwd, block_h=cfg.block_h_bwd, chunk_v=cfg.chunk_v, v_splits=cfg.v_splits_dkv),
     )
+
+
+# Alternatives to the defaults, one kernel each: (kernel, block sizes that differ from the defaults).
+# Compiled by the CLI next to the defaults, so the choice stays visible and re-checkable.
+CANDIDATES = [
+    ("forward", dict(v_splits=1)),
+    ("forward", dict(v_splits=1, num_warps=16)),
+    ("forward", dict(v_splits=2, chunk_v=64)),
+    ("forward", dict(v_splits=2, block_k=32)),
+    ("forward", dict(v_splits=4)),
+    ("backward_dq", dict(v_splits_dq=2)),
+    ("backward_dq", dict(v_splits_dq=4, num_stages=1)),
+    ("backward_dq", dict(v_splits_dq=4, num_stages=2)),
+    ("backward_dkv", dict(v_splits_dkv=2)),
+    ("backward_dkv", dict(block_h_bwd=32)),
+    ("backward_dkv", dict(num_stages_dkv=1)),
+    ("backward_dkv", dict(num_warps_dkv=4)),
+    ("backward_dkv", dict(num_warps_dkv=16, num_stages_dkv=1)),
+]
+
+
+def candidates_compiled(shapes: dict) -> list[dict]:
+    """Figures of each CANDIDATES entry (its kernel only)."""
+    return [dict(kernel=kernel, overrides=overrides) | sparse_mla_compiled(**shapes, **overrides)[kernel]
+            for kernel, overrides in CANDIDATES]
 
 
 def main(argv=None) -> int:
@@ -117,6 +143,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/gpu_compiled.json")
+    parser.add_argument("--defaults-only", action="store_true", help="skip the CANDIDATES (about 2 min on 2 cores)")
     args = parser.parse_args(argv)
     try:
         import triton
@@ -125,6 +152,8 @@ def main(argv=None) -> int:
         return 2
     result = dict(arch="sm_90a", triton=triton.__version__, jax=jax.__version__, shapes=REAL_SHAPES,
                   dtype="bfloat16", sparse_mla=sparse_mla_compiled(**REAL_SHAPES))
+    if not args.defaults_only:
+        result["candidates"] = candidates_compiled(REAL_SHAPES)
     text = json.dumps(result, indent=1)
     with open(args.out, "w") as f:
         f.write(text + "\n")
