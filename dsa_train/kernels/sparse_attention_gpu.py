@@ -40,8 +40,12 @@ parts of D to powers of two (>= 16, Triton's minimum dot size); with the real 12
 576 = 512 + 64 dims nothing is padded apart from K when it is not a multiple of a slot block. Block
 sizes come from the compiled code only (registers, shared memory, spills, wgmma count; figures in
 bench/results/gpu_compiled.json), not yet from a GPU measurement; bench/gpu_suite.py measures them.
-These are Pallas' Triton-lowered kernels, the ones that run on CUDA under both the CI JAX (0.10.2)
-and JAX 0.11.x (where Pallas' Triton backend is deprecated in favour of Mosaic GPU, not removed).
+Which GPU kernels run where: these Pallas Triton kernels, on every CUDA GPU under both the CI JAX
+(0.10.2) and JAX 0.11.x (where Pallas' Triton backend is deprecated in favour of Mosaic GPU). A
+Mosaic GPU (jax.experimental.pallas.mosaic_gpu) version does not exist yet: its pallas_call lowers
+for "cuda" on a CPU machine under JAX 0.10.2, but the row gather this kernel is built on needs a
+per-row asynchronous copy scheme there (TMA gathers are sm_100 only), and neither its compiled code
+nor its interpret mode is checked by this repository's tests yet.
 """
 
 from __future__ import annotations
