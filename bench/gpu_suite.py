@@ -22,6 +22,7 @@ had; measurements that would start after --budget-s seconds are skipped and reco
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -36,7 +37,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dsa_train.kernels.backend import Backend  # noqa: E402
-from dsa_train.kernels.sparse_attention_gpu import (sparse_mla_attention_gpu,  # noqa: E402
+from dsa_train.kernels.sparse_attention_gpu import (GpuKernelConfig, sparse_mla_attention_gpu,  # noqa: E402
                                                     sparse_mla_head_summed_probs_gpu)
 from dsa_train.ops.attention import NEG_INF, sparse_mla_attention_reference  # noqa: E402
 from dsa_train.ops.indexer import indexer_topk_reference  # noqa: E402
@@ -99,6 +100,13 @@ def random_causal_indices(key, length: int, k: int) -> jnp.ndarray:
     base = jnp.where(span > k, shift % (span - k + 1), 0)
     idx = base + slot
     return jnp.where(idx <= pos, idx, -1).astype(jnp.int32)[None]
+
+
+def kernel_blocks() -> dict:
+    """The sparse MLA kernels' default block sizes, recorded with the figures they produce."""
+    defaults = GpuKernelConfig(sm_scale=1.0, v_dim=V_DIM)
+    return {f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults)
+            if f.name not in ("sm_scale", "v_dim", "interpret")}
 
 
 def check_sparse_mla(interpret: bool) -> dict:
@@ -201,7 +209,8 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(here, "results", "gpu_suite_cpu_smoke.json" if smoke else "gpu_suite.json")
     device = jax.devices()[0]
     report = Report(out, dict(jax=jax.__version__, device=getattr(device, "device_kind", str(device)),
-                              host=platform.node(), cpu_smoke=smoke, warmup=warmup, repeats=repeats))
+                              host=platform.node(), cpu_smoke=smoke, warmup=warmup, repeats=repeats,
+                              sparse_mla_blocks=kernel_blocks()))
     start = time.time()
 
     def run(section, key, fn, *fn_args):

@@ -80,7 +80,8 @@ def compile_ttir(ttir: str, num_warps: int, num_stages: int, arch: int = 90) -> 
 
 
 def sparse_mla_compiled(heads=128, dim=576, v_dim=512, topk=2048, kv_len=4096, queries=4, **block_sizes) -> dict:
-    """{"forward" | "backward_dq" | "backward_dkv" | "head_summed_probs": figures} of sparse_mla_attention_gpu at bf16 for these shapes."""
+    """{"forward" | "backward_dq" | "backward_dkv" | "head_summed_probs": figures} of the GPU sparse
+    MLA kernels at bf16 for these shapes."""
     from dsa_train.kernels.sparse_attention_gpu import (GpuKernelConfig, sparse_mla_attention_gpu,
                                                         sparse_mla_head_summed_probs_gpu)
 
