@@ -113,6 +113,16 @@ def test_tpu_kernel_matches_reference():
     assert np.all(np.asarray(out[:, 3]) == 0) and np.all(np.asarray(lse[:, 3]) <= NEG_INF / 2)
 
 
+def test_tpu_kernel_key_tiles_and_query_blocks():
+    # T = 20 keys in dkv tiles of 8 (three tiles, the last one partial), S = 20 queries in blocks of
+    # 8 (the last one padded), K = 12 in DMA blocks of 8: slot ranges that straddle tiles, query
+    # blocks without keys in a tile (skipped), -1 slots, early rows with fewer than K candidates, a
+    # row without keys.
+    q, kv, idx = make_inputs(s=20, t=20, k=12, seed=7, drop_row=5)
+    out, lse, _ = assert_matches_reference(tpu_kernel(block_k=8, block_q=8, tile_t=8), q, kv, idx, 0.3, 32)
+    assert np.all(np.asarray(out[:, 5]) == 0) and np.all(np.asarray(lse[:, 5]) <= NEG_INF / 2)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", ["blocked", "gpu", "tpu"])
 def test_real_mla_dims(impl):
