@@ -5,41 +5,47 @@ indices [B, S, K] (-1 = unused). Every kernel step owns a block of `block_q` que
 heads (H = 128 gives [128, 576] x [576, block_k] matmuls, a good MXU shape, and each gathered key
 row serves every head), so a key row is fetched from HBM once per (query, slot) and pass.
 
-Gather: kv stays in HBM (memory_space ANY), in its own dtype (bf16 rows are DMA'd as bf16: no
-widened copy of kv). The queries' indices arrive per grid step as an SMEM block (scalars that
-address the DMAs). For each block of block_k slots the kernel issues one row DMA per slot
-(`pltpu.make_async_copy`, kv row -> VMEM) and double-buffers across the whole query block: block
-g + 1 (possibly the next query's first) is in flight while block g is computed. Invalid slots
-fetch row 0 and are masked to probability 0.
+Gather: kv stays in HBM (memory_space ANY). For each block of block_k slots the kernel issues one
+row DMA per slot (`pltpu.make_async_copy`, kv row -> VMEM) and double-buffers across the whole
+query block: block g + 1 (possibly the next query's first) is in flight while block g is computed.
+Invalid slots fetch row 0 and are masked to probability 0. The slot indices that address the DMAs
+arrive per grid step as an SMEM block. Mosaic slices a 16-bit VMEM buffer only at whole (16, 128)
+tiles, so a single bf16 row cannot land at an arbitrary buffer row; bf16 kv is therefore packed
+two values per 32-bit word (word w = columns w and w + half, half = ceil(D / 2) rounded up to 128
+lanes) and unpacked in VMEM into two lane-aligned halves, exactly. For D = 576 a gathered row is
+1536 bytes (bf16 plus 192 padding words), not the 2304 of a widened fp32 copy. fp32 kv is gathered
+as is.
 
-Forward, grid (S / block_q, B), both "parallel" (the query axis first, so the two TensorCores of a
-v5p chip split the queries at batch 1): online softmax over the slot blocks; out [H, v_dim] and lse
-per query. lse is stored lane-dense as [B, S, H] (block [block_q, H]), not padded to 128 lanes.
+Forward, grid (S / block_q, B), both "parallel", the query axis first so that the two
+TensorCores of a v5p chip split the queries at batch 1: online softmax over the slot blocks; out
+[H, v_dim] and lse per query. lse is stored lane-dense as [B, S, H] (block [block_q, H]).
 
-Backward, two kernels (TPU has no atomic adds, and a [T, D] fp32 dkv does not fit VMEM past
+Backward, two kernels (TPU has no atomic adds, and a whole [T, D] fp32 dkv stops fitting VMEM at
 T ~ 14K):
 - dq, grid (S / block_q, B) "parallel": p recomputed from lse, ds = p (dp - delta), dq = ds k.
 - dkv, grid (T / tile_t, B, S / block_q) = ("parallel", "parallel", "arbitrary"): each step of the
   first axis owns one [tile_t, D] fp32 dkv tile resident in VMEM and sweeps all query blocks in
-  order (race-free read-modify-writes); at the last query block the tile is DMA'd to HBM. To touch
-  only the keys selected in the tile, each query's indices are sorted once outside (-1 -> T, so
-  they sort last); the kernel finds the query's slot range inside the tile by binary search over
-  the SMEM scalars and gathers only those rows, recomputing s, p, dp, ds for them (keys as rows:
-  [block_k, H] scores, so lse and delta broadcast as lane-dense rows), dk = ds^T q, dv = p^T do, and
-  adds each row into the tile. Query blocks without any key in the tile (the causal upper
-  triangle) are skipped: scalar-prefetched per-tile [first, last] query-block bounds clamp the q /
-  do block index (no re-fetch) and gate the compute. Tiles run in the order 0, n-1, 1, n-2, ...
-  so that an even split of the parallel axis gives each core about the same causal work.
+  order (so read-modify-writes of its rows are race-free); at the last query block the tile is
+  DMA'd to HBM. To touch only the keys selected inside the tile, each query's indices are sorted
+  once outside the kernel (-1 -> T, so unused slots sort last); the kernel finds the query's slot
+  range in the tile by binary search over the SMEM scalars, gathers only those rows, recomputes
+  s, p, dp, ds for them (keys as rows: [block_k, H] scores, so lse and delta broadcast as
+  lane-dense rows), forms dk = ds^T q, dv = p^T do and adds each row into the tile. Query blocks
+  without a key in the tile (the causal upper triangle) are skipped: scalar-prefetched per-tile
+  [first, last] query-block bounds clamp the q / do block index (no re-fetch) and gate the compute.
+  There are at least two tiles (tile_t <= T / 2), run in the order 0, n-1, 1, n-2, ... so that
+  an even split of the parallel axis gives both cores about the same causal work.
 
-VMEM: forward and dq hold O(block_q H D + block_k D), independent of L. dkv holds the tile:
-tile_t x D x 4 bytes (8192 x 576 x 4 = 18 MiB) + the same small blocks, independent of L; the
-number of tiles grows with T. Sparse-row HBM traffic per (query, slot): forward one kv row
-(D x 2 = 1152 bytes in bf16), backward two (dq pass and dkv pass: 2304 bytes) plus the sorted
-index (4 bytes) and one fp32 VMEM row read-modify-write (no HBM). Per (query, tile with selected
-keys) the dkv pass re-reads q and do (H (D + v_dim) x 2 bytes). FLOPs per (query, slot): forward
-2 H (D + v_dim); backward 2 H (2 D + v_dim) (dq) + 2 H (2 D + 2 v_dim) (dkv), 1.4x a fused
-backward: the price of not holding dkv whole. Slack per (query, tile): the last slot block of a
-range is partly masked (< block_k slots). The lse cotangent is supported.
+VMEM (H = 128, D = 576, v_dim = 512, bf16, block_q = 8, block_k = 128, K = 2048), independent of
+L: forward ~5 MiB, dq ~7 MiB (double-buffered q / do / out blocks, two gather buffers, an fp32
+accumulator), dkv ~24 MiB, of which the tile is tile_t x D x 4 bytes (8192 x 576 x 4 = 18 MiB);
+only the number of tiles grows with T. HBM bytes per (query, slot), D = 576 bf16: forward one
+gathered row (1536), backward two (dq and dkv passes, 3072) plus the sorted index (4 bytes; the
+sort itself is an XLA pass over [S, K]); the dkv row update stays in VMEM. Per (query, tile with
+selected keys) the dkv pass re-reads q and do (H (D + v_dim) x 2 bytes). FLOPs per (query, slot):
+forward 2 H (D + v_dim); backward 2 H (2 D + v_dim) (dq) + 2 H (2 D + 2 v_dim) (dkv), 1.4x a fused
+backward: the price of not holding dkv whole. The last slot block of each (query, tile) range is
+partly masked (fewer than block_k live slots). The lse cotangent is supported.
 """
 
 from __future__ import annotations
@@ -409,6 +415,25 @@ def _prepared(q, indices, cfg: TpuKernelConfig, *per_query):
     return block_k, idxp, padded
 
 
+def _nbytes(*arrays) -> int:
+    return sum(x.size * x.dtype.itemsize for x in arrays)
+
+
+def _cost(kind: str, qp, src, idxp, v_dim: int, extra_bytes: int, reread: int = 1) -> pl.CostEstimate:
+    """What XLA's cost analysis should count for one kernel (it cannot look inside Mosaic).
+
+    Per (query, slot), slots as executed (padded to block_k): the matmul FLOPs, one exp per head,
+    one gathered row (and its int32 index, read once per SMEM / VMEM copy); plus the per-query
+    blocks (q and the cotangents, `reread` times) and the outputs in extra_bytes."""
+    b, sp, h, d = qp.shape
+    pairs = b * sp * idxp.shape[-1]
+    widths = {"forward": d + v_dim, "dq": 2 * d + v_dim, "dkv": 2 * d + 2 * v_dim}[kind]
+    row_bytes = src.shape[-1] * src.dtype.itemsize
+    index_reads = 1 if kind == "dkv" else 2
+    return pl.CostEstimate(flops=pairs * 2 * h * widths, transcendentals=pairs * h,
+                           bytes_accessed=pairs * (row_bytes + 4 * index_reads) + reread * _nbytes(qp) + extra_bytes)
+
+
 def _forward(q, kv, indices, cfg: TpuKernelConfig):
     b, s, h, d = q.shape
     block_k, idxp, (qp,) = _prepared(q, indices, cfg)
@@ -428,6 +453,8 @@ def _forward(q, kv, indices, cfg: TpuKernelConfig):
                         pltpu.VMEM((h, cfg.v_dim), jnp.float32), pltpu.VMEM((h, 1), jnp.float32),
                         pltpu.VMEM((h, 1), jnp.float32)],
         compiler_params=_compiler_params(("parallel", "parallel")),
+        cost_estimate=_cost("forward", qp, src, idxp, cfg.v_dim,
+                            extra_bytes=b * sp * h * (cfg.v_dim * qp.dtype.itemsize + 4)),
         interpret=_interpret_arg(cfg.interpret),
         name="sparse_mla_forward",
     )(idxp, idxp.reshape(b, sp, num_blocks, block_k), qp, src)
@@ -451,6 +478,8 @@ def _backward_dq(qp, kv, src, idxp, dop, lsep, deltap, block_k, cfg: TpuKernelCo
         scratch_shapes=[pltpu.VMEM((2, block_k, src.shape[-1]), src.dtype), pltpu.SemaphoreType.DMA((2,)),
                         pltpu.VMEM((h, d), jnp.float32)],
         compiler_params=_compiler_params(("parallel", "parallel")),
+        cost_estimate=_cost("dq", qp, src, idxp, cfg.v_dim,
+                            extra_bytes=_nbytes(qp) + _nbytes(dop, lsep, deltap)),
         interpret=_interpret_arg(cfg.interpret),
         name="sparse_mla_backward_dq",
     )(idxp, idxp.reshape(b, sp, num_blocks, block_k), qp, src, dop, lsep, deltap)
@@ -460,7 +489,8 @@ def _backward_dkv(qp, kv, src, idxp, dop, lsep, deltap, block_k, cfg: TpuKernelC
     b, sp, h, d = qp.shape
     t = kv.shape[1]
     kp = idxp.shape[2]
-    tile_t = min(cfg.tile_t, -(-t // SUBLANES) * SUBLANES)
+    # At least two tiles (when T > 8), so both TensorCores get a share of the parallel tile axis.
+    tile_t = min(cfg.tile_t, -(-t // (2 * SUBLANES)) * SUBLANES)
     num_tiles = -(-t // tile_t)
     num_qblocks = sp // cfg.block_q
     # Sorted rows, unused slots last; per (batch, tile) the first and last query block with a key in it.
@@ -501,6 +531,11 @@ def _backward_dkv(qp, kv, src, idxp, dop, lsep, deltap, block_k, cfg: TpuKernelC
         ),
         out_shape=jax.ShapeDtypeStruct((b, num_tiles * tile_t, d), jnp.float32),
         compiler_params=_compiler_params(("parallel", "parallel", "arbitrary")),
+        # q and do are re-read per tile that holds a query's keys: counted for half the tiles
+        # (causal indices), an assumption.
+        cost_estimate=_cost("dkv", qp, src, idxp, cfg.v_dim, reread=max(1, (num_tiles + 1) // 2),
+                            extra_bytes=max(1, (num_tiles + 1) // 2) * _nbytes(dop) + _nbytes(lsep, deltap)
+                            + b * num_tiles * tile_t * d * 4),
         interpret=_interpret_arg(cfg.interpret),
         name="sparse_mla_backward_dkv",
     )(first, last, sorted_idx, qp, src, dop, lsep, deltap)
