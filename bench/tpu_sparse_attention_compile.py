@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -54,10 +55,24 @@ def compile_fwd_bwd(device, length: int, heads: int = 128, topk: int = 2048, d: 
 def stated_counts(length: int, heads: int, topk: int, d: int, v_dim: int) -> dict:
     """The module docstring's per-(query, slot) counts, times the number of (query, slot) pairs."""
     pairs = length * topk
-    return {"pairs": pairs,
+    row_bytes = 4 * -(-d // 256) * 128  # a bf16 row packed in 32-bit words, halves of whole vregs
+    return {"pairs": pairs, "gathered_row_bytes": row_bytes,
             "matmul_flops_fwd": pairs * 2 * heads * (d + v_dim),
             "matmul_flops_bwd": pairs * 2 * heads * ((2 * d + v_dim) + (2 * d + 2 * v_dim)),
-            "gathered_bytes_fwd_plus_bwd": pairs * 3 * d * 2}
+            "gathered_bytes_fwd_plus_bwd": pairs * 3 * row_bytes}
+
+
+def kernel_vmem(hlo_text: str) -> dict:
+    """Scoped VMEM each Mosaic kernel uses, as the compiled program's custom calls record it."""
+    found = {}
+    for line in hlo_text.splitlines():
+        if 'custom_call_target="tpu_custom_call"' not in line:
+            continue
+        name = re.search(r'op_name="[^"]*?(sparse_mla_[a-z_]+?)[_)]*/pallas_call"', line)
+        used = re.search(r'"used_scoped_memory_configs":\[\{[^}]*"size":"(\d+)"', line)
+        if name and used:
+            found[name.group(1)] = int(used.group(1))
+    return found
 
 
 def record(device, length: int, heads: int, topk: int, d: int, v_dim: int) -> dict:
@@ -76,6 +91,7 @@ def record(device, length: int, heads: int, topk: int, d: int, v_dim: int) -> di
         hbm_argument_bytes=mem.argument_size_in_bytes, hbm_output_bytes=mem.output_size_in_bytes,
         hbm_temp_bytes=mem.temp_size_in_bytes, hbm_generated_code_bytes=mem.generated_code_size_in_bytes,
         cost_flops=cost.get("flops"), cost_bytes_accessed=cost.get("bytes accessed"),
+        vmem_bytes_per_kernel=kernel_vmem(compiled.as_text()),
         stated=stated_counts(length, heads, topk, d, v_dim))
     return entry
 
@@ -86,17 +102,24 @@ def main():
     parser.add_argument("--heads", type=int, default=128)
     parser.add_argument("--topk", type=int, default=2048)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--label", default="current", help="key of these runs in the results file")
+    parser.add_argument("--no-stated", action="store_true", help="leave out this module's stated counts "
+                        "(for runs of other versions of the kernels)")
     args = parser.parse_args()
     device = v5p_device()
     entries = []
     for length in args.lengths:
         entry = record(device, length, args.heads, args.topk, 576, 512)
+        if args.no_stated:
+            entry.pop("stated", None)
         print(json.dumps(entry), flush=True)
         entries.append(entry)
-    payload = {"jax": jax.__version__, "python": platform.python_version(),
-               "note": "cost_analysis counts a Mosaic kernel as XLA reports it for the custom call; "
-                       "'stated' holds the kernels' own counts from the module docstring",
-               "runs": entries}
+    payload = json.loads(args.out.read_text()) if args.out.exists() else {"runs": {}}
+    payload.update(jax=jax.__version__, python=platform.python_version(),
+                   note="cost_flops / cost_bytes_accessed: XLA's compiled cost analysis, which takes each Mosaic "
+                        "kernel's own cost estimate; 'stated' holds the module docstring's counts; "
+                        "vmem_bytes_per_kernel: the scoped VMEM each kernel uses in the compiled program")
+    payload["runs"][args.label] = entries
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
 
