@@ -219,7 +219,8 @@ def test_resolve_impl():
         resolve_impl("cuda")
 
 
-@pytest.mark.parametrize("impl", ["auto", "blocked", "pallas", "pallas_interpret", "reference"])
+@pytest.mark.parametrize("impl", ["auto", "blocked", "pallas", "pallas_interpret", "pallas_tpu_interpret",
+                                  "reference"])
 def test_backend_sparse_attention(impl):
     q, kv, idx = make_inputs(s=6, t=6, k=4, seed=5)
     want = sparse_mla_attention_reference(q, kv, idx, 0.3, 32)

@@ -9,8 +9,9 @@ Gather: kv stays in HBM (memory_space ANY). For each block of block_k slots the 
 row DMA per slot (`pltpu.make_async_copy`, kv row -> VMEM) and double-buffers across the whole
 query block: block g + 1 (possibly the next query's first) is in flight while block g is computed.
 Invalid slots fetch row 0 and are masked to probability 0. The slot indices that address the DMAs
-arrive per grid step as an SMEM block. Mosaic slices a 16-bit VMEM buffer only at whole (16, 128)
-tiles, so a single bf16 row cannot land at an arbitrary buffer row; bf16 kv is therefore packed
+arrive per grid step as an SMEM block. A 16-bit VMEM buffer packs two rows per 32-bit sublane and
+Mosaic DMAs into it only at tile-aligned rows, so a single bf16 row cannot land at an arbitrary
+buffer row (32-bit buffers take any row); bf16 kv is therefore packed
 two values per 32-bit word (word w = columns w and w + half, half = ceil(D / 2) rounded up to 128
 lanes) and unpacked in VMEM into two lane-aligned halves, exactly. For D = 576 a gathered row is
 1536 bytes (bf16 plus 192 padding words), not the 2304 of a widened fp32 copy. fp32 kv is gathered
@@ -38,8 +39,10 @@ T ~ 14K):
 
 VMEM (H = 128, D = 576, v_dim = 512, bf16, block_q = 8, block_k = 128, K = 2048), independent of
 L: forward ~5 MiB, dq ~7 MiB (double-buffered q / do / out blocks, two gather buffers, an fp32
-accumulator), dkv ~24 MiB, of which the tile is tile_t x D x 4 bytes (8192 x 576 x 4 = 18 MiB);
-only the number of tiles grows with T. HBM bytes per (query, slot), D = 576 bf16: forward one
+accumulator), dkv ~25 MiB, of which the tile is tile_t x D x 4 bytes (8192 x 576 x 4 = 18 MiB);
+only the number of tiles grows with T. tile_t = 16384 also compiles for v5p (dkv 45 MiB of the 48
+MiB limit set here) and cuts the q / do re-reads in half (~8% of the backward's bytes at 128K);
+8192 is the default for the headroom. HBM bytes per (query, slot), D = 576 bf16: forward one
 gathered row (1536), backward two (dq and dkv passes, 3072) plus the sorted index (4 bytes; the
 sort itself is an XLA pass over [S, K]); the dkv row update stays in VMEM. Per (query, tile with
 selected keys) the dkv pass re-reads q and do (H (D + v_dim) x 2 bytes). FLOPs per (query, slot):
