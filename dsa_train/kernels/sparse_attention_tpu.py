@@ -120,14 +120,17 @@ def _row_copy(kv_hbm, buf, sem, b, row, slot, j):
     return pltpu.make_async_copy(kv_hbm.at[b, pl.ds(row, 1)], buf.at[slot, pl.ds(j, 1)], sem.at[slot])
 
 
-def _gather_pipeline(kv_hbm, buf, sem, b, num_blocks, row_of, body, d, key_dtype):
-    """For g in [0, num_blocks): body(g, rows [block_k, d] in key_dtype), rows[j] = kv[b, row_of(g, j)];
-    block g + 1 is fetched while block g is computed. num_blocks may be traced."""
+def _gather_pipeline(kv_hbm, buf, sem, b, num_blocks, rows_of, body, d, key_dtype):
+    """For g in [0, num_blocks): body(g, rows [block_k, d] in key_dtype), rows[j] = kv[b, rows_of(g)(j)]
+    (rows_of(g) does the per-block scalar work once, its result maps a slot to a row); block g + 1
+    is fetched while block g is computed. num_blocks may be traced."""
     block_k = buf.shape[1]
 
     def start(g, slot):
+        row_of = rows_of(g)
+
         def issue(j, carry):
-            _row_copy(kv_hbm, buf, sem, b, row_of(g, j), slot, j).start()
+            _row_copy(kv_hbm, buf, sem, b, row_of(j), slot, j).start()
             return carry
 
         jax.lax.fori_loop(0, block_k, issue, 0)
@@ -227,10 +230,11 @@ def _row_to_column(row):
 
 
 def _query_block_rows(idx_smem, block_k, num_blocks):
-    def row_of(g, j):
-        return jnp.maximum(idx_smem[_div(g, num_blocks), _rem(g, num_blocks) * block_k + j], 0)
+    def rows_of(g):
+        qi, slot0 = _div(g, num_blocks), _rem(g, num_blocks) * block_k
+        return lambda j: jnp.maximum(idx_smem[qi, slot0 + j], 0)
 
-    return row_of
+    return rows_of
 
 
 def _forward_kernel(idx_smem, idx_vmem, q_ref, kv_hbm, out_ref, lse_ref, buf, sem, acc_ref, m_ref, l_ref, *,
@@ -355,9 +359,9 @@ def _dkv_kernel(first_ref, last_ref, sorted_smem, q_ref, kv_hbm, do_ref, lse_ref
             qi = jax.lax.fori_loop(0, block_q, lambda i, qi: jnp.where(range_smem[2, i] <= g, i, qi), 0)
             return qi, range_smem[0, qi] + (g - range_smem[2, qi]) * block_k
 
-        def row_of(g, j):
+        def rows_of(g):
             qi, slot0 = locate(g)
-            return jnp.clip(sorted_smem[qi, jnp.minimum(slot0 + j, kp - 1)], 0, kv_hbm.shape[1] - 1)
+            return lambda j: jnp.clip(sorted_smem[qi, jnp.minimum(slot0 + j, kp - 1)], 0, kv_hbm.shape[1] - 1)
 
         def body(g, keys):
             qi, slot0 = locate(g)
@@ -382,7 +386,7 @@ def _dkv_kernel(first_ref, last_ref, sorted_smem, q_ref, kv_hbm, do_ref, lse_ref
 
             jax.lax.fori_loop(0, block_k, scatter, 0)
 
-        _gather_pipeline(kv_hbm, buf, sem, b, total, row_of, body, q_ref.shape[-1], key_dtype)
+        _gather_pipeline(kv_hbm, buf, sem, b, total, rows_of, body, q_ref.shape[-1], key_dtype)
 
     @pl.when(qb == pl.num_programs(2) - 1)
     def _write():
@@ -498,9 +502,13 @@ def _backward_dkv(qp, kv, src, idxp, dop, lsep, deltap, block_k, cfg: TpuKernelC
     num_qblocks = sp // cfg.block_q
     # Sorted rows, unused slots last; per (batch, tile) the first and last query block with a key in it.
     sorted_idx = jnp.sort(jnp.where(idxp >= 0, idxp, t), axis=-1)
-    tile_of = jnp.where(sorted_idx < t, sorted_idx // tile_t, num_tiles)  # [B, Sp, Kp]
-    hits = (tile_of[..., None] == jnp.arange(num_tiles)).any(axis=2)  # [B, Sp, n_tiles]
-    hits = hits.reshape(b, num_qblocks, cfg.block_q, num_tiles).any(axis=2)  # [B, n_qblocks, n_tiles]
+    # A query block "hits" the tiles from its lowest selected key's to its highest's (a superset
+    # of the tiles it really touches: the kernel finds the exact, maybe empty, ranges).
+    low = sorted_idx[..., 0].reshape(b, num_qblocks, cfg.block_q).min(axis=2) // tile_t  # n_tiles: no keys
+    high = jnp.max(jnp.where(sorted_idx < t, sorted_idx, -1), axis=-1)
+    high = jnp.where(high >= 0, high // tile_t, -1).reshape(b, num_qblocks, cfg.block_q).max(axis=2)
+    tiles = jnp.arange(num_tiles)
+    hits = (low[..., None] <= tiles) & (tiles <= high[..., None])  # [B, n_qblocks, n_tiles]
     qblock = jnp.arange(num_qblocks)[None, :, None]
     first = jnp.min(jnp.where(hits, qblock, num_qblocks), axis=1).astype(jnp.int32)  # [B, n_tiles]
     last = jnp.max(jnp.where(hits, qblock, -1), axis=1).astype(jnp.int32)
