@@ -55,7 +55,7 @@ def compile_fwd_bwd(device, length: int, heads: int = 128, topk: int = 2048, d: 
 def stated_counts(length: int, heads: int, topk: int, d: int, v_dim: int) -> dict:
     """The module docstring's per-(query, slot) counts, times the number of (query, slot) pairs."""
     pairs = length * topk
-    row_bytes = 4 * -(-d // 256) * 128  # a bf16 row packed in 32-bit words, halves of whole vregs
+    row_bytes = 4 * -(-d // 2)  # a bf16 row packed two values per 32-bit word
     return {"pairs": pairs, "gathered_row_bytes": row_bytes,
             "matmul_flops_fwd": pairs * 2 * heads * (d + v_dim),
             "matmul_flops_bwd": pairs * 2 * heads * ((2 * d + v_dim) + (2 * d + 2 * v_dim)),

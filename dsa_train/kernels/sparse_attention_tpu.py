@@ -11,11 +11,11 @@ query block: block g + 1 (possibly the next query's first) is in flight while bl
 Invalid slots fetch row 0 and are masked to probability 0. The slot indices that address the DMAs
 arrive per grid step as an SMEM block. A 16-bit VMEM buffer packs two rows per 32-bit sublane and
 Mosaic DMAs into it only at tile-aligned rows, so a single bf16 row cannot land at an arbitrary
-buffer row (32-bit buffers take any row); bf16 kv is therefore packed
-two values per 32-bit word (word w = columns w and w + half, half = ceil(D / 2) rounded up to 128
-lanes) and unpacked in VMEM into two lane-aligned halves, exactly. For D = 576 a gathered row is
-1536 bytes (bf16 plus 192 padding words), not the 2304 of a widened fp32 copy. fp32 kv is gathered
-as is.
+buffer row (32-bit buffers take any row). bf16 kv is therefore packed two values per 32-bit word
+(word w = columns w and w + half, half = ceil(D / 2)) and unpacked in VMEM, exactly (a shift, a
+mask and a lane concatenation per block). A gathered row is D x 2 bytes, as bf16 (1152 for
+D = 576; HBM's 128-lane tiling may round a row's transfer up to 1536), not the 2304 of a widened
+fp32 copy; packing costs one XLA pass over kv [T, D] per call. fp32 kv is gathered as is.
 
 Forward, grid (S / block_q, B), both "parallel", the query axis first so that the two
 TensorCores of a v5p chip split the queries at batch 1: online softmax over the slot blocks; out
@@ -43,7 +43,7 @@ accumulator), dkv ~25 MiB, of which the tile is tile_t x D x 4 bytes (8192 x 576
 only the number of tiles grows with T. tile_t = 16384 also compiles for v5p (dkv 45 MiB of the 48
 MiB limit set here) and cuts the q / do re-reads in half (~8% of the backward's bytes at 128K);
 8192 is the default for the headroom. HBM bytes per (query, slot), D = 576 bf16: forward one
-gathered row (1536), backward two (dq and dkv passes, 3072) plus the sorted index (4 bytes; the
+gathered row (1152), backward two (dq and dkv passes, 2304) plus the sorted index (4 bytes; the
 sort itself is an XLA pass over [S, K]); the dkv row update stays in VMEM. Per (query, tile with
 selected keys) the dkv pass re-reads q and do (H (D + v_dim) x 2 bytes). FLOPs per (query, slot):
 forward 2 H (D + v_dim); backward 2 H (2 D + v_dim) (dq) + 2 H (2 D + 2 v_dim) (dkv), 1.4x a fused
@@ -170,16 +170,14 @@ def _rem(a, n):
 
 
 def _packed_half(d: int) -> int:
-    """Words per packed 16-bit row: ceil(D / 2) rounded up to whole 128-lane vregs."""
-    return -(-d // (2 * LANES)) * LANES
+    """Words per packed 16-bit row."""
+    return -(-d // 2)
 
 
 def _gather_source(kv: jnp.ndarray) -> jnp.ndarray:
-    """kv as the row DMAs read it. 32-bit kv as is. 16-bit kv is packed two values per 32-bit word,
-    word w of a row = (column w, column w + half) with half = ceil(D / 2) rounded to 128 lanes:
-    Mosaic slices a 16-bit VMEM buffer only at whole (16, 128) tiles, but a 32-bit one at any row,
-    and this pairing unpacks into two lane-aligned halves. The DMA'd row is 4 x half bytes (1536 for
-    D = 576: bf16 plus the padding of the second half), against 2304 for a widened fp32 copy."""
+    """kv as the row DMAs read it. 32-bit kv as is. bf16 kv packed two values per 32-bit word,
+    word w of a row = (column w, column w + half), half = ceil(D / 2): Mosaic DMAs a single row
+    into a 32-bit VMEM buffer at any row, into a 16-bit one only at tile-aligned rows."""
     if kv.dtype.itemsize == 4:
         return kv
     if kv.dtype != jnp.bfloat16:
