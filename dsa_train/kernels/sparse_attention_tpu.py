@@ -41,7 +41,7 @@ VMEM (H = 128, D = 576, v_dim = 512, bf16, block_q = 8, block_k = 128, K = 2048)
 L: forward ~5 MiB, dq ~7 MiB (double-buffered q / do / out blocks, two gather buffers, an fp32
 accumulator), dkv ~25 MiB, of which the tile is tile_t x D x 4 bytes (8192 x 576 x 4 = 18 MiB);
 only the number of tiles grows with T. tile_t = 16384 also compiles for v5p (dkv 45 MiB of the 48
-MiB limit set here) and cuts the q / do re-reads in half (~8% of the backward's bytes at 128K);
+MiB limit set here) and cuts the q / do re-reads in half (~10% of fwd+bwd bytes at 128K);
 8192 is the default for the headroom. HBM bytes per (query, slot), D = 576 bf16: forward one
 gathered row (1152), backward two (dq and dkv passes, 2304) plus the sorted index (4 bytes; the
 sort itself is an XLA pass over [S, K]); the dkv row update stays in VMEM. Per (query, tile with
