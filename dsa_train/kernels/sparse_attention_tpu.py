@@ -38,7 +38,7 @@ T ~ 14K):
   an even split of the parallel axis gives both cores about the same causal work.
 
 VMEM (H = 128, D = 576, v_dim = 512, bf16, block_q = 8, block_k = 128, K = 2048), independent of
-L: forward ~5 MiB, dq ~7 MiB (double-buffered q / do / out blocks, two gather buffers, an fp32
+L: forward ~5 MiB, dq ~8 MiB (double-buffered q / do / out blocks, two gather buffers, an fp32
 accumulator), dkv ~25 MiB, of which the tile is tile_t x D x 4 bytes (8192 x 576 x 4 = 18 MiB);
 only the number of tiles grows with T. tile_t = 16384 also compiles for v5p (dkv 45 MiB of the 48
 MiB limit set here) and cuts the q / do re-reads in half (~10% of fwd+bwd bytes at 128K);
