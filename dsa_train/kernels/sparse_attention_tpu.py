@@ -372,8 +372,8 @@ def _dkv_kernel(first_ref, last_ref, sorted_smem, q_ref, kv_hbm, do_ref, lse_ref
             dk_buf[...] = _dot(ds.astype(q.dtype), q)
             dk_buf[:, :v_dim] += _dot(p.astype(do.dtype), do)
 
-            # Rows of one query are distinct and grid steps along the query axis run in order, so
-            # a plain read-modify-write per row is safe.
+            # Rows are added one after another and grid steps along the query axis run in order
+            # on one core, so a plain read-modify-write per row is safe (repeated rows too).
             def scatter(j, carry):
                 @pl.when(slot0 + j < end)
                 def _add():
