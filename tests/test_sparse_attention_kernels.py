@@ -16,6 +16,7 @@ from dsa_train.kernels import backend as backend_lib
 from dsa_train.kernels.backend import Backend, resolve_impl
 from dsa_train.kernels.sparse_attention_blocked import sparse_mla_attention_blocked
 from dsa_train.kernels.sparse_attention_gpu import sparse_mla_attention_gpu, sparse_mla_head_summed_probs_gpu
+from dsa_train.kernels import sparse_attention_tpu
 from dsa_train.kernels.sparse_attention_tpu import sparse_mla_attention_tpu
 from dsa_train.ops.attention import NEG_INF, sparse_mla_attention_reference
 from dsa_train.ops.indexer import indexer_topk_reference
@@ -111,6 +112,27 @@ def test_tpu_kernel_matches_reference():
     q, kv, idx = make_inputs(s=8, t=8, k=12, drop_row=3)
     out, lse, _ = assert_matches_reference(tpu_kernel(block_k=8), q, kv, idx, 0.3, 32)
     assert np.all(np.asarray(out[:, 3]) == 0) and np.all(np.asarray(lse[:, 3]) <= NEG_INF / 2)
+
+
+def test_tpu_kernel_key_tiles_and_query_blocks():
+    # T = 20 keys in dkv tiles of 8 (three tiles, the last one partial), S = 20 queries in blocks of
+    # 8 (the last one padded), K = 12 in DMA blocks of 8: slot ranges that straddle tiles, query
+    # blocks without keys in a tile (skipped), -1 slots, early rows with fewer than K candidates, a
+    # row without keys.
+    q, kv, idx = make_inputs(s=20, t=20, k=12, seed=7, drop_row=5)
+    out, lse, _ = assert_matches_reference(tpu_kernel(block_k=8, block_q=8, tile_t=8), q, kv, idx, 0.3, 32)
+    assert np.all(np.asarray(out[:, 5]) == 0) and np.all(np.asarray(lse[:, 5]) <= NEG_INF / 2)
+
+
+@pytest.mark.parametrize("d", [576, 48, 7])
+def test_tpu_bf16_row_packing_round_trips(d):
+    # The TPU kernels gather bf16 kv rows as 32-bit words (two values each) and unpack them in VMEM.
+    kv = jnp.asarray(np.random.default_rng(8).standard_normal((2, 5, d)), jnp.bfloat16)
+    kv = kv.at[0, 0, 0].set(-0.0).at[0, 0, -1].set(jnp.inf)
+    packed = sparse_attention_tpu._gather_source(kv)
+    assert packed.dtype == jnp.uint32 and packed.shape == (2, 5, -(-d // 2))
+    rows = jax.vmap(lambda r: sparse_attention_tpu._unpacked(r, d, jnp.bfloat16))(packed)
+    np.testing.assert_array_equal(np.asarray(rows.view(jnp.uint16)), np.asarray(kv.view(jnp.uint16)))
 
 
 @pytest.mark.slow
@@ -209,7 +231,8 @@ def test_resolve_impl():
         resolve_impl("cuda")
 
 
-@pytest.mark.parametrize("impl", ["auto", "blocked", "pallas", "pallas_interpret", "reference"])
+@pytest.mark.parametrize("impl", ["auto", "blocked", "pallas", "pallas_interpret", "pallas_tpu_interpret",
+                                  "reference"])
 def test_backend_sparse_attention(impl):
     q, kv, idx = make_inputs(s=6, t=6, k=4, seed=5)
     want = sparse_mla_attention_reference(q, kv, idx, 0.3, 32)
