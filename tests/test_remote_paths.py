@@ -69,7 +69,7 @@ def test_run_resume_eval_export_import_on_a_bucket(bucket, tmp_path):
     assert cli_main(["eval", sparse, *EVAL_ARGS, "--out", "gs://bkt/eval"]) == 0
     report = json.loads((bucket / "eval/eval.json").read_text())
     assert report["results"][0]["checkpoint"]["stage"] == "sparse"
-    assert (bucket / "eval/eval.md").is_file()
+    assert (bucket / "eval/report.md").is_file() and list((bucket / "eval").glob("*.png"))
 
     assert cli_main(["convert", "export", sparse, "gs://bkt/hf", "--dtype", "float32"]) == 0
     assert cli_main(["convert", "export", sparse, str(tmp_path / "hf_local"), "--dtype", "float32"]) == 0
