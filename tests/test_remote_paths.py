@@ -1,4 +1,4 @@
-"""A run, its checkpoints and resume, `dsa-train eval` and `convert export` / `import`, all on a
+"""A run, its checkpoints and resume, the next stage started from it (checkpoint.init_from), `dsa-train eval` and `convert export` / `import`, all on a
 ``gs://`` bucket (an offline one: tests/fake_bucket.py). Nothing may land in a local directory named
 like the URI (``Path("gs://b/r")`` is ``./gs:/b/r``)."""
 
@@ -82,12 +82,17 @@ def test_run_resume_eval_export_import_on_a_bucket(bucket, tmp_path):
     imported, trained = load_checkpoint("gs://bkt/imported").model, load_checkpoint(sparse).model
     np.testing.assert_array_equal(np.asarray(imported.lm_head.weight[...]), np.asarray(trained.lm_head.weight[...]))
 
-    # A converted model directory on the bucket starts a stage too.
-    train(config("gs://bkt/runs/from_imported", "train.stage=warmup", "train.steps=1",
-                 "checkpoint.init_from=gs://bkt/imported"), console=False)
-    assert steps_logged(bucket / "runs/from_imported") == [1]
-
 
 def test_missing_remote_init_from_is_one_line_naming_the_key(bucket):
     with pytest.raises(ConfigError, match=r"checkpoint\.init_from: gs://bkt/nowhere does not exist"):
         config("gs://bkt/runs/x", "train.stage=sparse", "checkpoint.init_from=gs://bkt/nowhere")
+
+
+def test_remote_datasets_are_refused_in_one_line(bucket, capsys):
+    """ArrayRecord shards are read through local files only: a URI is one line, before any work."""
+    with pytest.raises(ConfigError, match=r"data\.paths: gs://bkt/data: prepared datasets are read from a local or "
+                                          r"mounted file system only"):
+        config("gs://bkt/runs/x", "data.source=arrayrecord", "data.paths=[gs://bkt/data]")
+    assert cli_main(["data", "prepare", "gs://bkt/in.jsonl", "--tokenizer", "tok.json", "--output", "out"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "gs://bkt/in.jsonl" in line and "local or mounted files only" in line
