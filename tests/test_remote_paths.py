@@ -1,4 +1,5 @@
-"""A run, its checkpoints and resume, the next stage started from it (checkpoint.init_from), `dsa-train eval` and `convert export` / `import`, all on a
+"""A run (with a profiler trace), its checkpoints and resume, the next stage started from it
+(checkpoint.init_from), `dsa-train plot`, `dsa-train eval` and `convert export` / `import`, all on a
 ``gs://`` bucket (an offline one: tests/fake_bucket.py). Nothing may land in a local directory named
 like the URI (``Path("gs://b/r")`` is ``./gs:/b/r``)."""
 
@@ -55,16 +56,19 @@ def tensors(hf_dir: Path) -> dict:
 
 def test_run_resume_eval_export_import_on_a_bucket(bucket, tmp_path):
     warmup, sparse = "gs://bkt/runs/warmup", "gs://bkt/runs/sparse"
-    train(config(warmup, "train.stage=warmup", "train.steps=2"), console=False)
+    train(config(warmup, "train.stage=warmup", "train.steps=2", "train.profile_steps=[2]"), console=False)
     resumed = train(config(warmup, "train.stage=warmup", "train.steps=3"), console=False)
     assert resumed.steps == 3 and str(resumed.run_dir) == warmup
     assert steps_logged(bucket / "runs/warmup") == [1, 2, 3]  # steps 1-2 from the first job, 3 resumed
     assert {p.name for p in (bucket / "runs/warmup/checkpoints").iterdir()} >= {"2", "3"}
     assert len(list((bucket / "runs/warmup/tensorboard").glob("events.out.tfevents.*"))) == 2
     assert (bucket / "runs/warmup/summary.json").is_file() and (bucket / "runs/warmup/config.yaml").is_file()
+    assert list((bucket / "runs/warmup/profile").rglob("*.xplane.pb"))  # traced locally, then copied
 
     train(config(sparse, "train.stage=sparse", "train.steps=1", f"checkpoint.init_from={warmup}"), console=False)
     assert steps_logged(bucket / "runs/sparse") == [1]
+    assert cli_main(["plot", warmup, sparse]) == 0
+    assert (bucket / "runs/warmup/curves.png").stat().st_size > 0
 
     assert cli_main(["eval", sparse, *EVAL_ARGS, "--out", "gs://bkt/eval"]) == 0
     report = json.loads((bucket / "eval/eval.json").read_text())

@@ -6,8 +6,8 @@ import contextlib
 import os
 import shutil
 import tempfile
-from pathlib import Path
 import uuid
+from pathlib import Path
 from typing import Iterator
 
 from dsa_train.paths import is_uri, move, remove_tree, run_path

@@ -32,7 +32,7 @@ from dsa_train.convert.common import MTP_SHARED_COPIES, ConversionError, atomic_
 from dsa_train.convert.hf_config import hf_config_from_model_config
 from dsa_train.convert.hf_import import ASSET_FILES, ASSETS_DIR, MTP_DIR, SOURCE_CONFIG_FILE
 from dsa_train.convert.safetensors_io import DTYPES, INDEX_FILE, PlannedTensor, write_safetensors
-from dsa_train.paths import copy_file, is_uri, run_path
+from dsa_train.paths import copy_file, run_path
 
 EXPORT_DTYPES = {"bfloat16": DTYPES["BF16"], "float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 FP32_TENSORS = ("e_score_correction_bias", "indexer.weights_proj.weight")
@@ -273,5 +273,5 @@ def export_hf_checkpoint(source: Any, out_dir: str | Path, *, dtype: str = "bflo
             for name in ASSET_FILES:
                 if (assets / name).is_file():
                     copy_file(assets / name, tmp / name)
-    return ExportReport(out_dir=str(out_dir if is_uri(out_dir) else Path(out_dir).absolute()), model_type=hf_config["model_type"],
+    return ExportReport(out_dir=str(run_path(out_dir, absolute=True)), model_type=hf_config["model_type"],
                         tensors=len(tensors), shards=len(shards), total_bytes=total)

@@ -371,7 +371,7 @@ def import_hf_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, include_mtp
             raise ConfigError(f"{hf_dir / 'config.json'}: num_nextn_predict_layers is 0: the checkpoint has no "
                               f"MTP layer to import")
         config = dataclasses.replace(config, num_nextn_predict_layers=info.num_mtp_layers)
-    report = ImportReport(source=str(hf_dir), out_dir=str(out_dir if is_uri(out_dir) else Path(out_dir).absolute()), model_type=info.model_type,
+    report = ImportReport(source=str(hf_dir), out_dir=str(run_path(out_dir, absolute=True)), model_type=info.model_type,
                           config=config, notes=list(info.notes))
     ckpt = SafetensorsCheckpoint(hf_dir)
     targets = _plan(config, info, ckpt, seed, report)

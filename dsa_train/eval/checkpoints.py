@@ -61,7 +61,8 @@ def _load(path: Path, model_changes: dict) -> LoadedCheckpoint:
         raise EvalInputError(f"{path} does not exist")
     if model_io.is_model_dir(path):
         config = _model_config(to_dict(model_io.load_model_config(path)), str(path), **model_changes)
-        return LoadedCheckpoint(run_path(path, absolute=True).name, path, model_io.load_model_params(path, config), None, None)
+        return LoadedCheckpoint(run_path(path, absolute=True).name, path, model_io.load_model_params(path, config),
+                                None, None)
     step_dir = manager._find_run_step(path)
     if step_dir is None:
         raise EvalInputError(f"{path} is neither a run directory with a committed checkpoint nor a model "

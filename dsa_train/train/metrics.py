@@ -126,8 +126,8 @@ class WandbWriter:
             import wandb
         except ImportError:
             raise ValueError("train.wandb needs the wandb package: pip install 'dsa-train[wandb]'") from None
-        self.run = wandb.init(project=project, name=name or f"{Path(run_dir).name}-{stage}", dir=str(run_dir), mode=mode,
-                              config=config, resume="allow", settings=wandb.Settings(silent=True))
+        self.run = wandb.init(project=project, name=name or f"{Path(run_dir).name}-{stage}", dir=str(run_dir),
+                              mode=mode, config=config, resume="allow", settings=wandb.Settings(silent=True))
 
     def write(self, step: int, record: dict) -> None:
         self.run.log(scalars(record), step=step)
