@@ -15,16 +15,15 @@ from safetensors.numpy import load_file
 from dsa_train.cli import main as cli_main
 from dsa_train.config import ConfigError, load_config
 from dsa_train.eval.checkpoints import load_checkpoint
+from dsa_train.paths import run_path
+from dsa_train.train.metrics import MetricsWriter
 from dsa_train.train.trainer import train
 from fake_bucket import fake_gcs
-
-pytestmark = pytest.mark.slow  # three tiny training stages, an eval and a round trip through HF
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["train.batch_size=2", "train.seq_len=32", "model.index_topk=16", "train.log_every=1",
         "checkpoint.save_every=1", "data.source=synthetic", "data.num_pairs=2", "data.num_queries=1"]
-EVAL_ARGS = ["--seq-len", "32", "--batches", "1", "--batch-size", "2", "--needle-lengths", "32",
-             "--needle-depths", "0", "--needle-trials", "1", "--no-progress"]
+EVAL_ARGS = ["--seq-len", "32", "--batches", "1", "--batch-size", "2", "--no-needle", "--no-progress"]
 
 
 def config(run_dir: str, *extra: str):
@@ -54,6 +53,7 @@ def tensors(hf_dir: Path) -> dict:
     return merged
 
 
+@pytest.mark.slow  # three tiny training stages, an eval and a round trip through HF
 def test_run_resume_eval_export_import_on_a_bucket(bucket, tmp_path):
     warmup, sparse = "gs://bkt/runs/warmup", "gs://bkt/runs/sparse"
     train(config(warmup, "train.stage=warmup", "train.steps=2", "train.profile_steps=[2]"), console=False)
@@ -100,3 +100,20 @@ def test_remote_datasets_are_refused_in_one_line(bucket, capsys):
     assert cli_main(["data", "prepare", "gs://bkt/in.jsonl", "--tokenizer", "tok.json", "--output", "out"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "gs://bkt/in.jsonl" in line and "local or mounted files only" in line
+
+
+def test_metrics_on_a_bucket_are_staged_locally_and_appended_across_jobs(bucket):
+    run = "gs://bkt/runs/metrics"
+    assert str(run_path(run)) == run and str(run_path(run) / "a") == run + "/a"
+    for job, steps in enumerate(([1, 2], [3])):
+        writer = MetricsWriter(run, 3, "warmup", console=False, config={"train": {"steps": 3}})
+        assert not str(writer.staging.local).startswith(str(bucket))
+        for step in steps:
+            writer.write(step, {"loss": 1.0 / step})
+        if job == 0:
+            writer.sync()  # what a long run does every SYNC_SECONDS
+            assert steps_logged(bucket / "runs/metrics") == [1, 2]
+        writer.close()
+        assert not writer.staging.local.exists()
+    assert steps_logged(bucket / "runs/metrics") == [1, 2, 3]  # the second job appended
+    assert list((bucket / "runs/metrics/tensorboard").glob("events.out.tfevents.*"))
