@@ -89,10 +89,11 @@ def cmd_train(args) -> None:
 
 
 def cmd_plot(args) -> None:
+    from dsa_train.paths import run_path
     from dsa_train.train.plot import plot_runs
 
-    out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "curves.png"
-    print(f"wrote {plot_runs([Path(d) for d in args.run_dirs], out)}")
+    out = args.out or run_path(args.run_dirs[0]) / "curves.png"
+    print(f"wrote {plot_runs(args.run_dirs, out)}")
 
 
 def cmd_smoke(args) -> int | None:

@@ -583,15 +583,22 @@ def _load(path: str | Path, overrides) -> tuple[Config, _Sources]:
     return config, sources
 
 
+# ArrayRecord's reader opens local files only.
+REMOTE_SHARDS = ("prepared datasets are read from a local or mounted file system only (mount the bucket, "
+                 "e.g. gcsfuse, or copy the dataset)")
+
+
 def _check_paths(config: Config, sources: _Sources) -> None:
     """Paths that must exist before any device work starts (relative ones: to the working directory)."""
-    from dsa_train.paths import as_path
+    from dsa_train.paths import as_path, is_uri
 
     init_from = config.checkpoint.init_from
     if init_from and not as_path(init_from).exists():
         raise ConfigError(f"{sources.of('checkpoint.init_from')}: checkpoint.init_from: {init_from} does not exist")
     if config.data.source == "arrayrecord":
         for item in config.data.paths:
+            if is_uri(item):
+                raise ConfigError(f"{sources.of('data.paths')}: data.paths: {item}: {REMOTE_SHARDS}")
             if not as_path(item).exists():
                 raise ConfigError(f"{sources.of('data.paths')}: data.paths: {item} does not exist")
 

@@ -7,7 +7,8 @@
 # metadata (TPU_WORKER_HOSTNAMES names more than one host, so `dsa-train train` calls it).
 # The repository must be at DSA_REPO_DIR (default ~/dsa-train) on every worker; the first run (or
 # DSA_SETUP=1) creates .venv there and installs the TPU build (.[tpu,gcs]: jax with libtpu).
-# train.run_dir and data paths should be on GCS (gs://...) or a disk every worker shares.
+# train.run_dir on GCS (gs://...) or a disk every worker shares; data.paths on a disk or a gcsfuse
+# mount every worker sees (ArrayRecord shards are read as local files).
 set -euo pipefail
 TPU_NAME=${1:?usage: launch/tpu_pod.sh TPU_NAME ZONE RECIPE [--set key=value ...]}
 ZONE=${2:?zone, e.g. us-east5-a}

@@ -40,7 +40,6 @@ import dataclasses
 import io
 import json
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ import orbax.checkpoint as ocp
 
 from dsa_train.checkpoint import model_io
 from dsa_train.config import CheckpointConfig, ConfigError
+from dsa_train.paths import move, run_path
 
 CHECKPOINTS_DIR = "checkpoints"
 # Where unusable step directories (uncommitted, damaged) are moved: out of Orbax's sight, so the
@@ -270,7 +270,7 @@ class RunCheckpointer:
     """
 
     def __init__(self, run_dir: str | Path, ckpt_config: CheckpointConfig, config_dict: Mapping):
-        self.run_dir = Path(run_dir).resolve()  # Orbax wants absolute paths
+        self.run_dir = run_path(run_dir, absolute=True)  # Orbax wants absolute paths; URIs stay URIs
         self.ckpt_config = ckpt_config
         self.config_dict = _json_roundtrip(dict(config_dict), "config")
         policies: list = [ocp.checkpoint_managers.LatestN(n=ckpt_config.keep)]
@@ -295,13 +295,13 @@ class RunCheckpointer:
             registry.add(item, ocp.args.JsonSave, json_handler)
             registry.add(item, ocp.args.JsonRestore, json_handler)
         self._manager = ocp.CheckpointManager(
-            (self.run_dir / CHECKPOINTS_DIR).absolute(), options=options, handler_registry=registry)
+            self.run_dir / CHECKPOINTS_DIR, options=options, handler_registry=registry)
 
     # -- queries -------------------------------------------------------------------------------
 
     @property
     def directory(self) -> Path:
-        return Path(str(self._manager.directory))
+        return run_path(str(self._manager.directory))
 
     def all_steps(self) -> list[int]:
         """Committed checkpoint steps, ascending. A save still in flight is not listed (Orbax's own
@@ -550,7 +550,7 @@ def set_aside_step(step_dir: Path) -> Path:
     target, n = target_dir / step_dir.name, 1
     while target.exists():
         target, n = target_dir / f"{step_dir.name}.{n}", n + 1
-    shutil.move(str(step_dir), str(target))
+    move(step_dir, target)
     return target
 
 
@@ -559,7 +559,7 @@ def set_aside_uncommitted(run_dir: str | Path) -> list[str]:
     still list the step and the saver would never write it again. Only for the one job that owns
     the run directory (under its lock): on an object store a save in flight has no marker yet.
     Returns one description per step moved."""
-    checkpoints_dir = Path(run_dir) / CHECKPOINTS_DIR
+    checkpoints_dir = run_path(run_dir) / CHECKPOINTS_DIR
     if not checkpoints_dir.is_dir():
         return []
     moved = []
@@ -626,10 +626,10 @@ def load_model_for_init(path: str | Path, abstract_model_state: Any, *,
     ``model_config_dict``: the new stage's ``model`` config; if given, a source whose parameter
     shapes differ is refused with the differing fields named.
     """
-    path = Path(path)
+    path = run_path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint.init_from: {path} does not exist")
-    path = path.resolve()  # Orbax reads metadata only through absolute paths
+    path = run_path(path, absolute=True)  # Orbax reads metadata only through absolute paths
     step_dir = _find_run_step(path)
     if step_dir is None:
         return _load_converted_model(path, abstract_model_state, model_config_dict)
@@ -709,7 +709,7 @@ class StartPoint:
 
 def resolve_start(run_dir: str | Path, ckpt_config: CheckpointConfig) -> StartPoint:
     """Apply the precedence rules (module docstring): resume > init_from > random."""
-    run_dir = Path(run_dir)
+    run_dir = run_path(run_dir)
     steps = _committed_steps(run_dir / CHECKPOINTS_DIR)
     if steps:
         if ckpt_config.init_from:
@@ -717,5 +717,5 @@ def resolve_start(run_dir: str | Path, ckpt_config: CheckpointConfig) -> StartPo
                      run_dir, ckpt_config.init_from)
         return StartPoint("resume", run_dir, steps[-1])
     if ckpt_config.init_from:
-        return StartPoint("init_from", Path(ckpt_config.init_from))
+        return StartPoint("init_from", run_path(ckpt_config.init_from))
     return StartPoint("random")

@@ -34,6 +34,7 @@ from flax import nnx
 
 from dsa_train.config import ConfigError, ModelConfig, from_dict, to_dict
 from dsa_train.model import layer_layout
+from dsa_train.paths import run_path
 
 CONFIG_FILE = "model.yaml"
 PARAMS_DIR = "params"
@@ -52,7 +53,7 @@ class ModelDirError(ValueError):
 
 
 def is_model_dir(path: str | Path) -> bool:
-    path = Path(path)
+    path = run_path(path)
     return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
 
 
@@ -62,14 +63,14 @@ def is_model_dir(path: str | Path) -> bool:
 
 
 def save_model_config(path: str | Path, config: ModelConfig) -> None:
-    path = Path(path)
+    path = run_path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def load_model_config(path: str | Path) -> ModelConfig:
     """The ModelConfig saved in a model directory (validated; errors name the file and key)."""
-    f = Path(path) / CONFIG_FILE
+    f = run_path(path) / CONFIG_FILE
     try:
         raw = yaml.safe_load(f.read_text())
     except FileNotFoundError:
@@ -109,14 +110,14 @@ def save_tree(path: str | Path, tree: Any) -> None:
     ``path`` (which must not exist yet). Bounded memory for memmap leaves (module docstring)."""
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_registry(), use_compression=False)
     with ocp.Checkpointer(handler) as checkpointer:
-        checkpointer.save(Path(path).absolute(), args=ocp.args.PyTreeSave(_pure(tree)))
+        checkpointer.save(run_path(path, absolute=True), args=ocp.args.PyTreeSave(_pure(tree)))
 
 
 def tree_metadata(path: str | Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """'a/b/c' -> (shape, dtype) of every array saved at ``path`` (reads no array data)."""
     with ocp.PyTreeCheckpointer() as checkpointer:
         try:
-            meta = checkpointer.metadata(Path(path).absolute())
+            meta = checkpointer.metadata(run_path(path, absolute=True))
         except (FileNotFoundError, ValueError) as e:
             raise ModelDirError(f"{path}: not an Orbax checkpoint ({e})") from None
     tree = getattr(meta, "item_metadata", meta)
@@ -145,7 +146,7 @@ def read_arrays(path: str | Path, keys: list[str]) -> dict[str, np.ndarray]:
             node = node.setdefault(part, {})
         node[parts[-1]] = ocp.type_handlers.RestoreArgs(restore_type=np.ndarray)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-        restored = checkpointer.restore(Path(path).absolute(), args=ocp.args.PyTreeRestore(
+        restored = checkpointer.restore(run_path(path, absolute=True), args=ocp.args.PyTreeRestore(
             item=item, restore_args=item, partial_restore=True))
     out = {}
     for key in keys:
@@ -167,7 +168,7 @@ def save_model_state(path: str | Path, state_tree: Any, config: Optional[ModelCo
     ``state_tree``: ``nnx.state(model)`` or its pure-dict form (int or str keys), leaves numpy
     arrays, memmaps or jax arrays (sharded ones are written by every host, as Orbax does).
     """
-    path = Path(path)
+    path = run_path(path)
     path.mkdir(parents=True, exist_ok=True)
     flat = _flat_abstract(_pure(state_tree))
     # Stacked layers (scan_layers) are written per layer, one slice per layer: one layout on disk.
@@ -252,7 +253,7 @@ def load_model_state(path: str | Path, abstract_model_state: Any, *,
     Every path must be in the checkpoint with the same shape (else one line naming the first
     differing paths); ``model_config_dict`` additionally names differing config fields.
     """
-    path = Path(path)
+    path = run_path(path)
     if not is_model_dir(path):
         raise ModelDirError(f"{path} is not a model directory (needs {CONFIG_FILE} and {PARAMS_DIR}/)")
     if model_config_dict is not None:
@@ -271,7 +272,7 @@ def load_model_state(path: str | Path, abstract_model_state: Any, *,
         args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=tuple(x.shape),
                                                            dtype=x.dtype), target)
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-            return checkpointer.restore((path / PARAMS_DIR).absolute(), args=ocp.args.PyTreeRestore(
+            return checkpointer.restore(run_path(path / PARAMS_DIR, absolute=True), args=ocp.args.PyTreeRestore(
                 item=target, restore_args=args, partial_restore=True))
 
     return restore_in_saved_layout(abstract, saved, restore)
@@ -331,7 +332,7 @@ def load_model_params(path: str | Path, config: Optional[ModelConfig] = None) ->
     """
     from dsa_train.model import create_model
 
-    path = Path(path)
+    path = run_path(path)
     if config is None:
         config = load_model_config(path)
     else:

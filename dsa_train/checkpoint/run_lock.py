@@ -7,7 +7,8 @@ exits, however it exits (SIGKILL included), so a dead job never blocks the next 
 holds the holder's host, pid and start time, only to say who holds it.
 
 In a multi-process job only process 0 takes it (on a shared file system the other processes of
-the same job would otherwise refuse each other).
+the same job would otherwise refuse each other). A remote run directory (``gs://``...) has no
+lock: object stores have no advisory locks, so one job per remote run directory is up to the user.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from dsa_train.paths import is_uri, run_path
+
 LOCK_FILE = ".lock"
 
 
@@ -31,11 +34,14 @@ class RunLock:
     """``with RunLock(run_dir): ...`` — refuse at once (``RunDirLockedError``) if it is held."""
 
     def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / LOCK_FILE
+        self.remote = is_uri(run_dir)
+        self.path = run_path(run_dir) / LOCK_FILE
         self._fd: Optional[int] = None
         self.created = False  # whether this lock created the lock file (see release(remove=True))
 
     def acquire(self) -> "RunLock":
+        if self.remote:
+            return self  # no locks on an object store (module docstring)
         while True:
             existed = self.path.exists()
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -6,8 +6,11 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterator
+
+from dsa_train.paths import is_uri, move, remove_tree, run_path
 
 
 # The MTP depths' copies of the shared embedding and output head in a HF checkpoint (our model
@@ -45,6 +48,10 @@ def atomic_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterat
     never leaves a partial ``out_dir`` behind. Non-ConversionError exceptions (OSError such as a
     full disk, shape problems, ...) are re-raised as a one-line :class:`ConversionError`.
     """
+    if is_uri(out_dir):
+        with _remote_output_dir(run_path(out_dir), overwrite=overwrite) as tmp:
+            yield tmp
+        return
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ConversionError(f"output directory {out_dir} already exists and is not empty "
@@ -68,6 +75,30 @@ def atomic_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterat
         raise
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise ConversionError(f"writing {out_dir}: {one_line(e)}") from e
+
+
+@contextlib.contextmanager
+def _remote_output_dir(out_dir, *, overwrite: bool) -> Iterator:
+    """``atomic_output_dir`` on an object store: written under a temporary prefix beside ``out_dir``,
+    then moved into place (objects are copied; readers never see a half-written ``out_dir``)."""
+    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConversionError(f"output directory {out_dir} already exists and is not empty "
+                              "(choose another path or pass overwrite)")
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        if out_dir.exists():
+            remove_tree(out_dir)
+        move(tmp, out_dir)
+    except ConversionError:
+        remove_tree(tmp)
+        raise
+    except BaseException as e:
+        remove_tree(tmp)
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         raise ConversionError(f"writing {out_dir}: {one_line(e)}") from e

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dsa_train.config import ConfigError, ModelConfig, RopeScaling
+from dsa_train.paths import run_path
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v32")
 V32_ARCHITECTURE = "DeepseekV32ForCausalLM"
@@ -48,7 +49,7 @@ class HFSourceInfo:
 
 
 def read_hf_config(hf_dir: str | Path) -> dict:
-    path = Path(hf_dir) / "config.json"
+    path = run_path(hf_dir) / "config.json"
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
@@ -32,6 +32,7 @@ from dsa_train.convert.common import MTP_SHARED_COPIES, ConversionError, atomic_
 from dsa_train.convert.hf_config import hf_config_from_model_config
 from dsa_train.convert.hf_import import ASSET_FILES, ASSETS_DIR, MTP_DIR, SOURCE_CONFIG_FILE
 from dsa_train.convert.safetensors_io import DTYPES, INDEX_FILE, PlannedTensor, write_safetensors
+from dsa_train.paths import copy_file, run_path
 
 EXPORT_DTYPES = {"bfloat16": DTYPES["BF16"], "float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 FP32_TENSORS = ("e_score_correction_bias", "indexer.weights_proj.weight")
@@ -102,7 +103,7 @@ def _run_arrays(source: Path, budget: int) -> tuple[ModelConfig, dict[str, tuple
 
     if not source.exists():
         raise ConversionError(f"{source} does not exist")
-    step_dir = manager._find_run_step(source.absolute())
+    step_dir = manager._find_run_step(run_path(source, absolute=True))
     if step_dir is None:
         raise ConversionError(f"{source} is not a model directory (needs model.yaml and params/) or a training "
                               "run with a committed checkpoint")
@@ -114,7 +115,7 @@ def _run_arrays(source: Path, budget: int) -> tuple[ModelConfig, dict[str, tuple
     import orbax.checkpoint as ocp
 
     with manager.quiet_orbax(), ocp.PyTreeCheckpointer() as checkpointer:
-        tree = checkpointer.metadata((step_dir / manager.TRAIN_STATE).absolute())
+        tree = checkpointer.metadata(step_dir / manager.TRAIN_STATE)
     tree = getattr(tree, "item_metadata", tree)
     tree = getattr(tree, "tree", tree)
     meta = {}
@@ -215,10 +216,10 @@ def export_hf_checkpoint(source: Any, out_dir: str | Path, *, dtype: str = "bflo
     max_bytes = parse_size(max_shard_size)
     mtp_meta: dict[str, tuple] = {}
     assets: Optional[Path] = None
-    if isinstance(source, (str, Path)) and not model_io.is_model_dir(source):
-        config, meta, get = _run_arrays(Path(source), parse_size(read_budget))
-    elif isinstance(source, (str, Path)):
-        source = Path(source)
+    if isinstance(source, (str, os.PathLike)) and not model_io.is_model_dir(source):
+        config, meta, get = _run_arrays(run_path(source), parse_size(read_budget))
+    elif isinstance(source, (str, os.PathLike)):
+        source = run_path(source)
         config = model_io.load_model_config(source)
         meta = model_io.tree_metadata(source / model_io.PARAMS_DIR)
         order = list(meta)
@@ -271,6 +272,6 @@ def export_hf_checkpoint(source: Any, out_dir: str | Path, *, dtype: str = "bflo
         if assets is not None:
             for name in ASSET_FILES:
                 if (assets / name).is_file():
-                    shutil.copy2(assets / name, tmp / name)
-    return ExportReport(out_dir=str(Path(out_dir).absolute()), model_type=hf_config["model_type"],
+                    copy_file(assets / name, tmp / name)
+    return ExportReport(out_dir=str(run_path(out_dir, absolute=True)), model_type=hf_config["model_type"],
                         tensors=len(tensors), shards=len(shards), total_bytes=total)

@@ -32,6 +32,7 @@ import json
 import math
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -42,6 +43,7 @@ from dsa_train.config import ConfigError, ModelConfig
 from dsa_train.convert.common import MTP_SHARED_COPIES, ConversionError, atomic_output_dir, hf_name, one_line
 from dsa_train.convert.hf_config import HFSourceInfo, model_config_from_hf, read_hf_config
 from dsa_train.convert.safetensors_io import DTYPES, SafetensorsCheckpoint
+from dsa_train.paths import copy_file, is_uri, run_path
 
 MTP_DIR = "mtp"  # HF-named tensors of the MTP layer(s), only with include_mtp
 ASSETS_DIR = "hf_assets"  # tokenizer / generation config of the source, copied back on export
@@ -357,7 +359,7 @@ def import_hf_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, include_mtp
     and exported under the released names; a V3 / V3.1 MTP layer gets a fresh indexer). Raises ConfigError /
     ConversionError with one line naming the problem; ``out_dir`` then does not exist.
     """
-    hf_dir = Path(hf_dir)
+    hf_dir = run_path(hf_dir)
     if dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     hf = read_hf_config(hf_dir)
@@ -369,7 +371,7 @@ def import_hf_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, include_mtp
             raise ConfigError(f"{hf_dir / 'config.json'}: num_nextn_predict_layers is 0: the checkpoint has no "
                               f"MTP layer to import")
         config = dataclasses.replace(config, num_nextn_predict_layers=info.num_mtp_layers)
-    report = ImportReport(source=str(hf_dir), out_dir=str(Path(out_dir).absolute()), model_type=info.model_type,
+    report = ImportReport(source=str(hf_dir), out_dir=str(run_path(out_dir, absolute=True)), model_type=info.model_type,
                           config=config, notes=list(info.notes))
     ckpt = SafetensorsCheckpoint(hf_dir)
     targets = _plan(config, info, ckpt, seed, report)
@@ -379,8 +381,10 @@ def import_hf_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, include_mtp
 
     converter = Converter(ckpt, info.fp8_block_size, report)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        staging = tmp / ".staging"
-        staging.mkdir()
+        # Memory-mapped staging needs a local file system: beside the output, or a local temporary
+        # directory when the output is remote.
+        staging = Path(tempfile.mkdtemp(prefix="dsa-train-import-")) if is_uri(tmp) else tmp / ".staging"
+        staging.mkdir(exist_ok=True)
         staged: dict[str, np.ndarray] = {}
         for i, t in enumerate(targets):
             where = t.sources[0].name if t.sources else t.key
@@ -430,6 +434,6 @@ def import_hf_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, include_mtp
         (assets / SOURCE_CONFIG_FILE).write_text(json.dumps(hf, indent=2))
         for name in ASSET_FILES:
             if (hf_dir / name).is_file():
-                shutil.copy2(hf_dir / name, assets / name)
+                copy_file(hf_dir / name, assets / name)
         (tmp / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2, default=str))
     return report

@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from dsa_train.convert.common import ConversionError, one_line
+from dsa_train.paths import is_uri, run_path
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -51,7 +52,7 @@ class TensorInfo:
 def read_header(path: Path) -> tuple[dict, int]:
     """(header dict, absolute offset of the data section) of one safetensors file."""
     try:
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             raw = f.read(8)
             if len(raw) != 8:
                 raise ConversionError(f"{path}: not a safetensors file (truncated header)")
@@ -76,7 +77,7 @@ class SafetensorsCheckpoint:
     reported before anything is converted)."""
 
     def __init__(self, hf_dir: str | Path):
-        self.dir = Path(hf_dir)
+        self.dir = run_path(hf_dir)
         index = self.dir / INDEX_FILE
         if index.is_file():
             try:
@@ -124,10 +125,19 @@ class SafetensorsCheckpoint:
         return self.tensors[name]
 
     def array(self, name: str) -> np.ndarray:
-        """A read-only memmap view of one tensor (no bytes are read until it is indexed)."""
+        """A read-only memmap view of one tensor (no bytes are read until it is indexed); from a
+        remote directory, the tensor's bytes (one ranged read: memory for one tensor)."""
         t = self.tensors[name]
         if 0 in t.shape:
             return np.zeros(t.shape, t.dtype)
+        if is_uri(t.file):
+            nbytes = int(np.prod(t.shape)) * t.dtype.itemsize
+            with t.file.open("rb") as f:
+                f.seek(t.offset)
+                data = f.read(nbytes)
+            if len(data) != nbytes:
+                raise ConversionError(f"{t.file.name}: tensor {name} is cut short ({len(data)} of {nbytes} bytes)")
+            return np.frombuffer(data, dtype=t.dtype).reshape(t.shape)
         return np.memmap(t.file, dtype=t.dtype, mode="r", offset=t.offset, shape=t.shape)
 
 
@@ -161,7 +171,7 @@ def write_safetensors(path: Path, tensors: list[PlannedTensor], metadata: Option
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-    with open(path, "wb") as f:
+    with path.open("wb") as f:  # local or remote (streamed)
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for t in tensors:

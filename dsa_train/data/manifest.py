@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 
 from dsa_train.data.batch import DataError
+from dsa_train.paths import run_path
 
 FORMAT = "dsa-train-tokens"
 VERSION = 1
@@ -43,15 +44,15 @@ def shard_stats_name(index: int) -> str:
 
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with run_path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
 def tokenizer_file(path: str | Path) -> Path:
-    """`path` itself, or `path/tokenizer.json` for a Hugging Face model directory."""
-    path = Path(path)
+    """`path` itself, or `path/tokenizer.json` for a Hugging Face model directory (local or a URI)."""
+    path = run_path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():

@@ -29,10 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dsa_train.config import DataConfig
+from dsa_train.config import REMOTE_SHARDS, DataConfig
 from dsa_train.data.batch import DataError
 from dsa_train.data.manifest import file_sha256, read_manifest, tokenizer_file
 from dsa_train.data.synthetic import FusedPairTask, RetrievalTask, SyntheticIterator
+from dsa_train.paths import is_uri
 
 
 def make_train_iterator(data_config: DataConfig, *, batch_size: int, seq_len: int, vocab_size: int,
@@ -149,6 +150,9 @@ def open_datasets(paths, *, vocab_size: int, tokenizer: str | None = None) -> li
     given) share one tokenizer; no token id reaches `vocab_size`."""
     if not paths:
         raise DataError("data.paths is empty: name at least one prepared dataset directory")
+    for path in paths:
+        if is_uri(path):
+            raise DataError(f"data.paths: {path}: {REMOTE_SHARDS}")
     manifests = [read_manifest(p) for p in paths]
     for m in manifests:
         where = m["_dir"]

@@ -39,6 +39,7 @@ import numpy as np
 from dsa_train.data.batch import DataError
 from dsa_train.data.manifest import (DTYPE, FORMAT, MANIFEST, PLAN, VERSION, file_sha256, shard_name,
                                      shard_stats_name, tokenizer_file, write_json_atomic)
+from dsa_train.paths import is_uri
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
@@ -363,6 +364,10 @@ def prepare(args: argparse.Namespace) -> dict:
     """Run a preparation described by parsed arguments; returns the manifest."""
     from tokenizers import Tokenizer
 
+    for path in (*args.inputs, args.output, args.tokenizer):
+        if is_uri(path):
+            raise DataError(f"{path}: `dsa-train data prepare` reads and writes local or mounted files only "
+                            "(copy the inputs, or mount the bucket, e.g. gcsfuse)")
     if args.workers < 1:
         raise DataError(f"--workers must be >= 1, got {args.workers}")
     if args.shard_mb <= 0:

@@ -30,6 +30,7 @@ import argparse
 from pathlib import Path
 
 from dsa_train.eval.defaults import DEFAULT_BUCKET_EDGES, DEFAULT_DEPTHS, DEFAULT_HELDOUT_SEED
+from dsa_train.paths import run_path
 
 DESCRIPTION = __doc__.split("\n\n")[0]
 
@@ -100,7 +101,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def _default_out(a: Path, b: Path | None) -> Path:
     """<A>/eval or <A>/eval-vs-<B>; for a step directory, beside the run's checkpoints (eval@<step>)."""
-    suffix = "" if b is None else f"-vs-{b.resolve().name}"
+    suffix = "" if b is None else f"-vs-{run_path(b, absolute=True).name}"
     if a.name.isdigit() and a.parent.name == "checkpoints":
         return a.parent.parent / f"eval@{a.name}{suffix}"
     return a / f"eval{suffix}"
@@ -160,8 +161,8 @@ def run_eval(args: argparse.Namespace) -> int:
             "diagnostics": dataclasses.asdict(diagnostics),
             "needle": {"lengths": sorted({c.length for c in cases}), "depths": list(args.needle_depths),
                        "trials": args.needle_trials} if cases else None}
-    out = Path(args.out) if args.out else _default_out(Path(args.checkpoint), Path(args.checkpoint_b)
-                                                        if args.checkpoint_b else None)
+    out = run_path(args.out) if args.out else _default_out(run_path(args.checkpoint), run_path(args.checkpoint_b)
+                                                            if args.checkpoint_b else None)
     written = write_report(results, meta, out)
     print(f"wrote {written['markdown']} and {written['json']} ({len(written) - 2} figures) in {out}")
     return 0

@@ -17,6 +17,7 @@ from flax import nnx
 from dsa_train.checkpoint import manager, model_io
 from dsa_train.config import ModelConfig, from_dict, to_dict
 from dsa_train.model import CausalLM, create_model
+from dsa_train.paths import run_path
 
 
 class EvalInputError(ValueError):
@@ -52,7 +53,7 @@ def load_checkpoint(path: str | Path, **model_changes) -> LoadedCheckpoint:
     """Load a model for evaluation. `model_changes` replace ModelConfig fields that keep the
     parameter shapes (index_topk, kernels, compute_dtype, ...)."""
     with manager.quiet_orbax():
-        return _load(Path(path), model_changes)
+        return _load(run_path(path), model_changes)
 
 
 def _load(path: Path, model_changes: dict) -> LoadedCheckpoint:
@@ -60,7 +61,8 @@ def _load(path: Path, model_changes: dict) -> LoadedCheckpoint:
         raise EvalInputError(f"{path} does not exist")
     if model_io.is_model_dir(path):
         config = _model_config(to_dict(model_io.load_model_config(path)), str(path), **model_changes)
-        return LoadedCheckpoint(path.resolve().name, path, model_io.load_model_params(path, config), None, None)
+        return LoadedCheckpoint(run_path(path, absolute=True).name, path, model_io.load_model_params(path, config),
+                                None, None)
     step_dir = manager._find_run_step(path)
     if step_dir is None:
         raise EvalInputError(f"{path} is neither a run directory with a committed checkpoint nor a model "
@@ -75,6 +77,6 @@ def _load(path: Path, model_changes: dict) -> LoadedCheckpoint:
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), model_io._pure(state))
     restored = manager.load_model_for_init(step_dir, target)
     (state,) = manager.fill_states(restored, state)
-    label = f"{step_dir.resolve().parent.parent.name}@{step_dir.name}"
+    label = f"{run_path(step_dir, absolute=True).parent.parent.name}@{step_dir.name}"
     return LoadedCheckpoint(label, step_dir, nnx.merge(graphdef, state),
                             run_config, int(step_dir.name))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from dsa_train.eval import plots
+from dsa_train.paths import LocalStaging, is_uri, run_path
 
 RELATIVE_NOTABLE = 0.02
 ABSOLUTE_NOTABLE = 0.02  # for shares, masses and accuracies
@@ -223,8 +224,20 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def write_report(results: list[dict], meta: dict, out_dir: Path) -> dict[str, Path]:
-    """eval.json, report.md and the PNGs into out_dir; returns what was written."""
+def write_report(results: list[dict], meta: dict, out_dir) -> dict:
+    """eval.json, report.md and the PNGs into out_dir (local or a URI); returns what was written."""
+    if is_uri(out_dir):  # matplotlib writes local files: write there, then copy
+        remote = run_path(out_dir)
+        staging = LocalStaging(remote)
+        try:
+            written = _write_report(results, meta, staging.local)
+        finally:
+            staging.close()
+        return {key: remote / path.relative_to(staging.local).as_posix() for key, path in written.items()}
+    return _write_report(results, meta, Path(out_dir))
+
+
+def _write_report(results: list[dict], meta: dict, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     if len(results) == 2 and results[0]["checkpoint"]["name"] == results[1]["checkpoint"]["name"]:
         for tag, r in zip("AB", results):

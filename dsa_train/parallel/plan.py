@@ -589,9 +589,9 @@ def plan_main(argv: list[str] | None = None) -> str:
     mesh_desc = ",".join(f"{k}={v}" for k, v in sizes.items())
     report = format_plan(args.config, device, mesh_desc, n_devices, plans)
     if args.out:
-        from pathlib import Path
+        from dsa_train.paths import run_path
 
-        Path(args.out).write_text(report)
+        run_path(args.out).write_text(report)
     print(report)
     if args.json:
         import json

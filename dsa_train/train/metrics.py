@@ -16,6 +16,7 @@ from typing import Optional, Protocol
 
 import numpy as np
 
+from dsa_train.paths import LocalStaging, is_uri, run_path
 from dsa_train.train.console import interactive, progress_logger, step_line
 
 CONSOLE_KEYS = ("lm_loss", "accuracy", "indexer_kl", "captured_mass", "tok/s")
@@ -70,6 +71,8 @@ def flat_config(config: dict, prefix: str = "") -> dict:
 class Writer(Protocol):
     def write(self, step: int, record: dict) -> None: ...
 
+    def flush(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -79,6 +82,9 @@ class JsonlWriter:
 
     def write(self, step: int, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def flush(self) -> None:
         self.file.flush()
 
     def close(self) -> None:
@@ -104,6 +110,9 @@ class TensorBoardWriter:
         for name, value in scalars(record).items():
             self.tb.add_scalar(name, value, step)
 
+    def flush(self) -> None:
+        self.tb.flush()
+
     def close(self) -> None:
         self.tb.close()
 
@@ -111,31 +120,46 @@ class TensorBoardWriter:
 class WandbWriter:
     """Weights & Biases; ``mode="offline"`` writes under ``run_dir/wandb`` (``wandb sync`` later)."""
 
-    def __init__(self, run_dir: Path, mode: str, project: str, stage: str, config: Optional[dict]):
+    def __init__(self, run_dir: Path, mode: str, project: str, stage: str, config: Optional[dict],
+                 name: Optional[str] = None):
         try:
             import wandb
         except ImportError:
             raise ValueError("train.wandb needs the wandb package: pip install 'dsa-train[wandb]'") from None
-        self.run = wandb.init(project=project, name=f"{Path(run_dir).name}-{stage}", dir=str(run_dir), mode=mode,
-                              config=config, resume="allow", settings=wandb.Settings(silent=True))
+        self.run = wandb.init(project=project, name=name or f"{Path(run_dir).name}-{stage}", dir=str(run_dir),
+                              mode=mode, config=config, resume="allow", settings=wandb.Settings(silent=True))
 
     def write(self, step: int, record: dict) -> None:
         self.run.log(scalars(record), step=step)
+
+    def flush(self) -> None:
+        pass  # W&B writes its offline files itself, as it goes
 
     def close(self) -> None:
         self.run.finish()
 
 
 class MetricsWriter:
-    """Every configured writer, plus the console."""
+    """Every configured writer, plus the console.
 
-    def __init__(self, run_dir: Path, total_steps: int, stage: str, console: bool = True,
+    A remote run directory (``gs://``...): the writers write into a local staging directory (the
+    event writer and W&B only write local files; object stores cannot append), copied to the run
+    directory every ``SYNC_SECONDS`` and at ``close()``; ``metrics.jsonl`` is fetched first, so a
+    resumed run appends to it."""
+
+    SYNC_SECONDS = 60.0
+
+    def __init__(self, run_dir, total_steps: int, stage: str, console: bool = True,
                  config: Optional[dict] = None, wandb: str = "off", wandb_project: str = "dsa-train"):
-        self.run_dir = Path(run_dir)
-        self.writers: list[Writer] = [JsonlWriter(self.run_dir / "metrics.jsonl"),
-                                      TensorBoardWriter(self.run_dir / "tensorboard", config)]
+        self.run_dir = run_path(run_dir)
+        self.staging = LocalStaging(self.run_dir, fetch=("metrics.jsonl",)) if is_uri(self.run_dir) else None
+        local_dir = self.staging.local if self.staging else self.run_dir
+        self._synced_at = time.monotonic()
+        self.writers: list[Writer] = [JsonlWriter(local_dir / "metrics.jsonl"),
+                                      TensorBoardWriter(local_dir / "tensorboard", config)]
         if wandb != "off":
-            self.writers.append(WandbWriter(self.run_dir, wandb, wandb_project, stage, config))
+            self.writers.append(WandbWriter(local_dir, wandb, wandb_project, stage, config,
+                                            name=f"{self.run_dir.name}-{stage}"))
         self.stage = stage
         self.progress = None
         self.total_steps = total_steps
@@ -154,6 +178,8 @@ class MetricsWriter:
         record = {"step": step, "stage": self.stage, "time": time.time(), **record}
         for writer in self.writers:
             writer.write(step, record)
+        if self.staging is not None and time.monotonic() - self._synced_at > self.SYNC_SECONDS:
+            self.sync()
         if self.progress is not None:
             self.progress.update(self.task, completed=step, info=self._console_line(record))
         if self.log is not None and ("loss" in record or "lm_loss" in record):
@@ -178,8 +204,17 @@ class MetricsWriter:
             parts.append(f"{key}={value:.4g}")
         return " ".join(parts)
 
+    def sync(self) -> None:
+        """Copy what the writers wrote so far to a remote run directory."""
+        for writer in self.writers:
+            writer.flush()
+        self.staging.sync()
+        self._synced_at = time.monotonic()
+
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
         for writer in self.writers:
             writer.close()
+        if self.staging is not None:
+            self.staging.close()

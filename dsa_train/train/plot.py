@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
+
+from dsa_train.paths import run_path
 
 PANELS = [
     ("lm_loss", "LM loss"),
@@ -31,7 +34,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [(Path(d).name, read_metrics(Path(d) / "metrics.jsonl")) for d in run_dirs]
+    runs = [(run_path(d).name, read_metrics(run_path(d) / "metrics.jsonl")) for d in run_dirs]
     panels = [(k, t) for k, t in PANELS if any(k in r for _, recs in runs for r in recs)]
     cols = 2
     rows = max(1, (len(panels) + 1) // cols)
@@ -57,7 +60,10 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
         if ax.lines:
             ax.legend(fontsize=7)
     fig.tight_layout()
+    out = run_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    image = io.BytesIO()  # matplotlib writes local files only: the PNG's bytes, written through `out`
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
+    out.write_bytes(image.getvalue())
     return out

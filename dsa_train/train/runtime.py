@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import jax
 
+from dsa_train.paths import LocalStaging, is_uri, run_path
+
 
 def enable_compile_cache(directory) -> None:
     """Compiled programs are written to (and read back from) ``directory``: local or a URI."""
@@ -15,16 +17,20 @@ def enable_compile_cache(directory) -> None:
 
 
 class StepProfiler:
-    """A ``jax.profiler`` trace of steps ``min(steps)`` .. ``max(steps)`` into ``out_dir``."""
+    """A ``jax.profiler`` trace of steps ``min(steps)`` .. ``max(steps)`` into ``out_dir``; a
+    remote ``out_dir`` gets the trace copied there when it stops (traced into a local directory)."""
 
     def __init__(self, steps, out_dir):
         self.first, self.last = (min(steps), max(steps)) if steps else (None, None)
-        self.out_dir = str(out_dir)
+        self.out_dir = out_dir
         self.active = False
+        self.staging = None
 
     def before(self, step: int) -> None:
         if step == self.first:
-            jax.profiler.start_trace(self.out_dir)
+            if is_uri(self.out_dir):
+                self.staging = LocalStaging(run_path(self.out_dir))
+            jax.profiler.start_trace(str(self.staging.local if self.staging else self.out_dir))
             self.active = True
 
     def after(self, step: int, outputs) -> None:
@@ -37,3 +43,6 @@ class StepProfiler:
                 jax.block_until_ready(outputs)  # the traced steps' device work belongs in the trace
             jax.profiler.stop_trace()
             self.active = False
+            if self.staging is not None:
+                self.staging.close()
+                self.staging = None

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from dsa_train.checkpoint.preemption import PreemptionGuard
 from dsa_train.checkpoint.run_lock import RunLock
 from dsa_train.config import Config, to_dict
 from dsa_train.flops import train_flops_per_token
+from dsa_train.paths import AnyPath, remove_tree, run_path
 from dsa_train.train import step as step_lib
 from dsa_train.train.console import log_startup
 from dsa_train.train.metrics import MetricsWriter, summarize
@@ -45,7 +45,7 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class RunResult:
-    run_dir: Path
+    run_dir: AnyPath
     steps: int
     last_metrics: dict
     stopped_early: bool = False
@@ -126,7 +126,7 @@ def train(config: Config, console: bool = True) -> RunResult:
 
     Until the run is accepted (its start point is resolved and loaded), a failure leaves nothing
     this call created: no run directory, no ``config.yaml``, no empty ``checkpoints/``."""
-    run_dir = Path(config.train.run_dir)
+    run_dir = run_path(config.train.run_dir)  # a URI stays a URI (dsa_train.paths)
     created_run_dir = not run_dir.exists()
     created_checkpoints = not (run_dir / CHECKPOINTS_DIR).exists()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -141,9 +141,9 @@ def train(config: Config, console: bool = True) -> RunResult:
         # Only the lock holder cleans up: a refused second job must not touch the first one's files.
         if not accepted and lock is not None:
             if created_run_dir:
-                shutil.rmtree(run_dir, ignore_errors=True)
+                remove_tree(run_dir)
             elif created_checkpoints and (run_dir / CHECKPOINTS_DIR).is_dir():
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError, ValueError):  # epath: ValueError if not empty
                     (run_dir / CHECKPOINTS_DIR).rmdir()  # only if empty
         raise
     finally:
