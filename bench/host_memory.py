@@ -155,9 +155,12 @@ def child(args) -> None:
     start = time.time()
     marks = {}
     if args.child == "export":
+        import orbax.checkpoint  # noqa: F401 - the libraries' own memory is not the export's
+
         from dsa_train.convert import export_hf_checkpoint
 
-        export_hf_checkpoint(args.src, args.dst, dtype="float32")
+        marks["before_read_anon"] = _rss_anon()
+        export_hf_checkpoint(args.src, args.dst, dtype="float32", read_budget=args.read_budget)
     elif args.child == "import":
         from dsa_train.convert import import_hf_checkpoint
 
@@ -188,6 +191,7 @@ def main() -> None:
     p.add_argument("--dst")
     p.add_argument("--depth", type=int)
     p.add_argument("--start-only", action="store_true", help="with --child train: stop once the state is built")
+    p.add_argument("--read-budget", default="2GB", help="with --child export: the exporter's read budget")
     p.add_argument("--workdir", help="scratch directory (default: a temporary one)")
     args = p.parse_args()
     if args.child:

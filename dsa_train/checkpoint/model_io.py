@@ -227,6 +227,7 @@ def read_arrays(path: str | Path, keys: list[str]) -> dict[str, np.ndarray]:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = ocp.type_handlers.RestoreArgs(restore_type=np.ndarray)
+    _map_large_host_buffers()  # freed groups go back to the OS, not into a growing heap
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
         restored = checkpointer.restore(Path(path).absolute(), args=ocp.args.PyTreeRestore(
             item=item, restore_args=item, partial_restore=True))
