@@ -1,16 +1,20 @@
 """Peak host memory (RSS) of HF import, HF export and train-start-from-checkpoint vs model size.
 
 For each depth, a random model directory is written (not measured), exported to a HF checkpoint
-(measured), imported back (measured), and a warm-up run starts from the imported model with
-``checkpoint.init_from`` and takes one step (measured). Each measurement is a fresh process
-reporting its own ``ru_maxrss``. Model: hidden 512, 16 routed experts of width 512, fp32,
-depth varied, so the model grows while its largest tensor stays the same (a [16, 512, 512]
-expert stack, 16 MiB): streaming means peak RSS stays near a constant plus a few largest
-tensors for import and export. Train-start on a CPU host also holds the train state itself
-(the CPU device's memory is host memory): the bound there is one model copy plus the warm-up's
-indexer optimizer state and a constant, i.e. never two copies.
+(measured), imported back (measured), a warm-up run starts from the imported model with
+``checkpoint.init_from`` (scan_layers on: the per-layer checkpoint is stacked while it is read)
+and takes one step, saving it (measured), and a second run resumes it (measured). Each
+measurement is a fresh process. Model: hidden 512, 16 routed experts of width 512, fp32, depth
+varied, so the model grows while its largest tensor stays the same (a [16, 512, 512] expert
+stack, 16 MiB): streaming means peak RSS stays near a constant plus a few largest tensors for
+import and export. Train-start on a CPU host also holds the train state itself (the CPU
+device's memory is host memory): "start" is the peak from process start until the state is
+built (before the first step), reported as (peak - RSS before the checkpoint is read) / state
+bytes; the bound is one copy plus the restore staging (dsa_train.checkpoint.model_io) and, for
+the stacked layout, the largest stacked parameter, i.e. never two copies. "run" adds the first
+step and its checkpoint save.
 
-CPU:  python bench/host_memory.py --depths 2 5 10
+CPU:  python bench/host_memory.py --depths 4 16 48
 Writes bench/results/host_memory.json and host_memory.md.
 """
 
@@ -72,49 +76,103 @@ def write_random_model(config, out: Path) -> int:
     return total
 
 
+def _status(field: str) -> int:
+    """A /proc/self/status memory field in bytes (RssAnon, VmRSS, VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def _rss_anon() -> int:
     """Anonymous resident memory (bytes): what streaming must bound. ru_maxrss also counts
     file-backed pages of the memmapped staging and safetensors files, which the kernel can drop."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return _status("RssAnon")
+
+
+def _train_overrides(depth: int, run_dir, steps: int, init_from=None) -> list[str]:
+    out = WIDTH + [f"model.num_hidden_layers={depth}", "model.scan_layers=true", "train.stage=warmup",
+                   f"train.steps={steps}", "train.batch_size=2", "train.seq_len=32", "model.index_topk=8",
+                   "data.source=synthetic", f"train.run_dir={run_dir}"]
+    return out + ([f"checkpoint.init_from={init_from}"] if init_from else [])
+
+
+class _StateBuilt(Exception):
+    pass
+
+
+def train_start(overrides: list[str], start_only: bool = False) -> dict:
+    """Run the trainer; report peak memory from process start until its state is built
+    ("start_*", before the first step) and the RSS right before the checkpoint is read.
+    ``start_only``: stop there (no step, no save)."""
+    from dsa_train.config import load_config
+    from dsa_train.train import trainer
+
+    marks = {}
+    resolve, loop = trainer.resolve_start, trainer._loop
+
+    def resolve_start(*a, **k):
+        marks["before_read_rss"] = _status("VmRSS")
+        marks["before_read_anon"] = _rss_anon()
+        return resolve(*a, **k)
+
+    def start_loop(config, console, run_dir, graphdef, state, *rest):
+        import jax
+        import numpy as np
+
+        marks["start_peak_rss"] = _status("VmHWM")
+        marks["start_peak_anon"] = PEAK[0] = max(PEAK[0], _rss_anon())
+        marks["state_bytes"] = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
+        if start_only:
+            raise _StateBuilt
+        return loop(config, console, run_dir, graphdef, state, *rest)
+
+    trainer.resolve_start, trainer._loop = resolve_start, start_loop
+    try:
+        trainer.train(load_config(REPO / "configs" / "tiny.yaml", overrides), console=False)
+    except _StateBuilt:
+        pass
+    finally:
+        trainer.resolve_start, trainer._loop = resolve, loop
+    return marks
+
+
+PEAK = [0]
 
 
 def child(args) -> None:
     import threading
 
-    peak = [0]
     done = threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], _rss_anon())
+            PEAK[0] = max(PEAK[0], _rss_anon())
             time.sleep(0.005)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     start = time.time()
+    marks = {}
     if args.child == "export":
+        import orbax.checkpoint  # noqa: F401 - the libraries' own memory is not the export's
+
         from dsa_train.convert import export_hf_checkpoint
 
-        export_hf_checkpoint(args.src, args.dst, dtype="float32")
+        marks["before_read_anon"] = _rss_anon()
+        export_hf_checkpoint(args.src, args.dst, dtype="float32", read_budget=args.read_budget)
     elif args.child == "import":
         from dsa_train.convert import import_hf_checkpoint
 
         import_hf_checkpoint(args.src, args.dst)
-    else:
-        from dsa_train.config import load_config
-        from dsa_train.train.trainer import train
-
-        overrides = WIDTH + [f"model.num_hidden_layers={args.depth}", "model.scan_layers=true",
-                             "train.stage=warmup", "train.steps=1", "train.batch_size=2", "train.seq_len=32",
-                             "data.source=synthetic", f"train.run_dir={args.dst}", f"checkpoint.init_from={args.src}"]
-        train(load_config(REPO / "configs" / "tiny.yaml", overrides), console=False)
+    elif args.child == "train":
+        marks = train_start(_train_overrides(args.depth, args.dst, 1, init_from=args.src), args.start_only)
+    else:  # resume the run "train" wrote (its step 1)
+        marks = train_start(_train_overrides(args.depth, args.dst, 2))
     done.set()
     sampler.join()
     print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                      "peak_anon": max(peak[0], _rss_anon()), "seconds": time.time() - start}))
+                      "peak_anon": max(PEAK[0], _rss_anon()), "seconds": time.time() - start, **marks}))
 
 
 def measure(what: str, src: Path, dst: Path, depth: int) -> dict:
@@ -126,12 +184,14 @@ def measure(what: str, src: Path, dst: Path, depth: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--depths", type=int, nargs="+", default=[2, 5, 10])
+    p.add_argument("--depths", type=int, nargs="+", default=[4, 16, 48])
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "host_memory"))
-    p.add_argument("--child", choices=("export", "import", "train"))
+    p.add_argument("--child", choices=("export", "import", "train", "resume"))
     p.add_argument("--src")
     p.add_argument("--dst")
     p.add_argument("--depth", type=int)
+    p.add_argument("--start-only", action="store_true", help="with --child train: stop once the state is built")
+    p.add_argument("--read-budget", default="2GB", help="with --child export: the exporter's read budget")
     p.add_argument("--workdir", help="scratch directory (default: a temporary one)")
     args = p.parse_args()
     if args.child:
@@ -146,20 +206,32 @@ def main() -> None:
             row["export"] = measure("export", tmp / "model", tmp / "hf", depth)
             row["import"] = measure("import", tmp / "hf", tmp / "imported", depth)
             row["train_start"] = measure("train", tmp / "imported", tmp / "run", depth)
+            row["resume"] = measure("resume", tmp / "imported", tmp / "run", depth)
             rows.append(row)
             print(json.dumps(row), flush=True)
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "config": WIDTH}, indent=2))
     mib = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
     lines = ["Peak RSS (ru_maxrss, includes file-backed pages) / peak anonymous RSS (sampled every 5 ms), MiB.",
-             "", "| depth | model MiB | export | import | train-start | train-start anon / model |",
-             "|---|---|---|---|---|---|"]
+             "Train-start and resume: peak until the state is built (before the first step); "
+             "'/ state' = (peak RSS - RSS before the checkpoint is read) / train-state bytes; "
+             "'run' = peak through the first step and its checkpoint save.",
+             "", "| depth | model MiB | export | import | init_from start | / state | resume start | / state | "
+             "init_from run | resume run |", "|---|---|---|---|---|---|---|---|---|---|"]
     both = lambda m: f"{mib(m['peak_rss'])} / {mib(m['peak_anon'])}"  # noqa: E731
+    start = lambda m: f"{mib(m['start_peak_rss'])} / {mib(m['start_peak_anon'])}"  # noqa: E731
+    ratio = lambda m: f"{start_ratio(m):.2f}"  # noqa: E731
     for r in rows:
+        t, s = r["train_start"], r["resume"]
         lines.append(f"| {r['depth']} | {mib(r['model_bytes'])} | {both(r['export'])} | {both(r['import'])} | "
-                     f"{both(r['train_start'])} | {r['train_start']['peak_anon'] / r['model_bytes']:.2f} |")
+                     f"{start(t)} | {ratio(t)} | {start(s)} | {ratio(s)} | {both(t)} | {both(s)} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def start_ratio(marks: dict) -> float:
+    """(peak RSS until the state is built - RSS before the checkpoint is read) / state bytes."""
+    return (marks["start_peak_rss"] - marks["before_read_rss"]) / marks["state_bytes"]
 
 
 if __name__ == "__main__":

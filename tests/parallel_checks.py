@@ -14,7 +14,8 @@ import os
 import sys
 
 
-COMPARED_METRICS = ("lm_loss", "accuracy", "indexer_kl", "captured_mass", "captured_mass_p10", "k90", "kl_rows")
+COMPARED_METRICS = ("lm_loss", "accuracy", "indexer_kl", "captured_mass", "captured_mass_p10", "k90", "kl_rows",
+                    "mtp_loss", "mtp_accuracy", "mtp_indexer_kl")
 
 
 def main(job: dict) -> dict:

@@ -351,3 +351,45 @@ def test_eval_mtp_acceptance_proxy_counts_next_next_tokens(hf_mtp):
                 hits += int(pred[b, i] == tokens[b, i + 2])
     assert summary["tokens"] == total == 8 + 4 + 10
     assert summary["top1_agreement"] == pytest.approx(hits / total)
+
+
+@pytest.mark.parametrize("stage", [pytest.param("warmup", marks=pytest.mark.slow), "sparse"])
+def test_mtp_same_with_and_without_scan_layers(stage):
+    """The same weights give the same MTP logits, MTP loss, MTP indexer KL and MTP gradients
+    whether the decoder layers under the MTP layer are scanned or looped."""
+    from test_scan_layers import _scanned_copy
+
+    cfg = load_config("configs/tiny.yaml", [f"train.stage={stage}", f"train.batch_size={BATCH}",
+                                            f"train.seq_len={SEQ}", "model.index_topk=4", "train.diagnostic_rows=0",
+                                            "model.num_nextn_predict_layers=1", "model.num_hidden_layers=3",
+                                            "model.kernels=reference"])
+    loop = create_model(cfg.model, seed=1)
+    scanned = _scanned_copy(loop)
+    batch = {**_batch(), "loss_weights": jnp.ones((BATCH, SEQ), jnp.float32)}
+    mode = S.forward_mode(cfg, diagnostics=False)
+    trained_groups = S.TRAINABLE[stage]
+    outs = []
+    for model in (loop, scanned):
+        graphdef, params, bias = S.split_model(model)
+        trained = {g: params[g] for g in trained_groups}
+        frozen = {g: p for g, p in params.items() if g not in trained_groups}
+        fn = lambda tr: S._loss_and_metrics(graphdef, cfg, mode, tr, frozen, bias, batch)  # noqa: B023, E731
+        (loss, (metrics, _)), grads = jax.value_and_grad(fn, has_aux=True)(trained)
+        inputs = S.model_inputs(batch)
+        inputs.update(mtp_inputs(inputs["tokens"], inputs["targets"], inputs["target_weights"], 1))
+        logits_mode = ForwardMode("dense" if stage == "warmup" else "sparse")  # the warm-up computes no logits
+        out = S.merge_model(graphdef, params, bias)(inputs["tokens"], inputs["segment_ids"], mode=logits_mode,
+                                                     mtp_tokens=(inputs["mtp_tokens_1"],))
+        mtp_grads = {jax.tree_util.keystr(p): np.asarray(g) for p, g in jax.tree_util.tree_leaves_with_path(grads)
+                     if "'mtp'" in jax.tree_util.keystr(p)}
+        outs.append((float(loss), metrics, np.asarray(out.mtp.logits[0]), mtp_grads))
+    (loss_a, m_a, logits_a, g_a), (loss_b, m_b, logits_b, g_b) = outs
+    assert np.abs(logits_a - logits_b).max() <= TOL * np.abs(logits_a).max()
+    assert abs(loss_a - loss_b) <= TOL * abs(loss_a)
+    keys = ["mtp_indexer_kl"] + (["mtp_loss", "mtp_accuracy"] if stage == "sparse" else [])
+    for key in keys:
+        np.testing.assert_allclose(np.asarray(m_a[key]), np.asarray(m_b[key]), rtol=TOL, atol=1e-6, err_msg=key)
+    assert g_a and set(g_a) == set(g_b)
+    for key in g_a:
+        scale = max(np.abs(g_a[key]).max(), 1e-6)
+        assert np.abs(g_a[key] - g_b[key]).max() <= 1e-3 * scale, key

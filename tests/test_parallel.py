@@ -123,6 +123,21 @@ def test_data_expert_context_mesh_matches_one_device():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sparse", "warmup"])
+def test_mtp_under_context_parallelism_matches_one_device(stage):
+    """The MTP layer (its attention with an indexer, its loss on the token two ahead) on a
+    context-parallel mesh: loss, MTP metrics, gradients and one step equal the 1-device ones."""
+    results = run_checks({"devices": 4, "stage": stage, "overrides": ["model.num_nextn_predict_layers=1"],
+                          "meshes": [{"context": 2}, {"context": 2, "data": 2}]})
+    assert_matches_single_device(results)
+    for r in results:
+        expected = {"mtp_indexer_kl"} | ({"mtp_loss", "mtp_accuracy"} if stage == "sparse" else set())
+        assert expected <= set(r["metric_err"]), r["metric_err"]
+        for key in expected:
+            assert r["metric_err"][key] <= TOL_LOSS * 10, (r["mesh"], key, r["metric_err"][key])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["sparse", "warmup"])
 def test_meshes_match_one_device(stage):
     meshes = [{"data": 8}, {"fsdp": 4, "tensor": 2}, {"expert": 4, "data": 2}, {"context": 4, "fsdp": 2}]
     results = run_checks({"devices": 8, "stage": stage, "meshes": meshes})

@@ -409,13 +409,19 @@ class RunCheckpointer:
                 else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_train_state)
             _compare_structure(_metadata_shapes(saved_tree), _flat_shapes(abstract_train_state),
                                f"checkpoint {self.directory / str(step)}")
+        # The train state through a bounded host staging area (model_io.bounded_restore), then the rest.
+        def read(options):
+            with ocp.Checkpointer(ocp.StandardCheckpointHandler(**options)) as checkpointer:
+                return checkpointer.restore(self.directory / str(step) / TRAIN_STATE,
+                                            args=ocp.args.StandardRestore(abstract_train_state))
+
+        train_state = model_io.bounded_restore(read, abstract_train_state)
         out = self._manager.restore(step, args=ocp.args.Composite(**{
-            TRAIN_STATE: ocp.args.StandardRestore(abstract_train_state),
             DATA_STATE: ocp.args.JsonRestore(),
             CONFIG: ocp.args.JsonRestore(),
         }))
         data_state = _this_process_data_state(out[DATA_STATE], self.directory / str(step))
-        return Restored(step=step, train_state=out[TRAIN_STATE], data_state=data_state, config=out[CONFIG])
+        return Restored(step=step, train_state=train_state, data_state=data_state, config=out[CONFIG])
 
     def restore_latest_usable(self, new_config_dict: Mapping, abstract_train_state: Any
                               ) -> tuple[Optional[Restored], list[str]]:
@@ -642,26 +648,31 @@ def load_model_for_init(path: str | Path, abstract_model_state: Any, *,
             if diffs:
                 raise ConfigError(f"checkpoint.init_from: {step_dir} has a different model ("
                                   + "; ".join(diffs) + ")")
-    checkpointer = ocp.PyTreeCheckpointer()
-    try:
+    with ocp.PyTreeCheckpointer() as checkpointer:
         metadata = checkpointer.metadata(step_dir / TRAIN_STATE)
-        saved_tree = getattr(metadata, "item_metadata", metadata)
-        saved_tree = getattr(saved_tree, "tree", saved_tree)
-        if not isinstance(saved_tree, Mapping) or MODEL_KEY not in saved_tree:
-            raise CheckpointError(f"checkpoint.init_from: {step_dir} has no '{MODEL_KEY}' entry in its train state")
-        saved = _metadata_shapes(saved_tree[MODEL_KEY])
+    saved_tree = getattr(metadata, "item_metadata", metadata)
+    saved_tree = getattr(saved_tree, "tree", saved_tree)
+    if not isinstance(saved_tree, Mapping) or MODEL_KEY not in saved_tree:
+        raise CheckpointError(f"checkpoint.init_from: {step_dir} has no '{MODEL_KEY}' entry in its train state")
+    saved = _metadata_shapes(saved_tree[MODEL_KEY])
 
-        def restore(target):
-            _compare_structure(saved, _flat_shapes(target), f"checkpoint.init_from: {step_dir} model")
-            restore_args = jax.tree.map(
-                lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), target)
-            return checkpointer.restore(step_dir / TRAIN_STATE, args=ocp.args.PyTreeRestore(
-                item={MODEL_KEY: target}, restore_args={MODEL_KEY: restore_args}, partial_restore=True))[MODEL_KEY]
+    def check(target):
+        _compare_structure(saved, _flat_shapes(target), f"checkpoint.init_from: {step_dir} model")
 
-        # A run written with the other model.scan_layers is renamed while it is read.
-        restored = model_io.restore_in_saved_layout(abstract_model_state, saved, restore)
-    finally:
-        checkpointer.close()
+    def restore(target):
+        restore_args = jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), target)
+
+        def read(options):
+            with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(**options)) as checkpointer:
+                return checkpointer.restore(step_dir / TRAIN_STATE, args=ocp.args.PyTreeRestore(
+                    item={MODEL_KEY: target}, restore_args={MODEL_KEY: restore_args},
+                    partial_restore=True))[MODEL_KEY]
+
+        return model_io.bounded_restore(read, target)
+
+    # A run written with the other model.scan_layers is renamed while it is read.
+    restored = model_io.restore_in_saved_layout(abstract_model_state, saved, restore, check)
     log.info("initialized the model from %s", step_dir)
     return restored
 

@@ -18,13 +18,20 @@ Writing never deep-copies host arrays and stores them uncompressed: leaves may b
 views of scratch files (the importer's staging), and tensorstore then streams them to disk
 without copying them into anonymous memory. (Orbax's default NumPy handler deep-copies every
 host array before writing and compression buffers the encoded chunks: both would hold the whole
-model in memory.) Restoring places each array directly with the requested dtype and sharding.
+model in memory.) Restoring places each array directly with the requested dtype and sharding,
+streaming through a bounded host staging area (:func:`bounded_restore`): Orbax's default lets
+every array's read be in flight at once, which holds the whole model on the host a second time
+while it is placed on the devices.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import inspect
+import re
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
 import jax
 import numpy as np
@@ -86,6 +93,82 @@ def load_model_config(path: str | Path) -> ModelConfig:
 # Orbax tree I/O
 # ----------------------------------------------------------------------------------------------
 
+# Host bytes a restore may have read but not yet placed on the devices (raised to twice the
+# largest array shard when that is larger): peak host memory of a restore is what it restores
+# into (on a CPU host, the arrays themselves) plus this, whatever the model size.
+RESTORE_STAGING_BYTES = 256 * 2**20
+_OVER_BUDGET = re.compile(r"Requested more bytes than we reserved space for: (\d+)")
+T = TypeVar("T")
+
+
+def _shard_bytes(x) -> int:
+    """Bytes of one device's shard of the abstract array ``x``, counted at >= 4 bytes an element
+    (a checkpoint may store a wider dtype than the one restored)."""
+    shape = tuple(x.shape)
+    sharding = getattr(x, "sharding", None)
+    if sharding is not None and shape:
+        shape = sharding.shard_shape(shape)
+    return int(np.prod(shape, dtype=np.int64)) * max(np.dtype(x.dtype).itemsize, 4)
+
+
+def bounded_restore(restore: Callable[[dict], T], abstract: Any) -> T:
+    """``restore(handler_options)`` with Orbax's in-flight read bytes bounded: ``handler_options``
+    are the keyword arguments for a Pytree/StandardCheckpointHandler. A shard whose chunked read
+    exceeds the budget (Orbax refuses it) is retried once with a budget that fits it."""
+    _map_large_host_buffers()
+    leaves = [x for x in jax.tree.leaves(abstract) if hasattr(x, "shape")]
+    budget = max([RESTORE_STAGING_BYTES] + [2 * _shard_bytes(x) + 1 for x in leaves])
+    for _ in range(3):
+        try:
+            restored = restore(_staging_options(budget))
+            release_freed_host_memory()
+            return restored
+        except ValueError as e:
+            m = _OVER_BUDGET.search(str(e))
+            if not m:
+                raise
+            budget = 2 * int(m[1]) + 1
+    return restore({})
+
+
+def release_freed_host_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``; a no-op elsewhere). The
+    host buffers a restore reads through are freed in many threads' arenas, and glibc keeps those
+    pages for allocations of the same arena: without this the next group's arrays of other sizes
+    land in new pages and the freed ones still count, as a second copy of what was restored."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _map_large_host_buffers() -> None:
+    """Large host buffers (>= 1 MiB) get their own mappings, returned to the OS when freed. glibc
+    starts so but raises the threshold after each such free (up to 32 MiB), after which the freed
+    restore buffers stay in the heap as a second copy of the model."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD; also turns the dynamic threshold off
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC = libc if hasattr(libc, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    return _LIBC or None
+
+
+_LIBC = None
+
+
+def _staging_options(budget: int) -> dict:
+    if "restore_concurrent_gb" not in inspect.signature(ocp.PyTreeCheckpointHandler).parameters:
+        return {}  # an Orbax without the option: its default (everything in flight)
+    return {"restore_concurrent_gb": budget / 1e9}
+
 
 def _registry() -> ocp.type_handlers.TypeHandlerRegistry:
     return ocp.type_handlers.create_type_handler_registry(
@@ -145,6 +228,7 @@ def read_arrays(path: str | Path, keys: list[str]) -> dict[str, np.ndarray]:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = ocp.type_handlers.RestoreArgs(restore_type=np.ndarray)
+    _map_large_host_buffers()  # freed groups go back to the OS, not into a growing heap
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
         restored = checkpointer.restore(run_path(path, absolute=True), args=ocp.args.PyTreeRestore(
             item=item, restore_args=item, partial_restore=True))
@@ -264,43 +348,72 @@ def load_model_state(path: str | Path, abstract_model_state: Any, *,
                             else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default), abstract)
     saved = {k: shape for k, (shape, _) in tree_metadata(path / PARAMS_DIR).items()}
 
-    def restore(target):
+    def check(target):
         wanted = {k: tuple(v.shape) for k, v in _flat_abstract(target).items()}
         problems = structure_mismatch(saved, wanted)
         if problems:
             raise ModelDirError(f"{path} does not match the model being restored; " + "; ".join(problems))
+
+    def restore(target):
         args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=tuple(x.shape),
                                                            dtype=x.dtype), target)
-        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-            return checkpointer.restore(run_path(path / PARAMS_DIR, absolute=True), args=ocp.args.PyTreeRestore(
-                item=target, restore_args=args, partial_restore=True))
 
-    return restore_in_saved_layout(abstract, saved, restore)
+        def read(options):
+            with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(**options)) as checkpointer:
+                return checkpointer.restore(run_path(path / PARAMS_DIR, absolute=True), args=ocp.args.PyTreeRestore(
+                    item=target, restore_args=args, partial_restore=True))
+
+        return bounded_restore(read, target)
+
+    return restore_in_saved_layout(abstract, saved, restore, check)
 
 
-def restore_in_saved_layout(abstract: Any, saved: Mapping[str, tuple], restore) -> Any:
+def restore_in_saved_layout(abstract: Any, saved: Mapping[str, tuple], restore: Callable[[dict], dict],
+                            check: Callable[[dict], None] = lambda target: None) -> Any:
     """``restore(target)`` where ``target`` is ``abstract`` (a nested dict of ShapeDtypeStruct with
     shardings) renamed into the decoder-layer layout of the checkpoint (``saved``: its
     {'a/b/c': shape}); the restored arrays are renamed back into ``abstract``'s structure and
-    placed with its shardings. Layers are sliced / stacked one parameter at a time, so the model
-    is held twice only one parameter at a time. Same layout (or no layers): ``restore(abstract)``.
+    placed with its shardings. ``check(target)`` sees the whole renamed target first (``restore``
+    may then get parts of it). Same layout (or no layers): ``restore(abstract)``. Otherwise the
+    layers are read one stacked parameter at a time (all its layers), converted and placed before
+    the next is read, so the model is held twice only one parameter at a time.
     """
     flat = {path_key(p): x for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
     saved_layout, wanted_layout = layer_layout.layout_of(saved), layer_layout.layout_of(flat)
     if not saved_layout or not wanted_layout or saved_layout == wanted_layout:
+        check(abstract)
         return restore(abstract)
     stacks = layer_layout.stacks_of({k: tuple(x.shape) for k, x in flat.items()})
     if wanted_layout == layer_layout.STACKED:
-        target = layer_layout.to_per_layer(dict(flat), stacks, take=_abstract_layer)
+        to_saved = lambda part: layer_layout.to_per_layer(part, stacks, take=_abstract_layer)  # noqa: E731
+        to_wanted = lambda part: layer_layout.to_stacked(part, stacks, stack=lambda xs: jax.numpy.stack(xs))  # noqa: E731
     else:
-        target = layer_layout.to_stacked(dict(flat), stacks, stack=_abstract_stack)
-    restored = _flat_abstract(restore(nest(target)))
-    if wanted_layout == layer_layout.STACKED:
-        restored = layer_layout.to_stacked(restored, stacks, stack=lambda xs: jax.numpy.stack(xs))
-    else:
-        restored = layer_layout.to_per_layer(restored, stacks, take=lambda x, j: x[j])
-    leaves = [jax.device_put(restored.pop(k), x.sharding) for k, x in flat.items()]
+        to_saved = lambda part: layer_layout.to_stacked(part, stacks, stack=_abstract_stack)  # noqa: E731
+        to_wanted = lambda part: layer_layout.to_per_layer(part, stacks, take=lambda x, j: x[j])  # noqa: E731
+    check(nest(to_saved(dict(flat))))
+    groups: dict[str, list[str]] = {}  # one per stacked parameter (its layers), one for the rest
+    for key in flat:
+        groups.setdefault(_stacked_name(key, stacks), []).append(key)
+    out = {}
+    for keys in groups.values():
+        part = _flat_abstract(restore(nest(to_saved({k: flat[k] for k in keys}))))
+        out.update({k: jax.device_put(v, flat[k].sharding) for k, v in to_wanted(part).items()})
+        del part
+        release_freed_host_memory()
+    leaves = [out.pop(k) for k in flat]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), leaves)
+
+
+def _stacked_name(key: str, stacks: Mapping[str, tuple[int, ...]]) -> str:
+    """The stacked parameter a per-layer or stacked key belongs to ('' outside the layers)."""
+    parts = key.split("/")
+    if len(parts) > 2 and parts[0] == layer_layout.PREFIX and parts[1] in layer_layout.STACKS:
+        return key
+    if len(parts) > 3 and parts[0] == layer_layout.PREFIX and parts[1] == layer_layout.PER_LAYER \
+            and parts[2].isdigit():
+        name = next(n for n, held in stacks.items() if int(parts[2]) in held)
+        return "/".join([layer_layout.PREFIX, name, *parts[3:]])
+    return ""
 
 
 def path_key(path) -> str:
