@@ -45,3 +45,20 @@ def test_packed_captured_mass_counts_only_rows_with_more_than_k_candidates():
     # Counting the rows just after the second document's start (<= k candidates, mass 1) would
     # report a higher figure: the measured one must not include them.
     assert mass[~selective].min() > 1 - 1e-6 and mass[selective].mean() < mass[K:].mean() - 0.01
+
+
+def test_packed_captured_mass_of_a_uniform_target_is_k_over_candidates():
+    """Two documents of 40 + 24 tokens, k = 8, and zero main queries: each row's dense target is
+    uniform over its c causal same-document keys, so any k of them capture k / c. The logged figure
+    is the mean of k / c over the 48 rows with c > k (0.4365); counting by position in the packed
+    row instead would add the second document's first 8 rows at 1.0 (0.5170)."""
+    _, kv, qi, ki, wi = _inputs(1)
+    q = jnp.zeros((B, S, H, D), jnp.float32)
+    seg = jnp.asarray(np.array([[1] * 40 + [2] * 24], np.int32))
+    got = float(indexer_quality(q, kv, D ** -0.5, qi, ki, wi, seg, K, rows=S)["captured_mass"])
+    candidates = np.r_[np.arange(1, 41), np.arange(1, 25)].astype(np.float64)
+    selective = candidates > K
+    want = (K / candidates[selective]).mean()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    by_position = np.minimum(K / candidates[K:], 1.0).mean()
+    assert round(want, 4) == 0.4365 and round(by_position, 4) == 0.517

@@ -279,3 +279,18 @@ def test_mesh_matches_one_device_and_stacked_params_shard_by_the_rules():
     assert pick("['moe_layers']['mlp']['experts']['gate_proj']") == str(P(None, "expert", "tensor", "fsdp"))
     assert pick("['dense_layers']['self_attn']['o_proj']['weight']") == str(P(None, "fsdp", "tensor"))
     assert not any("['layers']" in k for k in specs)
+
+
+@slow
+def test_context_and_expert_parallel_scanned_model_matches_one_device():
+    """data x expert x context = 2 x 2 x 2, scanned: the scanned stacks go through the same
+    context-parallel ops (and expert all-to-all) as the per-layer model; loss, gradients and one
+    train step equal the 1-device scanned run."""
+    from test_parallel import assert_matches_single_device, run_checks
+
+    results = run_checks({"devices": 8, "stage": "sparse", "overrides": ["model.scan_layers=true"],
+                          "meshes": [{"data": 2, "expert": 2, "context": 2}]})
+    assert_matches_single_device(results)
+    specs = results[0]["specs"]
+    assert next(v for k, v in specs.items() if k.endswith("['moe_layers']['mlp']['experts']['gate_proj']")) == str(
+        P(None, "expert"))

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from dsa_train.config import load_config
@@ -143,14 +144,18 @@ def test_grad_accumulation_matches_full_batch():
     np.testing.assert_allclose(float(m_a["grad_norm/main"]), float(m_1["grad_norm/main"]), rtol=2e-4)
 
 
-def test_grad_accumulation_with_unequal_loss_weights_equals_one_big_batch():
+@pytest.mark.parametrize("stage", ["dense", "warmup", "sparse"])
+def test_grad_accumulation_with_unequal_loss_weights_equals_one_big_batch(stage):
     """grad_accum = 4 over four rows whose weighted-target counts differ (answer-token weights, as
-    the synthetic task's): loss and gradients equal one batch of the four rows (fp32)."""
+    the synthetic task's) and whose valid-query counts differ (padding): loss and gradients equal
+    one batch of the four rows (fp32) in every stage, with the MTP loss and the indexer KL (dense in
+    the warm-up, sparse in the sparse stage) normalized by the whole batch's counts."""
     rows, seq = 4, 24
     rng = np.random.default_rng(3)
     seg = np.ones((rows, seq), np.int32)
     seg[1, 10:] = 2
     seg[3, 18:] = 0
+    seg[2, 12:] = 0
     weights = np.zeros((rows, seq), np.float32)
     for r, n in enumerate((2, 20, 5, 11)):  # a different number of weighted targets per row
         weights[r, rng.choice(seq - 1, n, replace=False)] = rng.uniform(0.5, 2.0, n)
@@ -158,24 +163,35 @@ def test_grad_accumulation_with_unequal_loss_weights_equals_one_big_batch():
              "segment_ids": jnp.asarray(seg), "loss_weights": jnp.asarray(weights * (seg > 0))}
     results = []
     for accum in (4, 1):
-        cfg = load_config("configs/tiny.yaml", ["train.stage=dense", f"train.batch_size={rows}", f"train.seq_len={seq}",
-                                                f"train.grad_accum={accum}", "model.compute_dtype=float32",
-                                                "train.moe_bias_update_rate=0.0"])
+        cfg = load_config("configs/tiny.yaml", [f"train.stage={stage}", f"train.batch_size={rows}",
+                                                f"train.seq_len={seq}", f"train.grad_accum={accum}",
+                                                "model.compute_dtype=float32", "model.index_topk=8",
+                                                "model.num_nextn_predict_layers=1", "train.mtp_loss_weight=0.7",
+                                                "train.indexer_loss_weight=1.3", "train.moe_bias_update_rate=0.0"])
         graphdef, params, bias = S.split_model(create_model(cfg.model, seed=5))
         opt = {g: make_optimizer(getattr(cfg.train, g), cfg.train.steps) for g in S.GROUPS}
         txs, scheds = {g: o[0] for g, o in opt.items()}, {g: o[1] for g, o in opt.items()}
-        state = S.init_state(cfg, params, bias, txs)
-        _, metrics = jax.jit(S.make_train_step(graphdef, cfg, txs, scheds, S.forward_mode(cfg)))(state, batch)
+        step_metrics = {}
+        if stage == "dense":  # the train step itself (the same code for every stage), once
+            state = S.init_state(cfg, params, bias, txs)
+            _, step_metrics = jax.jit(S.make_train_step(graphdef, cfg, txs, scheds, S.forward_mode(cfg)))(state,
+                                                                                                         batch)
         mode = S.forward_mode(cfg)
-        total = S.model_inputs(batch)["target_weights"].sum()
-        loss_fn = lambda tr, b: S._loss_and_metrics(graphdef, cfg, mode, tr, {"indexer": params["indexer"]},  # noqa
-                                                    bias, b, total, accum)
-        (loss, _), grads = jax.jit(lambda tr: S._accumulate(jax.value_and_grad(loss_fn, has_aux=True), tr, batch,
-                                                            accum))({"main": params["main"]})
-        results.append((metrics, float(loss), jax.tree.leaves(grads)))
-    (m4, loss4, g4), (m1, loss1, g1) = results
-    for name in ("loss", "lm_loss", "accuracy", "grad_norm/main"):
-        np.testing.assert_allclose(float(m4[name]), float(m1[name]), rtol=1e-5, err_msg=name)
-    np.testing.assert_allclose(loss4, loss1, rtol=1e-5)
+        totals = S.step_totals(batch, cfg.model.num_nextn_predict_layers)
+        trained_groups = S.TRAINABLE[stage]
+        frozen = {g: p for g, p in params.items() if g not in trained_groups}
+        loss_fn = lambda tr, b: S._loss_and_metrics(graphdef, cfg, mode, tr, frozen, bias, b, totals, accum)  # noqa
+        (loss, (metrics, _)), grads = jax.jit(lambda tr: S._accumulate(jax.value_and_grad(loss_fn, has_aux=True),
+                                                                       tr, batch, accum))(
+            {g: params[g] for g in trained_groups})
+        results.append((metrics, step_metrics, float(loss), jax.tree.leaves(grads)))
+    (m4, step4, loss4, g4), (m1, step1, loss1, g1) = results
+    compared = {"dense": ("lm_loss", "accuracy", "mtp_loss", "mtp_accuracy"), "warmup": ("indexer_kl", "mtp_indexer_kl"),
+                "sparse": ("lm_loss", "mtp_loss", "indexer_kl", "mtp_indexer_kl")}[stage]
+    for name in ("loss", *compared):
+        np.testing.assert_allclose(np.asarray(m4[name]), np.asarray(m1[name]), rtol=2e-4, atol=1e-7, err_msg=name)
+    for name in ("loss", *compared[:2], "grad_norm/main") if step1 else ():
+        np.testing.assert_allclose(float(step4[name]), float(step1[name]), rtol=2e-4, err_msg=name)
+    np.testing.assert_allclose(loss4, loss1, rtol=2e-4, atol=1e-7)
     for a, b in zip(g4, g1):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * np.abs(np.asarray(b)).max())

@@ -82,14 +82,15 @@ def mtp_inputs(tokens: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarray, 
     return out
 
 
-def mtp_loss_and_accuracy(logits: tuple, inputs: dict) -> tuple[jnp.ndarray, jnp.ndarray]:
+def mtp_loss_and_accuracy(logits: tuple, inputs: dict, totals=None) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(cross-entropy, top-1 agreement with the target), each the mean over depths of the
     weighted token means. The top-1 agreement of depth 1 with the next-next token is the proxy of
-    the speculative-decoding acceptance rate."""
+    the speculative-decoding acceptance rate. ``totals`` (one per depth) replaces each depth's
+    weighted-target count as the denominator (a micro-batch divides by the whole batch's)."""
     losses, accuracies = [], []
     for k, depth_logits in enumerate(logits, start=1):
         targets, weights = inputs[f"mtp_targets_{k}"], inputs[f"mtp_weights_{k}"]
-        total = jnp.maximum(weights.sum(), 1.0)
+        total = jnp.maximum(weights.sum() if totals is None else totals[k - 1], 1.0)
         losses.append((token_nll(depth_logits, targets) * weights).sum() / total)
         correct = (jnp.argmax(depth_logits, -1) == targets).astype(jnp.float32)
         accuracies.append((correct * weights).sum() / total)

@@ -44,6 +44,7 @@ from dsa_train.ops.attention import NEG_INF
 from dsa_train.ops.indexer import indexer_scores
 from dsa_train.ops.losses import head_summed_target, kl_from_target
 from dsa_train.ops.masks import causal_document_mask_at
+from dsa_train.parallel import batch_sharded
 from dsa_train.parallel import scope as scope_lib
 from dsa_train.parallel import sequence_order
 
@@ -170,9 +171,13 @@ class ContextParallelOps:
 
 
 def sequence_ops(backend):
-    """What the model calls for the ops that look across the sequence: ``backend`` itself, or its
-    context-parallel form while tracing under a scope whose sequence is sharded."""
-    return ContextParallelOps(backend) if active() else backend
+    """What the model calls for the ops that look across the sequence: ``backend`` itself, its
+    context-parallel form while tracing under a scope whose sequence is sharded, or its row-sharded
+    form (batch_sharded.py) under one that shards only the batch or the heads."""
+    if active():
+        return ContextParallelOps(backend)
+    scope = scope_lib.current()
+    return batch_sharded.BatchShardedOps(backend, scope) if batch_sharded.needed(scope) else backend
 
 
 def indexer_topk(q, k, weights, topk: int, segment_ids):

@@ -26,7 +26,7 @@ from dsa_train.config import Config
 from dsa_train.model import CausalLM, ForwardMode
 from dsa_train.model.layers import RouterBias
 from dsa_train.model.mtp import mtp_inputs, mtp_loss_and_accuracy
-from dsa_train.ops.losses import moe_sequence_balance_loss, token_nll, weighted_lm_targets
+from dsa_train.ops.losses import moe_sequence_balance_loss, token_nll, valid_queries, weighted_lm_targets
 from dsa_train.ops.masks import document_positions
 from dsa_train.parallel import context_parallel
 
@@ -83,12 +83,26 @@ def model_inputs(batch: dict) -> dict:
             "targets": targets, "target_weights": weights}
 
 
+def step_totals(batch: dict, depth: int = 0) -> dict:
+    """The counts the token-mean losses of a (micro-)batch divide by: its weighted next-token
+    targets ("targets"), valid (non-padding) queries of the indexer KL ("queries") and, per MTP
+    depth, that depth's weighted targets ("mtp"). With micro-batches every one divides by the whole
+    step's, so that their sums are the big batch's figures whatever the loss weights."""
+    inputs = model_inputs(batch)
+    totals = {"targets": inputs["target_weights"].sum(), "queries": valid_queries(inputs["segment_ids"]).sum()}
+    if depth:
+        mtp = mtp_inputs(inputs["tokens"], inputs["targets"], inputs["target_weights"], depth)
+        totals["mtp"] = tuple(mtp[f"mtp_weights_{k}"].sum() for k in range(1, depth + 1))
+    return totals
+
+
 def _loss_and_metrics(graphdef, config: Config, mode: ForwardMode, trained: dict, frozen: dict, router_bias,
-                      batch: dict, target_total=None, accum: int = 1):
-    """The loss of one (micro-)batch and its metrics. The LM loss and accuracy are sums over this
-    batch's weighted targets divided by ``target_total``, the weighted-target count of the whole
-    step's batch (default: this batch's own), so that the micro-batches of a step add up to the big
-    batch's figure whatever the loss weights; every other term is this batch's mean divided by
+                      batch: dict, totals: dict | None = None, accum: int = 1):
+    """The loss of one (micro-)batch and its metrics. Every term that is a mean over tokens (LM and
+    MTP cross-entropy and accuracy over weighted targets, the indexer KL over valid queries) is this
+    batch's sum divided by ``totals``, the whole step's counts (:func:`step_totals`; default: this
+    batch's own), so that the micro-batches of a step add up to the big batch's figure; the
+    per-sequence terms (balance loss) and the diagnostics are this batch's mean divided by
     ``accum``, the number of micro-batches (see :func:`_accumulate`)."""
     t = config.train
     model = merge_model(graphdef, {**frozen, **trained}, router_bias)
@@ -96,6 +110,11 @@ def _loss_and_metrics(graphdef, config: Config, mode: ForwardMode, trained: dict
     depth = config.model.num_nextn_predict_layers
     if depth:  # shifted before any reordering, like the next-token targets
         inputs.update(mtp_inputs(inputs["tokens"], inputs["targets"], inputs["target_weights"], depth))
+    own_queries = valid_queries(inputs["segment_ids"]).sum()
+    if totals is None:
+        totals = {"targets": inputs["target_weights"].sum(), "queries": own_queries}
+    # The model's indexer KL is this batch's mean over its valid queries: its share of the step's.
+    query_share = own_queries / jnp.maximum(totals["queries"], 1.0)
     # mesh.context_order: under context parallelism the rows may be laid out zig-zag over the
     # shards (one reorder of the [B, S] inputs here); every loss below is a sum over tokens.
     with context_parallel.laid_out(config.mesh.context_order, inputs["tokens"].shape[1]) as lay_out:
@@ -103,35 +122,36 @@ def _loss_and_metrics(graphdef, config: Config, mode: ForwardMode, trained: dict
         out = model(inputs["tokens"], inputs["segment_ids"], inputs["positions"], mode,
                     mtp_tokens=tuple(inputs[f"mtp_tokens_{k}"] for k in range(1, depth + 1)) or None)
     seg, targets, weights = inputs["segment_ids"], inputs["targets"], inputs["target_weights"]
-    metrics = {}
+    per_batch = {}  # this batch's means, divided by accum below
+    token_means = {}  # already divided by the step's counts
+    per_sequence_loss = jnp.zeros((), jnp.float32)
     loss = jnp.zeros((), jnp.float32)
-    lm_terms = {}
     if mode.logits:
-        denominator = jnp.maximum(weights.sum() if target_total is None else target_total, 1.0)
+        denominator = jnp.maximum(totals["targets"], 1.0)
         lm = (token_nll(out.logits, targets) * weights).sum() / denominator
         correct = (jnp.argmax(out.logits, -1) == targets).astype(jnp.float32)
-        lm_terms = {"lm_loss": lm, "accuracy": (correct * weights).sum() / denominator}
+        token_means.update(lm_loss=lm, accuracy=(correct * weights).sum() / denominator)
+        loss = loss + lm
         if out.moe and t.moe_balance_loss_alpha > 0:
             valid = (seg != 0).astype(jnp.float32)
             balance = sum(moe_sequence_balance_loss(s.scores, s.expert_idx, valid, t.moe_balance_loss_alpha)
                           for s in out.moe)
-            metrics["balance_loss"] = balance
-            loss = loss + balance
+            per_batch["balance_loss"] = balance
+            per_sequence_loss = per_sequence_loss + balance
     if out.mtp is not None and mode.logits:
-        mtp_loss, mtp_accuracy = mtp_loss_and_accuracy(out.mtp.logits, inputs)
-        metrics["mtp_loss"], metrics["mtp_accuracy"] = mtp_loss, mtp_accuracy
+        mtp_loss, mtp_accuracy = mtp_loss_and_accuracy(out.mtp.logits, inputs, totals.get("mtp"))
+        token_means.update(mtp_loss=mtp_loss, mtp_accuracy=mtp_accuracy)
         loss = loss + t.mtp_loss_weight * mtp_loss
     if mode.indexer_loss:
-        metrics["indexer_kl"] = out.indexer_loss  # [L]
-        loss = loss + t.indexer_loss_weight * out.indexer_loss.sum()
+        token_means["indexer_kl"] = out.indexer_loss * query_share  # [L]
+        loss = loss + t.indexer_loss_weight * token_means["indexer_kl"].sum()
         if out.mtp is not None:
-            metrics["mtp_indexer_kl"] = out.mtp.indexer_loss  # [D]
-            loss = loss + t.indexer_loss_weight * out.mtp.indexer_loss.sum()
-    for name, value in out.diagnostics.items():
-        metrics[name] = value  # [L]
-    metrics = {name: value / accum for name, value in metrics.items()}
-    loss = loss / accum + lm_terms.get("lm_loss", 0.0)
-    metrics.update(lm_terms)
+            token_means["mtp_indexer_kl"] = out.mtp.indexer_loss * query_share  # [D]
+            loss = loss + t.indexer_loss_weight * token_means["mtp_indexer_kl"].sum()
+    per_batch.update(out.diagnostics)  # [L] each
+    metrics = {name: value / accum for name, value in per_batch.items()}
+    metrics.update(token_means)
+    loss = loss + per_sequence_loss / accum
     counts = jnp.stack([s.expert_counts for s in out.moe]) if out.moe else jnp.zeros((0, 1))
     metrics["loss"] = loss
     return loss, (metrics, counts)
@@ -178,11 +198,11 @@ def make_train_step(graphdef, config: Config, optimizers: dict, schedules: dict,
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         trained = {g: state.params[g] for g in trained_groups}
         frozen = {g: p for g, p in state.params.items() if g not in trained_groups}
-        # With micro-batches the LM loss is normalized by the whole batch's weighted-target count
-        # (a single batch normalizes by its own: the same count).
-        target_total = model_inputs(batch)["target_weights"].sum() if t.grad_accum > 1 else None
+        # With micro-batches the token-mean losses divide by the whole batch's counts (a single
+        # batch divides by its own: the same counts).
+        totals = step_totals(batch, config.model.num_nextn_predict_layers) if t.grad_accum > 1 else None
         loss_fn = lambda tr, b: _loss_and_metrics(graphdef, config, mode, tr, frozen, state.router_bias, b,  # noqa
-                                                  target_total, t.grad_accum)
+                                                  totals, t.grad_accum)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (metrics, counts)), grads = _accumulate(grad_fn, trained, batch, t.grad_accum)
 
