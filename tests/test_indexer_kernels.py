@@ -3,6 +3,8 @@
 Shapes are tiny (interpret mode is slow); every case mixes two packed documents, padding
 (segment 0), queries with fewer than K candidates and lengths that are not block multiples."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,6 +89,98 @@ def test_topk_through_backend(impl):
     _, _, q_idx, k_idx, w_idx, seg = _inputs(s, seed=2)
     ref = _topk_reference(q_idx, k_idx, w_idx, topk, seg)
     _same_sets(jax.jit(lambda *a: Backend(impl).indexer_topk(*a, topk, seg))(q_idx, k_idx, w_idx), ref)
+
+
+@pytest.mark.parametrize("impl", ["blocked", "pallas_interpret"])
+def test_topk_merges_in_rounds_of_candidates(impl):
+    """candidates (2) < beaters per chunk: several merge rounds per key chunk; K (7) is a multiple
+    of neither the chunk nor the tile sizes."""
+    s, topk = 37, 7
+    _, _, q_idx, k_idx, w_idx, seg = _inputs(s, seed=3)
+    ref = _topk_reference(q_idx, k_idx, w_idx, topk, seg)
+    if impl == "blocked":
+        fn = lambda *a: indexer_topk.indexer_topk_streaming(*a, topk, seg, q_chunk=8, k_chunk=12, candidates=2)
+    else:
+        fn = lambda *a: indexer_topk.indexer_topk_pallas(*a, topk, seg, interpret=True, candidates=2)
+    np.testing.assert_array_equal(jax.jit(fn)(q_idx, k_idx, w_idx), ref)
+
+
+@pytest.mark.parametrize("impl", ["reference", "blocked", "pallas_interpret"])
+def test_topk_of_a_query_subset_with_positions(impl):
+    """Queries that are a subset of the row in any order (a zig-zag context shard): their row
+    positions drive the causal mask; the result equals the full row's top-k at those rows."""
+    s, topk = 24, 5
+    _, _, q_idx, k_idx, w_idx, seg = _inputs(s, seed=4)
+    ref = np.asarray(_topk_reference(q_idx, k_idx, w_idx, topk, seg))
+    rows = np.array([18, 19, 20, 21, 22, 23, 0, 1, 2, 3, 4, 5], np.int32)  # a late chunk before an early one
+    out = jax.jit(lambda *a: Backend(impl).indexer_topk(*a, topk, seg[:, rows], q_positions=rows,
+                                                        k_segment_ids=seg))(
+        q_idx[:, rows], k_idx, w_idx[:, rows])
+    np.testing.assert_array_equal(out, ref[:, rows])
+
+
+def _last_dim(dims: str) -> int:
+    return int(re.split("[x,]", dims)[-1])
+
+
+def _sort_widths(text: str) -> list[int]:
+    """Widths (last operand dim) of every sort and top_k in a StableHLO or HLO text."""
+    widths = []
+    for m in re.finditer(r"stablehlo\.sort\b", text):  # operand types follow the comparator region
+        widths.append(_last_dim(re.search(r"\}\) : \(tensor<([0-9x]+)x[a-z]", text[m.end():]).group(1)))
+    for line in text.splitlines():
+        if re.search(r"chlo\.top_k\b", line) and "tensor<" in line and not line.lstrip().startswith("func"):
+            widths.append(_last_dim(re.search(r":\s*\(?tensor<([0-9x]+)x[a-z]", line).group(1)))
+    # Compiled HLO: sort(...) and the CPU's TopK custom call; the width is the first operand's.
+    shapes = dict(re.findall(r"^\s*(?:ROOT )?(%[\w.-]+) = [a-z0-9]+\[([0-9,]*)\]", text, re.M))
+    for m in re.finditer(r"\b(?:sort|custom-call)\((%[\w.-]+)[^\n]*", text):
+        if m.group(0).startswith("sort") or 'custom_call_target="TopK"' in m.group(0):
+            widths.append(_last_dim(shapes[m.group(1)]))
+    return widths
+
+
+@pytest.mark.parametrize("platform", ["cpu", "cuda", "tpu"])
+def test_no_wide_sort_in_the_lowered_topk(platform):
+    """K = 2048 at L = 8192: the only sorts are `candidates` wide (<= K), never K + chunk or L."""
+    s, topk = 8192, 2048
+    shapes = (jax.ShapeDtypeStruct((1, s, 4, 128), jnp.bfloat16), jax.ShapeDtypeStruct((1, s, 128), jnp.bfloat16),
+              jax.ShapeDtypeStruct((1, s, 4), jnp.float32), jax.ShapeDtypeStruct((1, s), jnp.int32))
+    impl = "blocked" if platform == "cpu" else "pallas"
+    fn = lambda q, k, w, sg: indexer_topk.indexer_topk_kernel(q, k, w, topk, sg, impl=impl)
+    if platform == "cpu":
+        lowered = jax.jit(fn).lower(*shapes)
+        texts = [lowered.as_text(), lowered.compile().as_text()]
+    else:
+        texts = [_export(fn, platform, *shapes)]
+    for text in texts:
+        widths = _sort_widths(text)
+        assert widths and max(widths) <= indexer_topk.CANDIDATES <= topk, widths
+
+
+def test_remat_keeps_the_selected_indices():
+    """Under `remat: full` the backward pass reuses the saved top-k indices: the gradient program
+    runs the Pallas scoring kernel as often as the forward alone (once per chunk loop)."""
+    from dsa_train.parallel.layers import POLICIES
+
+    s, topk = 32, 4
+    _, kv, q_idx, k_idx, w_idx, seg = _inputs(s, seed=5)
+    q = jnp.asarray(np.random.default_rng(5).standard_normal((2, s, H, D), np.float32))
+    backend = Backend("pallas_interpret")
+
+    def layer(q, kv):
+        indices = backend.indexer_topk(q_idx, k_idx, w_idx, topk, seg)
+        out, _ = backend.sparse_mla_attention(q, kv, indices, 0.2, v_dim=16)
+        return out.sum()
+
+    def count(fn):
+        return str(jax.make_jaxpr(fn)(q, kv)).count("indexer_score_tiles")
+
+    forward = count(layer)
+    assert forward >= 1
+    for policy in ("full", "dots"):
+        assert count(jax.grad(jax.checkpoint(layer, policy=POLICIES[policy]), argnums=(0, 1))) == forward
+    # Without the name in the policy, the backward would select again (the test can fail).
+    assert count(jax.grad(jax.checkpoint(layer), argnums=(0, 1))) > forward
 
 
 def test_unknown_impl_is_a_clear_error():
