@@ -183,6 +183,58 @@ def test_remat_keeps_the_selected_indices():
     assert count(jax.grad(jax.checkpoint(layer), argnums=(0, 1))) > forward
 
 
+_CONTEXT_PARALLEL_TOPK = """
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+import jax.numpy as jnp
+import numpy as np
+from dsa_train.config import MeshConfig
+from dsa_train.kernels.backend import Backend
+from dsa_train.parallel import activate, make_mesh, sequence_order
+from dsa_train.parallel import context_parallel as cp
+
+s, topk = 32, 5
+rng = np.random.default_rng(0)
+q = jnp.asarray(rng.standard_normal((2, s, 4, 16), np.float32))
+k = jnp.asarray(rng.standard_normal((2, s, 16), np.float32))
+w = jnp.asarray(rng.standard_normal((2, s, 4), np.float32))
+seg = np.ones((2, s), np.int32); seg[:, 13:] = 2; seg[1, -6:] = 0
+seg = jnp.asarray(seg)
+backend = Backend(sys.argv[1])
+want = np.asarray(jax.jit(lambda *a: backend.indexer_topk(*a, topk, seg))(q, k, w))
+out = {}
+for order in ("contiguous", "zigzag"):
+    with activate(make_mesh(MeshConfig(data=1, context=4))):
+        with cp.laid_out(order, s) as lay:
+            ops = cp.sequence_ops(backend)
+            got = jax.jit(lambda q, k, w, seg: ops.indexer_topk(q, k, w, topk, seg))(lay(q), lay(k), lay(w), lay(seg))
+    got = np.asarray(got)
+    if order == "zigzag":
+        got = np.asarray(sequence_order.from_zigzag(jnp.asarray(got), 4))
+    out[order] = bool(np.array_equal(got, want)) and type(ops).__name__ == "ContextParallelOps"
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("impl", ["pallas_interpret", pytest.param("blocked", marks=pytest.mark.slow)])
+def test_context_parallel_topk_equals_one_device(impl):
+    """mesh.context = 4, contiguous and zig-zag: each shard runs the same kernel on its queries
+    (with their row positions) against the gathered keys; the indices equal one device's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", _CONTEXT_PARALLEL_TOPK, impl], env=env, capture_output=True,
+                          text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert json.loads(lines[-1][len("RESULT "):]) == {"contiguous": True, "zigzag": True}
+
+
 def test_unknown_impl_is_a_clear_error():
     _, _, q_idx, k_idx, w_idx, seg = _inputs(8)
     with pytest.raises(ValueError, match="unknown indexer kernel impl"):
