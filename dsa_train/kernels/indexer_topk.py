@@ -53,6 +53,12 @@ INTERPRET_CONFIG = dict(q_chunk=64, k_chunk=32, block_q=16, block_k=16)
 CANDIDATES = 256  # keys merged per round (capped at K): the widest sort in the program
 
 
+def _positive_zero(scores):
+    """-0.0 -> +0.0 (a negative weight times a ReLU zero): top_k orders floats totally, -0 below +0,
+    so zero scores would not tie by key index otherwise."""
+    return jnp.where(scores == 0, 0.0, scores)
+
+
 def _slice(x: jnp.ndarray, axis: int, start, size: int) -> jnp.ndarray:
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
@@ -77,42 +83,49 @@ def _search(sorted_asc: jnp.ndarray, values: jnp.ndarray, side: str) -> jnp.ndar
     return lo
 
 
-def _merge_sorted(run_v, run_i, cand_v, cand_i):
-    """Top-K of two descending lists, run [..., K] before cand [..., W] on ties (every candidate
-    has a higher key index than every running entry). Merge path: run[i] lands at rank
-    i + #(cand > run[i]); output slot p takes run[a] if that rank is p, else cand[p - a], with
-    a = #(run ranks < p)."""
-    k, w = run_v.shape[-1], cand_v.shape[-1]
-    slots = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), run_v.shape)
-    run_rank = slots + _search(-cand_v, -run_v, "left")
-    a = _search(run_rank, slots, "left")
-    a_safe = jnp.minimum(a, k - 1)
-    from_run = (a < k) & (_take(run_rank, a_safe) == slots)
-    j = jnp.clip(slots - a, 0, w - 1)
-    return (jnp.where(from_run, _take(run_v, a_safe), _take(cand_v, j)),
-            jnp.where(from_run, _take(run_i, a_safe), _take(cand_i, j)))
+def _merge(run_v, run_i, cand_v, cand_i):
+    """Top-K of the running list [..., K] and candidates [..., W], every candidate with a higher key
+    index than every running entry: one (K + W)-wide stable top_k (ties: the lower key index)."""
+    top_v, pos = jax.lax.top_k(jnp.concatenate([run_v, cand_v], -1), run_v.shape[-1])
+    return top_v, _take(jnp.concatenate([run_i, cand_i], -1), pos)
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
 def _merge_chunk(run_v, run_i, scores, first_key, candidates: int):
-    """Fold a key chunk's scores [..., C] (already -inf where masked or not beating the running
-    threshold) into the running top-K, `candidates` beaters per round."""
+    """Fold a key chunk's scores [..., C] (-inf where masked) into the running top-K.
+
+    Keys that do not beat the running K-th are dropped. If no query has more than `candidates`
+    beaters, they are gathered (cumulative count + binary search) into `candidates` slots and merged
+    with one (K + candidates)-wide top_k; nothing is merged when none beats. Otherwise (the first
+    chunks, while the threshold is still low) the chunk is merged in pieces of at most K keys."""
+    k, c = run_v.shape[-1], scores.shape[-1]
     beats = scores > run_v[..., -1:]
     rank = jnp.cumsum(beats, axis=-1, dtype=jnp.int32)  # rank[p] = beaters among keys <= p
     n_beats = rank[..., -1:]
-    n_rounds = (jnp.max(n_beats) + candidates - 1) // candidates
-    ordinal = jnp.arange(1, candidates + 1, dtype=jnp.int32)
+    most = jnp.max(n_beats)
 
-    def one_round(r, carry):
-        wanted = r * candidates + ordinal  # the r-th round's beaters, 1-based
-        pos = jnp.minimum(_search(rank, jnp.broadcast_to(wanted, n_beats.shape[:-1] + (candidates,)), "left"),
-                          scores.shape[-1] - 1)
+    def narrow(carry):
+        wanted = jnp.broadcast_to(jnp.arange(1, candidates + 1, dtype=jnp.int32), n_beats.shape[:-1] + (candidates,))
+        pos = jnp.minimum(_search(rank, wanted, "left"), c - 1)  # position of the wanted-th beater
         ok = wanted <= n_beats
-        cand_v = jnp.where(ok, _take(scores, pos), NEG)
-        cand_i = jnp.where(ok, first_key + pos, -1)
-        cand_v, order = jax.lax.top_k(cand_v, candidates)  # stable: ties keep the lower key index
-        return _merge_sorted(*carry, cand_v, _take(cand_i, order))
+        return _merge(*carry, jnp.where(ok, _take(scores, pos), NEG), jnp.where(ok, first_key + pos, -1))
 
-    return jax.lax.fori_loop(0, n_rounds, one_round, (run_v, run_i))
+    piece = _largest_divisor_at_most(c, k)
+
+    def wide(carry):
+        def one_piece(j, carry):
+            cand_v = jnp.where(_slice(beats, beats.ndim - 1, j * piece, piece),
+                               _slice(scores, scores.ndim - 1, j * piece, piece), NEG)
+            cand_i = first_key + j * piece + jnp.arange(piece, dtype=jnp.int32)
+            return _merge(*carry, cand_v, jnp.broadcast_to(cand_i, cand_v.shape))
+
+        return jax.lax.fori_loop(0, c // piece, one_piece, carry)
+
+    branch = jnp.where(most == 0, 0, jnp.where(most <= candidates, 1, 2))
+    return jax.lax.switch(branch, [lambda carry: carry, narrow, wide], (run_v, run_i))
 
 
 def _select_topk(score_chunk, q_side: dict, k_side: dict, q_pos: jnp.ndarray, n_queries: int, n_keys: int,
@@ -185,7 +198,7 @@ def indexer_topk_streaming(q, k, weights, topk: int, segment_ids, q_chunk: int =
     k_side = dict(k=(tiles.pad_to(k, 1, lay.n_keys), 1), pos=(lay.k_pos, 1), seg=(lay.k_seg, 1))
 
     def score_chunk(qs, ks, threshold):
-        scores = tiles.indexer_score_block(qs["q"], ks["k"], qs["w"])
+        scores = _positive_zero(tiles.indexer_score_block(qs["q"], ks["k"], qs["w"]))
         keep = tiles.visible(qs["pos"], qs["seg"], ks["pos"], ks["seg"]) & (scores > threshold[..., None])
         return jnp.where(keep, scores, NEG)
 
@@ -200,7 +213,8 @@ def _score_tile_kernel(q_ref, k_ref, w_ref, qpos_ref, qseg_ref, thr_ref, kpos_re
                        n_heads: int, scale: float):
     """One keys-major tile: o [bk, bq] = masked sum_j w[j] relu(k . q[j] * scale), -inf where the
     key is not a candidate or does not beat the query's running K-th score."""
-    scores = tiles.tile_indexer_scores(k_ref[...], lambda j: q_ref[j], lambda j: w_ref[pl.ds(j, 1), :], n_heads, scale)
+    scores = _positive_zero(tiles.tile_indexer_scores(k_ref[...], lambda j: q_ref[j], lambda j: w_ref[pl.ds(j, 1), :],
+                                                     n_heads, scale))
     keep = (kseg_ref[...] == qseg_ref[...]) & (kpos_ref[...] <= qpos_ref[...]) & (scores > thr_ref[...])
     o_ref[...] = jnp.where(keep, scores, NEG)
 

@@ -35,7 +35,9 @@ def masked_indexer_scores(q, k, weights, segment_ids, q_positions=None, k_segmen
         k_pos = jnp.arange(k_segment_ids.shape[1], dtype=jnp.int32)
         same_doc = segment_ids[:, :, None] == k_segment_ids[:, None, :]
         mask = same_doc & (k_pos[None, None, :] <= q_pos[:, :, None])
-    return jnp.where(mask, indexer_scores(q, k, weights), MASKED)
+    scores = indexer_scores(q, k, weights)
+    # -0.0 (negative weight x ReLU zero) -> +0.0: top_k's total order would rank -0 below +0.
+    return jnp.where(mask, jnp.where(scores == 0, 0.0, scores), MASKED)
 
 
 def indexer_topk_reference(q, k, weights, topk: int, segment_ids, q_positions=None, k_segment_ids=None) -> jnp.ndarray:
