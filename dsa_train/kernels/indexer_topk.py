@@ -13,13 +13,11 @@ Design (both implementations share the driver `_select_topk`):
   layout: the positions may be a zig-zag context shard's). It keeps a running top-K per query,
   sorted, whose last value is the running threshold (the current K-th).
 - A key chunk's scores are gated by that threshold (a key that does not beat the K-th can never
-  enter: the running entries have lower indices and win ties). The few keys that beat it are
-  gathered in rounds of `candidates` (<= K) slots: a cumulative count of beaters and a binary
-  search find the r-th beater (gathers, no scatter), one `candidates`-wide sort orders a round and
-  a merge-path merge (binary searches of ranks, gathers) folds it into the running K. The number
-  of rounds is ceil(most beaters of any query in the chunk / candidates): once the threshold has
-  risen (after the first ~K keys) one round per chunk is typical. No sort in the program is
-  wider than `candidates`; the previous design sorted a (K + chunk)-wide row per key chunk.
+  enter: the running entries have lower indices and win ties). If no query of the chunk has more
+  than `candidates` beaters, they are gathered (cumulative count + binary search) into that many
+  slots and merged with one (K + candidates)-wide top_k; nothing is merged when none beats; else
+  (the first chunks, while the threshold is low) the chunk is merged in pieces of <= K keys. No
+  sort in the program is wider than 2 K, whatever the chunk or sequence length.
 - "streaming" computes a chunk's gated scores with plain XLA einsums ([B, Qc, Hi, C] logits live).
 - "pallas" computes them with a fused Pallas kernel (per-head matmul + ReLU + weighted head sum +
   causal/document mask + threshold gate, keys-major [bk, bq] tiles; logits never leave VMEM). The
