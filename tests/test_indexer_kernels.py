@@ -3,6 +3,8 @@
 Shapes are tiny (interpret mode is slow); every case mixes two packed documents, padding
 (segment 0), queries with fewer than K candidates and lengths that are not block multiples."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,6 +89,150 @@ def test_topk_through_backend(impl):
     _, _, q_idx, k_idx, w_idx, seg = _inputs(s, seed=2)
     ref = _topk_reference(q_idx, k_idx, w_idx, topk, seg)
     _same_sets(jax.jit(lambda *a: Backend(impl).indexer_topk(*a, topk, seg))(q_idx, k_idx, w_idx), ref)
+
+
+@pytest.mark.parametrize("impl", ["blocked", "pallas_interpret"])
+def test_topk_merges_in_rounds_of_candidates(impl):
+    """candidates (2) < beaters per chunk: several merge rounds per key chunk; K (7) is a multiple
+    of neither the chunk nor the tile sizes."""
+    s, topk = 37, 7
+    _, _, q_idx, k_idx, w_idx, seg = _inputs(s, seed=3)
+    ref = _topk_reference(q_idx, k_idx, w_idx, topk, seg)
+    if impl == "blocked":
+        fn = lambda *a: indexer_topk.indexer_topk_streaming(*a, topk, seg, q_chunk=8, k_chunk=12, candidates=2)
+    else:
+        fn = lambda *a: indexer_topk.indexer_topk_pallas(*a, topk, seg, interpret=True, candidates=2)
+    np.testing.assert_array_equal(jax.jit(fn)(q_idx, k_idx, w_idx), ref)
+
+
+@pytest.mark.parametrize("impl", ["reference", "blocked", "pallas_interpret"])
+def test_topk_of_a_query_subset_with_positions(impl):
+    """Queries that are a subset of the row in any order (a zig-zag context shard): their row
+    positions drive the causal mask; the result equals the full row's top-k at those rows."""
+    s, topk = 24, 5
+    _, _, q_idx, k_idx, w_idx, seg = _inputs(s, seed=4)
+    ref = np.asarray(_topk_reference(q_idx, k_idx, w_idx, topk, seg))
+    rows = np.array([18, 19, 20, 21, 22, 23, 0, 1, 2, 3, 4, 5], np.int32)  # a late chunk before an early one
+    out = jax.jit(lambda *a: Backend(impl).indexer_topk(*a, topk, seg[:, rows], q_positions=rows,
+                                                        k_segment_ids=seg))(
+        q_idx[:, rows], k_idx, w_idx[:, rows])
+    np.testing.assert_array_equal(out, ref[:, rows])
+
+
+def _last_dim(dims: str) -> int:
+    return int(re.split("[x,]", dims)[-1])
+
+
+def _sort_widths(text: str) -> list[int]:
+    """Widths (last operand dim) of every sort and top_k in a StableHLO or HLO text."""
+    widths = []
+    for m in re.finditer(r"stablehlo\.sort\b", text):  # operand types follow the comparator region
+        widths.append(_last_dim(re.search(r"\}\) : \(tensor<([0-9x]+)x[a-z]", text[m.end():]).group(1)))
+    for line in text.splitlines():
+        if re.search(r"chlo\.top_k\b", line) and "tensor<" in line and not line.lstrip().startswith("func"):
+            widths.append(_last_dim(re.search(r":\s*\(?tensor<([0-9x]+)x[a-z]", line).group(1)))
+    # Compiled HLO: sort(...) and the CPU's TopK custom call; the width is the first operand's.
+    shapes = dict(re.findall(r"^\s*(?:ROOT )?(%[\w.-]+) = [a-z0-9]+\[([0-9,]*)\]", text, re.M))
+    for m in re.finditer(r"\b(?:sort|custom-call)\((%[\w.-]+)[^\n]*", text):
+        if m.group(0).startswith("sort") or 'custom_call_target="TopK"' in m.group(0):
+            widths.append(_last_dim(shapes[m.group(1)]))
+    return widths
+
+
+@pytest.mark.parametrize("platform", ["cpu", "cuda", "tpu"])
+def test_no_wide_sort_in_the_lowered_topk(platform):
+    """K = 2048 at L = 8192: no sort is wider than 2 K (the running K + a piece of <= K keys), never L."""
+    s, topk = 8192, 2048
+    shapes = (jax.ShapeDtypeStruct((1, s, 4, 128), jnp.bfloat16), jax.ShapeDtypeStruct((1, s, 128), jnp.bfloat16),
+              jax.ShapeDtypeStruct((1, s, 4), jnp.float32), jax.ShapeDtypeStruct((1, s), jnp.int32))
+    impl = "blocked" if platform == "cpu" else "pallas"
+    fn = lambda q, k, w, sg: indexer_topk.indexer_topk_kernel(q, k, w, topk, sg, impl=impl)
+    if platform == "cpu":
+        lowered = jax.jit(fn).lower(*shapes)
+        texts = [lowered.as_text(), lowered.compile().as_text()]
+    else:
+        texts = [_export(fn, platform, *shapes)]
+    for text in texts:
+        widths = _sort_widths(text)
+        assert widths and max(widths) <= 2 * topk, widths
+
+
+def test_remat_keeps_the_selected_indices():
+    """Under `remat: full` the backward pass reuses the saved top-k indices: the gradient program
+    runs the Pallas scoring kernel as often as the forward alone (once per chunk loop)."""
+    from dsa_train.parallel.layers import POLICIES
+
+    s, topk = 32, 4
+    _, kv, q_idx, k_idx, w_idx, seg = _inputs(s, seed=5)
+    q = jnp.asarray(np.random.default_rng(5).standard_normal((2, s, H, D), np.float32))
+    backend = Backend("pallas_interpret")
+
+    def layer(q, kv):
+        indices = backend.indexer_topk(q_idx, k_idx, w_idx, topk, seg)
+        out, _ = backend.sparse_mla_attention(q, kv, indices, 0.2, v_dim=16)
+        return out.sum()
+
+    def count(fn):
+        return str(jax.make_jaxpr(fn)(q, kv)).count("indexer_score_tiles")
+
+    forward = count(layer)
+    assert forward >= 1
+    for policy in ("full", "dots"):
+        assert count(jax.grad(jax.checkpoint(layer, policy=POLICIES[policy]), argnums=(0, 1))) == forward
+    # Without the name in the policy, the backward would select again (the test can fail).
+    assert count(jax.grad(jax.checkpoint(layer), argnums=(0, 1))) > forward
+
+
+_CONTEXT_PARALLEL_TOPK = """
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+import jax.numpy as jnp
+import numpy as np
+from dsa_train.config import MeshConfig
+from dsa_train.kernels.backend import Backend
+from dsa_train.parallel import activate, make_mesh, sequence_order
+from dsa_train.parallel import context_parallel as cp
+
+s, topk = 32, 5
+rng = np.random.default_rng(0)
+q = jnp.asarray(rng.standard_normal((2, s, 4, 16), np.float32))
+k = jnp.asarray(rng.standard_normal((2, s, 16), np.float32))
+w = jnp.asarray(rng.standard_normal((2, s, 4), np.float32))
+seg = np.ones((2, s), np.int32); seg[:, 13:] = 2; seg[1, -6:] = 0
+seg = jnp.asarray(seg)
+backend = Backend(sys.argv[1])
+want = np.asarray(jax.jit(lambda *a: backend.indexer_topk(*a, topk, seg))(q, k, w))
+out = {}
+for order in ("contiguous", "zigzag"):
+    with activate(make_mesh(MeshConfig(data=1, context=4))):
+        with cp.laid_out(order, s) as lay:
+            ops = cp.sequence_ops(backend)
+            got = jax.jit(lambda q, k, w, seg: ops.indexer_topk(q, k, w, topk, seg))(lay(q), lay(k), lay(w), lay(seg))
+    got = np.asarray(got)
+    if order == "zigzag":
+        got = np.asarray(sequence_order.from_zigzag(jnp.asarray(got), 4))
+    out[order] = bool(np.array_equal(got, want)) and type(ops).__name__ == "ContextParallelOps"
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("impl", ["pallas_interpret", pytest.param("blocked", marks=pytest.mark.slow)])
+def test_context_parallel_topk_equals_one_device(impl):
+    """mesh.context = 4, contiguous and zig-zag: each shard runs the same kernel on its queries
+    (with their row positions) against the gathered keys; the indices equal one device's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", _CONTEXT_PARALLEL_TOPK, impl], env=env, capture_output=True,
+                          text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert json.loads(lines[-1][len("RESULT "):]) == {"contiguous": True, "zigzag": True}
 
 
 def test_unknown_impl_is_a_clear_error():

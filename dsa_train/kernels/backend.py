@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from dsa_train.kernels import indexer_kl, indexer_tiles
 from dsa_train.kernels.indexer_topk import indexer_topk_kernel
@@ -80,11 +81,19 @@ class Backend:
             return attention_ops.dense_attention(q, k, v, segment_ids, sm_scale)
         return attention_ops.dense_attention_blocked(q, k, v, segment_ids, sm_scale)
 
-    def indexer_topk(self, q, k, weights, topk: int, segment_ids):
-        """Lightning-indexer top-k -> indices [B, S, min(topk, T)] int32 (-1 = unused)."""
+    def indexer_topk(self, q, k, weights, topk: int, segment_ids, q_positions=None, k_segment_ids=None):
+        """Lightning-indexer top-k -> indices [B, S, min(topk, T)] int32 (-1 = unused). Queries may be
+        a subset of the row (a context shard): ``q_positions`` ([S] or [B, S]) are their positions
+        among the T keys (default arange) and ``k_segment_ids`` [B, T] the keys' documents (default
+        ``segment_ids``). The result is named for the remat policy, which saves it (no re-selection
+        in the backward pass)."""
         if self.impl == "reference":
-            return indexer_ops.indexer_topk_reference(q, k, weights, topk, segment_ids)
-        return indexer_topk_kernel(q, k, weights, topk, segment_ids, impl=self.impl)
+            indices = indexer_ops.indexer_topk_reference(q, k, weights, topk, segment_ids, q_positions=q_positions,
+                                                         k_segment_ids=k_segment_ids)
+        else:
+            indices = indexer_topk_kernel(q, k, weights, topk, segment_ids, impl=self.impl, q_positions=q_positions,
+                                          k_segment_ids=k_segment_ids)
+        return checkpoint_name(indices, indexer_ops.TOPK_INDICES)
 
     def sparse_mla_attention(self, q, kv, indices, sm_scale: float, v_dim: int = 512):
         """Top-k sparse MLA attention (MQA/latent form), see ``ops.attention.sparse_mla_attention_reference``:

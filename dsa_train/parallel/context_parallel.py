@@ -6,8 +6,8 @@ kernel backend's, dsa_train/kernels/backend.py) run in ``shard_map`` when the mo
 through :func:`sequence_ops`; each device keeps its own queries and all-gathers only the small
 per-token keys across ``context``:
 
-- indexer top-k: local indexer queries against all indexer keys (128-dim per token), causal mask
-  offset by the shard's position; query-chunked so the score buffer is ``chunk x T``;
+- indexer top-k: the backend's kernel, local indexer queries (with their row positions) against all
+  indexer keys (128-dim per token);
 - sparse attention: the backend's kernel, local MQA queries against all MLA latent keys (576-dim
   per token) at the selected (global) indices; heads stay sharded over ``tensor``;
 - sparse indexer KL: the backend's kernel on the same gathers; its numerator and denominator are
@@ -38,17 +38,16 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from dsa_train.ops.attention import NEG_INF
-from dsa_train.ops.indexer import indexer_scores
+from dsa_train.ops.indexer import TOPK_INDICES, indexer_scores
 from dsa_train.ops.losses import head_summed_target, kl_from_target
 from dsa_train.ops.masks import causal_document_mask_at
 from dsa_train.parallel import batch_sharded
 from dsa_train.parallel import scope as scope_lib
 from dsa_train.parallel import sequence_order
-
-TOPK_QUERY_CHUNK = 256
 
 
 def _layout():
@@ -158,7 +157,7 @@ class ContextParallelOps:
         return dense_attention(q, k, v, segment_ids, sm_scale)
 
     def indexer_topk(self, q, k, weights, topk: int, segment_ids):
-        return indexer_topk(q, k, weights, topk, segment_ids)
+        return indexer_topk(self.backend, q, k, weights, topk, segment_ids)
 
     def sparse_mla_attention(self, q, kv, indices, sm_scale: float, v_dim: int = 512):
         return sparse_mla_attention(self.backend, q, kv, indices, sm_scale, v_dim)
@@ -180,43 +179,27 @@ def sequence_ops(backend):
     return batch_sharded.BatchShardedOps(backend, scope) if batch_sharded.needed(scope) else backend
 
 
-def indexer_topk(q, k, weights, topk: int, segment_ids):
-    """Context-parallel indexer top-k: the result of ``ops.indexer.indexer_topk_reference``
-    (global key indices)."""
+def indexer_topk(backend, q, k, weights, topk: int, segment_ids):
+    """Context-parallel ``backend.indexer_topk``: the backend's own kernel on each shard's queries
+    (their original row positions drive its causal mask and key-block skipping) against the
+    all-gathered indexer keys (128-dim per token); weights stay local. Global key indices."""
     scope = _layout()
     b, s = segment_ids.shape
     sizes, batch, ctx = _specs(scope, s)
-    bspec = _entry(batch)
+    bspec, cspec = _entry(batch), _entry(ctx)
     seq = _sequence(scope, sizes, ctx)
-    kk = min(topk, s)
 
     def local(q, k, w, seg):
         with scope_lib.suspended():
-            k_all, seg_all = seq.gather(k), seq.gather(seg)
-            s_local = q.shape[1]
-            q_pos, k_pos = seq.query_positions(s_local), jnp.arange(s)
-            chunk = _blocks(s_local, TOPK_QUERY_CHUNK)
-            scale = q.shape[-1] ** -0.5
+            return backend.indexer_topk(q, seq.gather(k), w, topk, seg, q_positions=seq.query_positions(q.shape[1]),
+                                        k_segment_ids=seq.gather(seg))
 
-            def one_chunk(i):
-                qc = jax.lax.dynamic_slice_in_dim(q, i * chunk, chunk, 1).astype(jnp.float32)
-                wc = jax.lax.dynamic_slice_in_dim(w, i * chunk, chunk, 1).astype(jnp.float32)
-                segc = jax.lax.dynamic_slice_in_dim(seg, i * chunk, chunk, 1)
-                logits = jnp.einsum("bshd,btd->bsht", qc, k_all.astype(jnp.float32)) * scale
-                scores = jnp.einsum("bsh,bsht->bst", wc, jax.nn.relu(logits))
-                mask = causal_document_mask_at(segc, seg_all, jax.lax.dynamic_slice_in_dim(q_pos, i * chunk, chunk),
-                                               k_pos)
-                values, idx = jax.lax.top_k(jnp.where(mask, scores, -jnp.inf), kk)
-                return jnp.where(values > -jnp.inf, idx, -1).astype(jnp.int32)
-
-            out = jax.lax.map(one_chunk, jnp.arange(s_local // chunk))  # [n_chunks, b, chunk, kk]
-            return jnp.moveaxis(out, 0, 1).reshape(q.shape[0], s_local, kk)
-
-    return jax.shard_map(local, mesh=scope.mesh,
-                         in_specs=(P(bspec, _entry(ctx)), P(bspec, _entry(ctx)), P(bspec, _entry(ctx)),
-                                   P(bspec, _entry(ctx))),
-                         out_specs=P(bspec, _entry(ctx)))(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k),
-                                                          jax.lax.stop_gradient(weights), segment_ids)
+    tok = P(bspec, cspec)
+    # check_vma off as for sparse attention (the kernel's loops start from device-invariant carries).
+    indices = jax.shard_map(local, mesh=scope.mesh, in_specs=(tok,) * 4, out_specs=tok,
+                            check_vma=backend.impl == "reference")(
+        jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), jax.lax.stop_gradient(weights), segment_ids)
+    return checkpoint_name(indices, TOPK_INDICES)
 
 
 def sparse_mla_attention(backend, q, kv, indices, sm_scale: float, v_dim: int = 512):

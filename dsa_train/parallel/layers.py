@@ -9,15 +9,20 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from dsa_train.ops.indexer import TOPK_INDICES
 from dsa_train.parallel.scope import constrain, remat_policy
 
 # The residual stream between layers: [batch, sequence, hidden] (hidden replicated).
 RESIDUAL = ("batch", "sequence", None)
 
-# What the backward pass may keep instead of recomputing, per `train.remat`.
+# What the backward pass may keep instead of recomputing, per `train.remat`. Both keep the
+# indexer's selected indices (small int32 [B, S, K]): re-running the top-k would cost a second
+# pass of indexer scoring over every causal pair.
+_KEEP_INDICES = jax.checkpoint_policies.save_only_these_names(TOPK_INDICES)
 POLICIES = {
-    "full": None,  # keep only the layer's inputs: recompute everything
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmul outputs
+    "full": _KEEP_INDICES,  # keep only the layer's inputs and the indices: recompute everything else
+    "dots": jax.checkpoint_policies.save_from_both_policies(  # also keep weight matmul outputs
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_INDICES),
 }
 
 
