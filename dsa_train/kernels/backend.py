@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from dsa_train.kernels import indexer_kl, indexer_tiles
+from dsa_train.kernels.dense_attention import dense_attention_flash
 from dsa_train.kernels.indexer_topk import indexer_topk_kernel
 from dsa_train.kernels.sparse_attention_blocked import sparse_mla_attention_blocked
 from dsa_train.kernels.sparse_attention_gpu import sparse_mla_attention_gpu
@@ -75,10 +76,12 @@ class Backend:
         return cls(resolve_impl(impl, platform))
 
     def dense_attention(self, q, k, v, segment_ids, sm_scale: float):
-        """Causal, document-masked MHA: q/k [B, S, H, Dk], v [B, S, H, Dv] -> (out, lse [B, S, H])."""
+        """Causal, document-masked MHA: q/k [B, S, H, Dk], v [B, S, H, Dv] -> (out, lse [B, S, H]).
+        Every kernel but "reference" runs the flash form (``kernels/dense_attention.py``: online
+        softmax over key blocks, causal block skipping, flash backward)."""
         if self.impl == "reference":
             return attention_ops.dense_attention(q, k, v, segment_ids, sm_scale)
-        return attention_ops.dense_attention_blocked(q, k, v, segment_ids, sm_scale)
+        return dense_attention_flash(q, k, v, segment_ids, sm_scale)
 
     def indexer_topk(self, q, k, weights, topk: int, segment_ids):
         """Lightning-indexer top-k -> indices [B, S, min(topk, T)] int32 (-1 = unused)."""
@@ -110,7 +113,9 @@ class Backend:
 
     def indexer_kl_loss(self, q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, lse=None):
         """Dense warm-up loss, see ``ops.losses.indexer_kl_loss``; ``lse`` [B, S, H] (optional) is the
-        main attention's log-sum-exp, reused by the kernels (the reference recomputes it)."""
+        main attention's log-sum-exp, reused by the kernels (the reference recomputes it). ``kv``:
+        [B, T, D] (MQA form) or [B, T, H, D] (per-head form, q the per-head queries; the reference
+        needs the MQA form)."""
         if self.impl == "reference":
             return losses.indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids)
         return indexer_kl.indexer_kl_loss_kernel(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, self.impl,
