@@ -180,3 +180,19 @@ def test_one_pass_kl_forms_the_target_once():
     target_dots = [line for line in text.splitlines() if "dot_general" in line and "4x16xf32" in line
                    and "contracting_dims = [3] x [3]" in line]
     assert len(target_dots) == 1, target_dots
+
+
+def test_flops_count_the_warmup_kl_as_the_kernel_runs_it():
+    """flops.py's warm-up KL per token = the kernel's stated per-pair count over the causal pairs,
+    in the per-head form on one device and the MQA form under context parallelism."""
+    from dsa_train.config import load_model_config
+    from dsa_train.flops import dense_kl_flops_per_token
+
+    c = load_model_config("configs/deepseek-v3.2.yaml")
+    pairs = (c.num_hidden_layers * (64 + 1) / 2)
+    per_head = dense_indexer_kl.pair_flops(c.num_attention_heads, c.qk_head_dim, c.index_n_heads, c.index_head_dim)
+    mqa = dense_indexer_kl.pair_flops(c.num_attention_heads, c.kv_lora_rank + c.qk_rope_head_dim, c.index_n_heads,
+                                      c.index_head_dim)
+    assert dense_kl_flops_per_token(c, 64) == per_head * pairs
+    assert dense_kl_flops_per_token(c, 64, context_parallel=True) == mqa * pairs
+    assert dense_indexer_kl.pair_flops(128, 192, 64, 128) == 2 * 128 * 192 + 12 * 64 * 128 + 8 * 64

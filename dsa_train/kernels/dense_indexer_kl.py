@@ -25,16 +25,21 @@ Queries carry their row positions (``q_pos``), keys are the whole row in order (
 a context shard's zig-zag queries run the same code. Key blocks past a query block's last position
 are never visited (causal skipping).
 
-Cost per visible (query, key) pair, H main heads of dim D, Hi indexer heads of dim Di:
-  FLOPs: target 2 H D (+ H exp); pass A indexer 2 Hi Di (z) + 2 Hi (I); with gradients
-         + 2 x 2 Hi Di + 2 Hi (dq, dk, dw of the target part), pass B 3 x 2 Hi Di + 4 Hi.
-  For DeepSeek-V3.2 (H 128, D 192 per head, Hi 64, Di 128): 49,152 + 16,512 + 33,024 + 49,408
-  = 148,096 FLOPs per pair with gradients (the MQA form under context parallelism: D 576,
-  + 98,304 = 246,400). The three-kernel path (``indexer_kl_pallas``) recomputes the 576-dim target in
-  each: 3 x 147,456 + 5 x 16,384 = 524,288.
-  HBM bytes: every key block is read once per query block and every query block once per key block,
-  so per pair (key bytes per key) / block_q + (query bytes per query) / block_k: main keys
-  H D x 2 (bf16, per-head; 2 D shared) and indexer keys Di x 2 per key, in both passes for the indexer.
+Cost per visible (query, key) pair, H main heads of dim D, Hi indexer heads of dim Di
+(:func:`pair_flops`; a multiply-add counts 2, elementwise work not counted):
+  FLOPs: pass A: target 2 H D (+ H exp), indexer logits 2 Hi Di and score 2 Hi; with gradients
+         also the target part's dq, dk (2 x 2 Hi Di) and dw (2 Hi); pass B: logits, score, dq, dk,
+         dw again (6 Hi Di + 4 Hi). In all 2 H D + 12 Hi Di + 8 Hi.
+  DeepSeek-V3.2 (H 128, D 192 per head, Hi 64, Di 128): 147,968 FLOPs per pair with gradients
+  (49,152 of them the target); in the MQA form under context parallelism (D 576): 246,272. The
+  three Pallas kernels (``indexer_kl_pallas``, MQA form) form the 576-dim target in each:
+  3 x 147,456 + 5 x 16,512 = 524,928.
+  HBM bytes: each key block is read once per query block, each query block once per key block,
+  so per pair (bytes per key) / block_q + (bytes per query) / block_k, with per key H D x 2 (bf16
+  per-head main keys; 2 D shared) + Di x 2 (indexer key) in pass A and Di x 2 in pass B, and per
+  query H D x 2 + H x 4 (lse) + Hi (Di x 2 + 4) in pass A, Hi (Di x 2 + 4) in pass B. At
+  block_q = 64, per-head V3.2 keys cost 49,408 / 64 = 772 bytes per pair in pass A: on a TPU the
+  tiles should be larger (see ``indexer_kl_pallas`` for the Mosaic version of the old scheme).
 """
 
 from __future__ import annotations
