@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from dsa_train.kernels import indexer_kl, indexer_tiles
 from dsa_train.kernels.dense_attention import dense_attention_flash
+from dsa_train.kernels.dense_attention_tpu import dense_attention_splash
 from dsa_train.kernels.indexer_topk import indexer_topk_kernel
 from dsa_train.kernels.sparse_attention_blocked import sparse_mla_attention_blocked
 from dsa_train.kernels.sparse_attention_gpu import sparse_mla_attention_gpu
@@ -77,11 +78,21 @@ class Backend:
 
     def dense_attention(self, q, k, v, segment_ids, sm_scale: float):
         """Causal, document-masked MHA: q/k [B, S, H, Dk], v [B, S, H, Dv] -> (out, lse [B, S, H]).
-        Every kernel but "reference" runs the flash form (``kernels/dense_attention.py``: online
-        softmax over key blocks, causal block skipping, flash backward)."""
+        "reference": ``ops.attention.dense_attention``; on TPU the Pallas kernels run splash
+        attention (``kernels/dense_attention_tpu.py``, S a multiple of 128); everything else the
+        flash form of ``kernels/dense_attention.py`` (online softmax over key blocks, causal block
+        skipping, flash backward)."""
         if self.impl == "reference":
             return attention_ops.dense_attention(q, k, v, segment_ids, sm_scale)
-        return dense_attention_flash(q, k, v, segment_ids, sm_scale)
+        flash = lambda q, k, v, seg: dense_attention_flash(q, k, v, seg, sm_scale)  # noqa: E731
+        if q.shape[1] % 128 or k.ndim != 4:
+            return flash(q, k, v, segment_ids)
+        splash = lambda q, k, v, seg: dense_attention_splash(q, k, v, seg, sm_scale)  # noqa: E731
+        if self.impl == "pallas":
+            return jax.lax.platform_dependent(q, k, v, segment_ids, tpu=splash, default=flash)
+        if self.impl in ("pallas_tpu", "pallas_tpu_interpret"):
+            return dense_attention_splash(q, k, v, segment_ids, sm_scale, interpret=self.impl.endswith("interpret"))
+        return flash(q, k, v, segment_ids)
 
     def indexer_topk(self, q, k, weights, topk: int, segment_ids):
         """Lightning-indexer top-k -> indices [B, S, min(topk, T)] int32 (-1 = unused)."""

@@ -34,7 +34,7 @@ KEY_PAD_SEGMENT = -2  # never equal to a query's segment id (padded queries get 
 BLOCKS = (128, 256)  # (block_q, block_k)
 
 
-class _Cfg(NamedTuple):
+class Cfg(NamedTuple):
     sm_scale: float
     block_q: int
     block_k: int
@@ -86,7 +86,7 @@ def _visible(pad, pos_b, seg_b, ks, block_k):
     return (seg_b[:, :, None] == _sl(pad.k_seg, ks, block_k)[:, None, :]) & (k_pos[None, None, :] <= pos_b[None, :, None])
 
 
-def _forward(cfg: _Cfg, q, k, v, q_pos, q_seg, k_seg):
+def _forward(cfg: Cfg, q, k, v, q_pos, q_seg, k_seg):
     b, s, h, _ = q.shape
     shared = k.ndim == 3
     s_qk, s_pv = _specs(shared)[:2]
@@ -122,7 +122,7 @@ def _forward(cfg: _Cfg, q, k, v, q_pos, q_seg, k_seg):
     return unblock(out), unblock(lse)
 
 
-def _backward(cfg: _Cfg, q, k, v, out, lse, d_out, q_pos, q_seg, k_seg):
+def backward(cfg: Cfg, q, k, v, out, lse, d_out, q_pos, q_seg, k_seg):
     b, s, h, _ = q.shape
     t = k.shape[1]
     shared = k.ndim == 3
@@ -179,14 +179,14 @@ def _attention_fwd(cfg, q, k, v, q_pos, q_seg, k_seg):
 def _attention_bwd(cfg, res, cts):
     q, k, v, out, lse, q_pos, q_seg, k_seg = res
     d_out, _ = cts  # the lse output only feeds stop-gradient consumers (the indexer KL target)
-    dq, dk, dv = _backward(cfg, q, k, v, out, lse, d_out, q_pos, q_seg, k_seg)
+    dq, dk, dv = backward(cfg, q, k, v, out, lse, d_out, q_pos, q_seg, k_seg)
     return dq, dk, dv, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _fit(n: int, block: int) -> int:
+def fit(n: int, block: int) -> int:
     return min(block, max(8, 1 << (max(n, 1) - 1).bit_length()))
 
 
@@ -198,7 +198,7 @@ def flash_attention(q, k, v, q_pos, q_seg, k_seg, sm_scale: float, *, block_q: i
     stop gradients)."""
     if k.ndim != v.ndim or k.ndim not in (3, 4) or k.shape[1] != v.shape[1] or k.shape[-1] != q.shape[-1]:
         raise ValueError(f"flash_attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit")
-    cfg = _Cfg(float(sm_scale), _fit(q.shape[1], block_q), _fit(k.shape[1], block_k))
+    cfg = Cfg(float(sm_scale), fit(q.shape[1], block_q), fit(k.shape[1], block_k))
     return _attention(cfg, q, k, v, jnp.asarray(q_pos, jnp.int32), q_seg, k_seg)
 
 
