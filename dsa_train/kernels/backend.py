@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from dsa_train.kernels import indexer_kl, indexer_tiles
-from dsa_train.kernels.dense_attention import dense_attention_flash
+from dsa_train.kernels.dense_attention import dense_attention_flash, flash_attention
 from dsa_train.kernels.dense_attention_tpu import dense_attention_splash
+from dsa_train.kernels.dense_indexer_kl import dense_kl_sum
 from dsa_train.kernels.indexer_topk import indexer_topk_kernel
 from dsa_train.kernels.sparse_attention_blocked import sparse_mla_attention_blocked
 from dsa_train.kernels.sparse_attention_gpu import sparse_mla_attention_gpu
@@ -93,6 +94,20 @@ class Backend:
         if self.impl in ("pallas_tpu", "pallas_tpu_interpret"):
             return dense_attention_splash(q, k, v, segment_ids, sm_scale, interpret=self.impl.endswith("interpret"))
         return flash(q, k, v, segment_ids)
+
+    def dense_attention_at(self, q, k, v, q_positions, q_segment_ids, k_segment_ids, sm_scale: float):
+        """Dense attention of queries at row positions ``q_positions`` [S] against the whole row's
+        keys (a context shard's): the flash kernel for every impl (``kernels/dense_attention.py``);
+        k/v per head [B, T, H, D] or shared [B, T, D] (MQA form)."""
+        return flash_attention(q, k, v, q_positions, q_segment_ids, k_segment_ids, sm_scale)
+
+    def indexer_kl_sum_at(self, q, kv, lse, q_idx, k_idx, w_idx, weights, q_positions, q_segment_ids,
+                          k_segment_ids, sm_scale: float):
+        """sum_t weights_t KL_t of the dense warm-up loss for queries at row positions ``q_positions``
+        against the whole row's keys (a context shard's): the one-pass kernel for every impl
+        (``kernels/dense_indexer_kl.py``); ``lse`` is the main attention's of these queries."""
+        return dense_kl_sum(q, kv, lse, q_idx, k_idx, w_idx, weights, q_positions, q_segment_ids, k_segment_ids,
+                            sm_scale=sm_scale)
 
     def indexer_topk(self, q, k, weights, topk: int, segment_ids):
         """Lightning-indexer top-k -> indices [B, S, min(topk, T)] int32 (-1 = unused)."""

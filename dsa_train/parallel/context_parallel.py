@@ -41,8 +41,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from dsa_train.kernels.dense_attention import flash_attention
-from dsa_train.kernels.dense_indexer_kl import dense_kl_sum
 from dsa_train.ops.masks import causal_document_mask_at
 from dsa_train.parallel import scope as scope_lib
 from dsa_train.parallel import sequence_order
@@ -154,7 +152,7 @@ class ContextParallelOps:
         self.backend = backend
 
     def dense_attention(self, q, k, v, segment_ids, sm_scale: float):
-        return dense_attention(q, k, v, segment_ids, sm_scale)
+        return dense_attention(self.backend, q, k, v, segment_ids, sm_scale)
 
     def indexer_topk(self, q, k, weights, topk: int, segment_ids):
         return indexer_topk(q, k, weights, topk, segment_ids)
@@ -163,7 +161,7 @@ class ContextParallelOps:
         return sparse_mla_attention(self.backend, q, kv, indices, sm_scale, v_dim)
 
     def indexer_kl_loss(self, q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, lse=None):
-        return indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, lse)
+        return indexer_kl_loss(self.backend, q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, lse)
 
     def sparse_indexer_kl_loss(self, q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids):
         return sparse_indexer_kl_loss(self.backend, q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids)
@@ -267,8 +265,13 @@ def sparse_indexer_kl_loss(backend, q, kv, indices, lse, sm_scale, q_idx, k_idx,
 
 # ---- dense mode (the warm-up and the dense stage) ----------------------------------------------------
 
-def dense_attention(q, k, v, segment_ids, sm_scale: float):
-    """Context-parallel dense attention: the flash kernel (``kernels/dense_attention.py``) on each
+# An upper bound of the fp32 tiles the dense kernels hold per shard and layer (a [1, 128, 128, 256]
+# score tile is 16 MiB; scores, probabilities and exponentials live together), as the planner charges it.
+SCORE_BUDGET = 1 << 27
+
+
+def dense_attention(backend, q, k, v, segment_ids, sm_scale: float):
+    """Context-parallel dense attention: the backend's flash kernel (``Backend.dense_attention_at``) on each
     shard's queries, at their row positions, against keys and values all-gathered across ``context``;
     the causal skip drops the key blocks past the shard's last position. Heads stay sharded over
     ``tensor``.
@@ -288,7 +291,7 @@ def dense_attention(q, k, v, segment_ids, sm_scale: float):
     def local(q, k, v, seg):
         with scope_lib.suspended():
             pos = seq.query_positions(q.shape[1])
-            return flash_attention(q, seq.gather(k), seq.gather(v), pos, seg, seq.gather(seg), sm_scale)
+            return backend.dense_attention_at(q, seq.gather(k), seq.gather(v), pos, seg, seq.gather(seg), sm_scale)
 
     tok = P(bspec, cspec, hspec)
     kv_spec = P(bspec, cspec) if k.ndim == 3 else tok
@@ -297,9 +300,9 @@ def dense_attention(q, k, v, segment_ids, sm_scale: float):
                          out_specs=(tok, tok), check_vma=False)(q, k, v, segment_ids)
 
 
-def indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, lse):
-    """Context-parallel dense warm-up KL (global mean over valid queries): the one-pass kernel
-    (``kernels/dense_indexer_kl.py``) on each shard's queries at their row positions, against the
+def indexer_kl_loss(backend, q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, lse):
+    """Context-parallel dense warm-up KL (global mean over valid queries): the backend's one-pass
+    kernel (``Backend.indexer_kl_sum_at``) on each shard's queries at their row positions, against the
     gathered latent keys (576-dim, MQA form) and indexer keys (128-dim); the target is normalized
     with the main attention's ``lse`` [B, S, H] of the same queries. The shards' weighted sums and
     counts are summed outside ``shard_map``; key gradients return to their owners through the
@@ -317,8 +320,8 @@ def indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, lse):
     def local(q, kv, lse, qi, ki, wi, seg):
         with scope_lib.suspended():
             valid = (seg != 0).astype(jnp.float32)
-            total = dense_kl_sum(q, seq.gather(kv), lse, qi, seq.gather(ki), wi, valid,
-                                 seq.query_positions(q.shape[1]), seg, seq.gather(seg), sm_scale=sm_scale)
+            total = backend.indexer_kl_sum_at(q, seq.gather(kv), lse, qi, seq.gather(ki), wi, valid,
+                                              seq.query_positions(q.shape[1]), seg, seq.gather(seg), sm_scale)
             return total[None], valid.sum()[None]
 
     tok = P(bspec, cspec)
