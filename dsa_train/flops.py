@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from flax import nnx
 
 from dsa_train.config import ModelConfig
+from dsa_train.kernels.dense_indexer_kl import pair_flops
 
 
 @dataclass(frozen=True)
@@ -130,20 +131,43 @@ def forward_flops_per_token(config: ModelConfig, seq_len: int, attention: str, w
     return TokenFlops(matmul, attention_flops, indexer)
 
 
-def train_flops_per_token(config: ModelConfig, seq_len: int, stage: str) -> float:
+def dense_kl_flops_per_token(config: ModelConfig, seq_len: int, context_parallel: bool = False) -> float:
+    """The warm-up's dense indexer KL, forward and backward, per token as the kernel runs it
+    (``kernels/dense_indexer_kl.pair_flops`` per causal pair: the target once, in the per-head
+    qk_head_dim form, or the 576-dim MQA form under context parallelism, plus the indexer's two
+    passes, its recomputation included)."""
+    c = config
+    head_dim = c.kv_lora_rank + c.qk_rope_head_dim if context_parallel else c.qk_head_dim
+    per_pair = pair_flops(c.num_attention_heads, head_dim, c.index_n_heads, c.index_head_dim)
+    return per_pair * (seq_len + 1) / 2 * c.num_hidden_layers
+
+
+def train_flops_per_token(config: ModelConfig, seq_len: int, stage: str, context_parallel: bool = False) -> float:
     """Model FLOPs per trained token for one stage (forward + backward where gradients flow).
 
-    dense: everything x3. warmup: frozen main forward (x1) + dense attention once more for the KL
-    target + indexer forward/backward (x3). sparse: main model x3 (top-k attention) + indexer x3 +
-    the KL over selected keys."""
+    dense: everything x3. warmup: frozen main forward (x1, no backward is built) + the dense KL as
+    its kernel runs it (:func:`dense_kl_flops_per_token`) + the indexer projections forward/backward
+    (x3). sparse: main model x3 (top-k attention) + indexer x3 + the KL over selected keys.
+    ``context_parallel``: the dense attention and KL run in the MQA form there (576-dim keys, 512-dim
+    values shared by the heads), which costs more FLOPs per pair than the per-head form."""
     counts = count_params(config)
     if stage == "dense":
-        return 3 * forward_flops_per_token(config, seq_len, "dense", False, counts).total
+        f = forward_flops_per_token(config, seq_len, "dense", False, counts)
+        return 3 * (f.total + (_mqa_extra(config, seq_len) if context_parallel else 0.0))
     idx_matmul = 2.0 * counts.by_group.get("indexer", 0)
     if stage == "warmup":
         f = forward_flops_per_token(config, seq_len, "dense", True, counts)
-        kl_target = f.attention  # recompute the head-summed probabilities
         main_forward = f.matmul - idx_matmul - 2.0 * counts.by_group["lm_head"]  # no LM head in the warm-up
-        return main_forward + f.attention + kl_target + 3 * (f.indexer + idx_matmul)
+        attention = f.attention + (_mqa_extra(config, seq_len) if context_parallel else 0.0)
+        return main_forward + attention + dense_kl_flops_per_token(config, seq_len, context_parallel) \
+            + 3 * idx_matmul
     f = forward_flops_per_token(config, seq_len, "sparse", True, counts)
     return 3 * f.total + f.attention / 2
+
+
+def _mqa_extra(config: ModelConfig, seq_len: int) -> float:
+    """Extra dense-attention FLOPs per token of the MQA form over the per-head form."""
+    c = config
+    mqa = c.kv_lora_rank + c.qk_rope_head_dim + c.kv_lora_rank
+    per_head = c.qk_head_dim + c.v_head_dim
+    return 2 * c.num_attention_heads * (mqa - per_head) * (seq_len + 1) / 2 * c.num_hidden_layers

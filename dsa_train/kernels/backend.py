@@ -27,6 +27,9 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from dsa_train.kernels import indexer_kl, indexer_tiles
+from dsa_train.kernels.dense_attention import dense_attention_flash, flash_attention
+from dsa_train.kernels.dense_attention_tpu import dense_attention_splash
+from dsa_train.kernels.dense_indexer_kl import dense_kl_sum
 from dsa_train.kernels.indexer_topk import indexer_topk_kernel
 from dsa_train.kernels.sparse_attention_blocked import sparse_mla_attention_blocked
 from dsa_train.kernels.sparse_attention_gpu import sparse_mla_attention_gpu
@@ -76,10 +79,36 @@ class Backend:
         return cls(resolve_impl(impl, platform))
 
     def dense_attention(self, q, k, v, segment_ids, sm_scale: float):
-        """Causal, document-masked MHA: q/k [B, S, H, Dk], v [B, S, H, Dv] -> (out, lse [B, S, H])."""
+        """Causal, document-masked MHA: q/k [B, S, H, Dk], v [B, S, H, Dv] -> (out, lse [B, S, H]).
+        "reference": ``ops.attention.dense_attention``; on TPU the Pallas kernels run splash
+        attention (``kernels/dense_attention_tpu.py``, S a multiple of 128); everything else the
+        flash form of ``kernels/dense_attention.py`` (online softmax over key blocks, causal block
+        skipping, flash backward)."""
         if self.impl == "reference":
             return attention_ops.dense_attention(q, k, v, segment_ids, sm_scale)
-        return attention_ops.dense_attention_blocked(q, k, v, segment_ids, sm_scale)
+        flash = lambda q, k, v, seg: dense_attention_flash(q, k, v, seg, sm_scale)  # noqa: E731
+        if q.shape[1] % 128 or k.ndim != 4:
+            return flash(q, k, v, segment_ids)
+        splash = lambda q, k, v, seg: dense_attention_splash(q, k, v, seg, sm_scale)  # noqa: E731
+        if self.impl == "pallas":
+            return jax.lax.platform_dependent(q, k, v, segment_ids, tpu=splash, default=flash)
+        if self.impl in ("pallas_tpu", "pallas_tpu_interpret"):
+            return dense_attention_splash(q, k, v, segment_ids, sm_scale, interpret=self.impl.endswith("interpret"))
+        return flash(q, k, v, segment_ids)
+
+    def dense_attention_at(self, q, k, v, q_positions, q_segment_ids, k_segment_ids, sm_scale: float):
+        """Dense attention of queries at row positions ``q_positions`` [S] against the whole row's
+        keys (a context shard's): the flash kernel for every impl (``kernels/dense_attention.py``);
+        k/v per head [B, T, H, D] or shared [B, T, D] (MQA form)."""
+        return flash_attention(q, k, v, q_positions, q_segment_ids, k_segment_ids, sm_scale)
+
+    def indexer_kl_sum_at(self, q, kv, lse, q_idx, k_idx, w_idx, weights, q_positions, q_segment_ids,
+                          k_segment_ids, sm_scale: float):
+        """sum_t weights_t KL_t of the dense warm-up loss for queries at row positions ``q_positions``
+        against the whole row's keys (a context shard's): the one-pass kernel for every impl
+        (``kernels/dense_indexer_kl.py``); ``lse`` is the main attention's of these queries."""
+        return dense_kl_sum(q, kv, lse, q_idx, k_idx, w_idx, weights, q_positions, q_segment_ids, k_segment_ids,
+                            sm_scale=sm_scale)
 
     def indexer_topk(self, q, k, weights, topk: int, segment_ids, q_positions=None, k_segment_ids=None):
         """Lightning-indexer top-k -> indices [B, S, min(topk, T)] int32 (-1 = unused). Queries may be
@@ -119,7 +148,9 @@ class Backend:
 
     def indexer_kl_loss(self, q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, lse=None):
         """Dense warm-up loss, see ``ops.losses.indexer_kl_loss``; ``lse`` [B, S, H] (optional) is the
-        main attention's log-sum-exp, reused by the kernels (the reference recomputes it)."""
+        main attention's log-sum-exp, reused by the kernels (the reference recomputes it). ``kv``:
+        [B, T, D] (MQA form) or [B, T, H, D] (per-head form, q the per-head queries; the reference
+        needs the MQA form)."""
         if self.impl == "reference":
             return losses.indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids)
         return indexer_kl.indexer_kl_loss_kernel(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, self.impl,

@@ -6,22 +6,16 @@ probabilities (a stop-gradient target), over the causal same-document keys (dens
 selected keys (sparse). Gradients reach only the indexer inputs q_idx, k_idx, w_idx; q, kv, lse get
 zero cotangents.
 
-Dense warm-up, per query t (p sums to one over the candidates, kept as psum for robustness):
-  KL_t = sum_s p log p - sum_s p I_s + lse_I(t) * psum,   lse_I(t) = logsumexp_s I_s.
-- pass 1: per-head log-sum-exp of the main attention, streamed over key blocks (or the caller's
-  `lse` [B, S, H], e.g. from the dense attention that ran anyway);
-- pass 2: walk key blocks, form the head-mean target tile and the indexer tile, keep an online
-  log-sum-exp of I plus the three sums. Memory O(S H + tiles).
-- backward (custom_vjp): dKL_t/dI_s = psum softmax(I)_s - p_s; it recomputes both tiles per
-  (query block, key block) with the saved lse_I and psum, and backpropagates through the indexer
-  score by hand (dw, dq per query block, dk accumulated in one [B, T, Di] fp32 buffer).
-
-Implementations: "streaming" (also "blocked") = pure JAX (lax.map over query blocks, fori_loop over
-the causal key blocks of each; dk accumulated in the backward's scan carry). "pallas" = Pallas
-kernels (`indexer_kl_pallas`) for the pass-2 forward and both backward kernels (dq/dw query-major,
-dk key-major) and pass 1 (when no lse is given), Triton on GPU and Mosaic on TPU, chosen per
-lowering platform. "pallas_gpu" / "pallas_tpu" force a variant;
-"..._interpret" run them in the Pallas interpreter (CPU tests).
+Dense warm-up: "streaming" (also "blocked", and every impl given per-head keys or query
+positions) runs `dense_indexer_kl`: the target formed once per (query, key) pair from the main
+attention's lse, fused with the indexer softmax; its gradient's target part accumulated in the same
+pass, the softmax part in an indexer-only backward pass (FLOPs and bytes per pair in that module).
+"pallas" = the Pallas kernels (`indexer_kl_pallas`, MQA form, self-attention only) for the forward
+statistics and both backward kernels (dq/dw query-major, dk key-major) and pass 1 (when no lse is
+given), Triton on GPU and Mosaic on TPU, chosen per lowering platform; they recompute the 576-dim
+target in each of the three kernels. "pallas_gpu" / "pallas_tpu" force a variant; "..._interpret"
+run them in the Pallas interpreter (CPU tests). Pass 1 (`attention_lse_streaming`) streams the
+main attention's per-head log-sum-exp when the caller has none.
 
 Sparse stage: per query block, gather the selected main keys and indexer keys (O(bq K D)), form the
 target from the sparse attention's own lse, and save dKL/dI [B, S, K] (O(S K)) for the backward,
@@ -37,6 +31,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dsa_train.kernels import dense_indexer_kl
 from dsa_train.kernels import indexer_kl_pallas as kl_pallas
 from dsa_train.kernels import indexer_tiles as tiles
 
@@ -103,12 +98,14 @@ def _sl(x, start, size):
 # ---- pass 1: streaming log-sum-exp of the main attention --------------------------------------------
 
 def _target_logits(q_b, kv_b, sm_scale):
-    return jnp.einsum("bshd,btd->bsht", q_b, kv_b, preferred_element_type=F32) * sm_scale
+    spec = "bshd,bthd->bsht" if kv_b.ndim == 4 else "bshd,btd->bsht"
+    return jnp.einsum(spec, q_b, kv_b, preferred_element_type=F32) * sm_scale
 
 
 def attention_lse_streaming(q, kv, sm_scale: float, segment_ids, block_q: int = STREAMING_BLOCKS[0],
                             block_k: int = STREAMING_BLOCKS[1]) -> jnp.ndarray:
-    """Per-head log-sum-exp of the causal, document-masked MQA-form attention: [B, S, H] fp32."""
+    """Per-head log-sum-exp of the causal, document-masked attention: [B, S, H] fp32; kv [B, T, D]
+    (MQA form) or [B, T, H, D] (per-head form)."""
     b, s, h, _ = q.shape
     block_q, block_k = _blocks_for(s, block_q, block_k)
     length = _padded_length(s, block_q, block_k)
@@ -132,109 +129,20 @@ def attention_lse_streaming(q, kv, sm_scale: float, segment_ids, block_q: int = 
     return jnp.moveaxis(lse, 0, 1).reshape(b, length, h)[:, :s]
 
 
-# ---- pass 2 (forward statistics) and backward, pure JAX ---------------------------------------------
-
-def _dense_tiles(q_b, kv_b, lse_b, qi_b, ki_b, w_b, vis, sm_scale):
-    """Target tile p [B, bq, bk] (0 where invisible), indexer logits z [B, bq, Hi, bk] and the masked
-    indexer score tile I [B, bq, bk] (-inf where invisible)."""
-    a = _target_logits(q_b, kv_b, sm_scale)
-    p = jnp.exp(jnp.where(vis[:, :, None, :], a - lse_b[..., None], NEG)).mean(axis=2)
-    z = jnp.einsum("bshd,btd->bsht", qi_b.astype(F32), ki_b.astype(F32)) * qi_b.shape[-1] ** -0.5
-    score = jnp.einsum("bsh,bsht->bst", w_b.astype(F32), jax.nn.relu(z))
-    return p, z, jnp.where(vis, score, NEG)
-
-
-def _dense_stats_streaming(q, kv, lse, q_idx, k_idx, w_idx, segment_ids, *, sm_scale, block_q, block_k):
-    """-> KL_t, lse_I(t), psum(t), each [B, S] fp32."""
-    b, s = segment_ids.shape
-    length = _padded_length(s, block_q, block_k)
-    pad, (q_p, kv_p, lse_p, qi_p, ki_p, w_p) = _pad_all(length, segment_ids, q, kv, lse, q_idx, k_idx, w_idx)
-    n_k = length // block_k
-
-    def per_query_block(qi):
-        q_b, lse_b, qi_b, w_b, qpos, qseg = (_sl(x, qi * block_q, block_q)
-                                             for x in (q_p, lse_p, qi_p, w_p, pad.pos, pad.seg))
-
-        def body(kj, carry):
-            m, l, plogp, p_dot_i, psum = carry
-            ks = kj * block_k
-            vis = tiles.visible(qpos, qseg, _sl(pad.pos, ks, block_k), _sl(pad.seg, ks, block_k))
-            p, _, score = _dense_tiles(q_b, _sl(kv_p, ks, block_k), lse_b, qi_b, _sl(ki_p, ks, block_k),
-                                       w_b, vis, sm_scale)
-            m, l = _online_lse(m, l, score, axis=2)
-            return (m, l, plogp + _xlogy(p).sum(-1), p_dot_i + jnp.where(p > 0, p * score, 0.0).sum(-1),
-                    psum + p.sum(-1))
-
-        init = (jnp.full((b, block_q), NEG, F32),) + tuple(jnp.zeros((b, block_q), F32) for _ in range(4))
-        m, l, plogp, p_dot_i, psum = jax.lax.fori_loop(
-            0, tiles.causal_key_blocks(qi, block_q, block_k, n_k), body, init)
-        lse_i = m + jnp.log(l)
-        return plogp - p_dot_i + lse_i * psum, lse_i, psum
-
-    stats = jax.lax.map(per_query_block, jnp.arange(length // block_q))
-    return tuple(jnp.moveaxis(x, 0, 1).reshape(b, length)[:, :s] for x in stats)
-
-
-def _dense_grads_streaming(q, kv, lse, q_idx, k_idx, w_idx, segment_ids, lse_i, psum, g, *,
-                           sm_scale, block_q, block_k):
-    """Gradients of sum_t g_t KL_t w.r.t. (q_idx, k_idx, w_idx), recomputing tiles block by block."""
-    b, s = segment_ids.shape
-    di = q_idx.shape[-1]
-    scale = di ** -0.5
-    length = _padded_length(s, block_q, block_k)
-    pad, (q_p, kv_p, lse_p, qi_p, ki_p, w_p, lse_i_p, psum_p, g_p) = _pad_all(
-        length, segment_ids, q, kv, lse, q_idx, k_idx, w_idx, lse_i, psum, g)
-    n_k = length // block_k
-
-    def per_query_block(dk, qi):
-        q_b, lse_b, qi_b, w_b, lse_i_b, psum_b, g_b, qpos, qseg = (
-            _sl(x, qi * block_q, block_q) for x in (q_p, lse_p, qi_p, w_p, lse_i_p, psum_p, g_p, pad.pos, pad.seg))
-        qi_f, w_f = qi_b.astype(F32), w_b.astype(F32)
-
-        def body(kj, carry):
-            dq_b, dw_b, dk = carry
-            ks = kj * block_k
-            ki_b = _sl(ki_p, ks, block_k).astype(F32)
-            vis = tiles.visible(qpos, qseg, _sl(pad.pos, ks, block_k), _sl(pad.seg, ks, block_k))
-            p, z, score = _dense_tiles(q_b, _sl(kv_p, ks, block_k), lse_b, qi_b, ki_b, w_b, vis, sm_scale)
-            soft = jnp.where(vis, jnp.exp(score - lse_i_b[..., None]), 0.0)
-            d_score = g_b[..., None] * (psum_b[..., None] * soft - p)  # [B, bq, bk]
-            dz = d_score[:, :, None, :] * w_f[..., None] * (z > 0)  # [B, bq, Hi, bk]
-            dk_tile = jnp.einsum("bsht,bshd->btd", dz, qi_f) * scale
-            dk = jax.lax.dynamic_update_slice_in_dim(dk, _sl(dk, ks, block_k) + dk_tile, ks, 1)
-            return (dq_b + jnp.einsum("bsht,btd->bshd", dz, ki_b) * scale,
-                    dw_b + jnp.einsum("bst,bsht->bsh", d_score, jax.nn.relu(z)), dk)
-
-        init = (jnp.zeros(qi_b.shape, F32), jnp.zeros(w_b.shape, F32), dk)
-        dq_b, dw_b, dk = jax.lax.fori_loop(0, tiles.causal_key_blocks(qi, block_q, block_k, n_k), body, init)
-        return dk, (dq_b, dw_b)
-
-    dk, (dq, dw) = jax.lax.scan(per_query_block, jnp.zeros((b, length, di), F32), jnp.arange(length // block_q))
-    dq = jnp.moveaxis(dq, 0, 1).reshape(b, length, *q_idx.shape[2:])[:, :s]
-    dw = jnp.moveaxis(dw, 0, 1).reshape(b, length, w_idx.shape[-1])[:, :s]
-    return dq.astype(q_idx.dtype), dk[:, :s].astype(k_idx.dtype), dw.astype(w_idx.dtype)
-
-
 # ---- the differentiable dense loss -----------------------------------------------------------------
 
 class _DenseConfig(NamedTuple):
     sm_scale: float
     impl: tiles.Impl
-    block_q: int  # blocks of the pure-JAX passes (pass 1, streaming pass 2, backward)
-    block_k: int
 
 
 def _dense_stats(cfg: _DenseConfig, q, kv, lse, q_idx, k_idx, w_idx, segment_ids):
     args = (q, kv, lse, q_idx, k_idx, w_idx, segment_ids)
-    if cfg.impl.kind == "streaming":
-        return _dense_stats_streaming(*args, sm_scale=cfg.sm_scale, block_q=cfg.block_q, block_k=cfg.block_k)
     return kl_pallas.by_variant(kl_pallas.dense_stats, *args, sm_scale=cfg.sm_scale, variant=cfg.impl.variant,
                                 interpret=cfg.impl.interpret)
 
 
 def _dense_grads(cfg: _DenseConfig, *args):
-    if cfg.impl.kind == "streaming":
-        return _dense_grads_streaming(*args, sm_scale=cfg.sm_scale, block_q=cfg.block_q, block_k=cfg.block_k)
     return kl_pallas.by_variant(kl_pallas.dense_grads, *args, sm_scale=cfg.sm_scale, variant=cfg.impl.variant,
                                 interpret=cfg.impl.interpret)
 
@@ -261,24 +169,33 @@ _dense_kl.defvjp(_dense_kl_fwd, _dense_kl_bwd)
 
 
 def dense_indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, lse=None, *,
-                              impl: str = "streaming", block_q: int = STREAMING_BLOCKS[0],
-                              block_k: int = STREAMING_BLOCKS[1]):
-    """Dense warm-up KL without an S x T buffer. `lse` [B, S, H]: the main attention's per-head
+                          impl: str = "streaming", block_q: int = STREAMING_BLOCKS[0],
+                          block_k: int = STREAMING_BLOCKS[1]):
+    """Dense warm-up KL without an S x T buffer. kv [B, T, D] (MQA form) or [B, T, H, D] (per-head
+    form, q the matching per-head queries). `lse` [B, S, H]: the main attention's per-head
     log-sum-exp if already known (pass 1 is skipped). `impl` (see `indexer_tiles.IMPLS`): "streaming"
-    (pure JAX) or a Pallas variant for pass 1, pass 2 and the backward; block_q/block_k size the
-    pure-JAX loops (the Pallas tiles are per variant, `indexer_kl_pallas`)."""
+    runs the one-pass target (`dense_indexer_kl`); a Pallas variant runs the Pallas kernels on the
+    MQA form (the per-head form always takes the one-pass path). block_q/block_k size the pure-JAX
+    loops (the Pallas tiles are per variant, `indexer_kl_pallas`)."""
     chosen = tiles.resolve(impl)
     tiles.check_self_attention(q.shape[1], kv.shape[1])
     block_q, block_k = _blocks_for(q.shape[1], block_q, block_k)
     sg = jax.lax.stop_gradient
     q, kv = sg(q), sg(kv)
-    if lse is None and chosen.kind == "pallas":
+    pallas = chosen.kind == "pallas" and kv.ndim == 3
+    if lse is None and pallas:
         lse = kl_pallas.by_variant(kl_pallas.attention_lse, q, kv, segment_ids, sm_scale=float(sm_scale),
                                    variant=chosen.variant, interpret=chosen.interpret)
     elif lse is None:
         lse = attention_lse_streaming(q, kv, sm_scale, segment_ids, block_q, block_k)
-    cfg = _DenseConfig(float(sm_scale), chosen, block_q, block_k)
-    return _dense_kl(cfg, q_idx, k_idx, w_idx, q, kv, sg(lse).astype(F32), segment_ids)
+    lse = sg(lse).astype(F32)
+    if pallas:
+        return _dense_kl(_DenseConfig(float(sm_scale), chosen), q_idx, k_idx, w_idx, q, kv, lse, segment_ids)
+    valid = (segment_ids != 0).astype(F32)
+    total = dense_indexer_kl.dense_kl_sum(q, kv, lse, q_idx, k_idx, w_idx, valid, jnp.arange(q.shape[1]),
+                                          segment_ids, segment_ids, sm_scale=sm_scale, block_q=block_q,
+                                          block_k=block_k)
+    return total / jnp.maximum(valid.sum(), 1.0)
 
 
 # ---- sparse stage -----------------------------------------------------------------------------------

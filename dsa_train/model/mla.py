@@ -106,12 +106,22 @@ class MLA(nnx.Module):
         ops = context_parallel.sequence_ops(self.backend)
         indices = None
         q_mqa, kv_mqa, w_uv = self._absorbed(q_nope, q_pe, c_kv, k_pe)
-        if mode.attention == "dense":
+        if mode.attention == "dense" and context_parallel.active():
+            # MQA form: only the 576-dim latent + rope key crosses the context shards, never the
+            # per-head K/V of the whole row (see context_parallel.dense_attention for the cost).
+            latent_out, lse = ops.dense_attention(q_mqa, kv_mqa, kv_mqa[..., : c.kv_lora_rank], segment_ids,
+                                                  self.sm_scale)
+            out = jnp.einsum("bshc,hvc->bshv", latent_out, w_uv)
+            kl_q, kl_kv = q_mqa, kv_mqa
+        elif mode.attention == "dense":
             kv = self.kv_b_proj(c_kv).reshape(b, s, h, c.qk_nope_head_dim + c.v_head_dim)
             k = jnp.concatenate([kv[..., : c.qk_nope_head_dim],
                                  jnp.broadcast_to(k_pe[:, :, None, :], (b, s, h, c.qk_rope_head_dim))], -1)
-            out, lse = ops.dense_attention(jnp.concatenate([q_nope, q_pe], -1), k, kv[..., c.qk_nope_head_dim:],
-                                           segment_ids, self.sm_scale)
+            q_heads = jnp.concatenate([q_nope, q_pe], -1)
+            out, lse = ops.dense_attention(q_heads, k, kv[..., c.qk_nope_head_dim:], segment_ids, self.sm_scale)
+            # The one-pass KL forms its target from the per-head keys the attention just used (192-dim
+            # per head instead of the 576-dim absorbed form); the Pallas KL kernels take the MQA form.
+            kl_q, kl_kv = (q_heads, k) if self.backend.impl in ("blocked", "streaming") else (q_mqa, kv_mqa)
         else:
             # Selection is discrete: no gradient flows through it (and the streaming top-k's loop
             # need not be linearized).
@@ -126,7 +136,7 @@ class MLA(nnx.Module):
         loss = jnp.zeros((), jnp.float32)
         if mode.indexer_loss:
             if mode.attention == "dense":
-                loss = ops.indexer_kl_loss(sg(q_mqa), sg(kv_mqa), self.sm_scale, q_i, k_i, w_i, segment_ids,
+                loss = ops.indexer_kl_loss(sg(kl_q), sg(kl_kv), self.sm_scale, q_i, k_i, w_i, segment_ids,
                                            lse=sg(lse))
             else:
                 loss = ops.sparse_indexer_kl_loss(sg(q_mqa), sg(kv_mqa), indices, sg(lse), self.sm_scale,

@@ -36,38 +36,6 @@ def dense_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids:
     return out.astype(q.dtype), jnp.transpose(lse, (0, 2, 1))
 
 
-def dense_attention_blocked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray,
-                            sm_scale: float, block_q: int = 256) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """`dense_attention` one query block at a time: scores exist for [block_q, T] only, and the
-    backward recomputes each block (jax.checkpoint) instead of keeping it. Same contract."""
-    b, s, h, _ = q.shape
-    block_q = min(block_q, s)
-    nb = -(-s // block_q)
-    pad = nb * block_q - s
-    q_p = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    seg_p = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)  # padded queries see nothing
-    q_blocks = q_p.reshape(b, nb, block_q, *q.shape[2:]).swapaxes(0, 1)
-    seg_blocks = seg_p.reshape(b, nb, block_q).swapaxes(0, 1)
-    key_pos = jnp.arange(s)
-
-    @jax.checkpoint
-    def one_block(args):
-        qb, segb, start = args
-        scores = jnp.einsum("bshd,bthd->bhst", qb, k, preferred_element_type=jnp.float32) * sm_scale
-        q_pos = start + jnp.arange(block_q)
-        mask = (segb[:, :, None] == segment_ids[:, None, :]) & (key_pos[None, None, :] <= q_pos[None, :, None])
-        scores = jnp.where(mask[:, None], scores, NEG_INF)
-        lse = jax.nn.logsumexp(scores, axis=-1)
-        probs = jnp.exp(scores - lse[..., None])
-        out = jnp.einsum("bhst,bthd->bshd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return out.astype(q.dtype), jnp.transpose(lse, (0, 2, 1))
-
-    out, lse = jax.lax.map(one_block, (q_blocks, seg_blocks, jnp.arange(nb) * block_q))
-    out = out.swapaxes(0, 1).reshape(b, nb * block_q, h, v.shape[-1])[:, :s]
-    lse = lse.swapaxes(0, 1).reshape(b, nb * block_q, h)[:, :s]
-    return out, lse
-
-
 def gather_keys(kv: jnp.ndarray, indices: jnp.ndarray) -> jnp.ndarray:
     """kv [B, T, D], indices [B, S, K] (-1 allowed) -> [B, S, K, D]; invalid slots read key 0."""
     safe = jnp.maximum(indices, 0)

@@ -13,10 +13,10 @@ per-token keys across ``context``:
 - sparse indexer KL: the backend's kernel on the same gathers; its numerator and denominator are
   summed over every token-sharding axis, so the loss is the global mean.
 
-Dense mode (warm-up, dense stage) likewise: dense attention gathers the per-head keys/values
-(heads stay sharded over ``tensor``) and the dense KL gathers the latent and indexer keys; both
-run query blocks of at most ``SCORE_BUDGET`` bytes of fp32 scores (keys are not blocked, so the
-per-device working set is bounded by that budget rather than flat in the sequence length).
+Dense mode (warm-up, dense stage) likewise, in MLA's MQA form: dense attention runs the flash
+kernel on local queries against the gathered latent keys (heads stay sharded over ``tensor``), and
+the dense KL runs the one-pass kernel against the gathered latent and indexer keys, with the lse
+of that attention; never the per-head K/V of the whole row.
 
 The gradient of an all-gather is a reduce-scatter, so key gradients land back on their owners.
 
@@ -25,8 +25,9 @@ each row once (:func:`laid_out`) so that shard i holds chunks i and 2n-1-i. Ever
 takes each local query's original position for the causal mask and puts the gathered keys back in
 the original order (a reorder of whole chunks), so top-k indices stay global original positions
 and every result equals the contiguous layout's. The ops below compute every (local query, key)
-score and mask the non-causal ones, so their cost is the same on every shard in either layout;
-what the layout balances is the causal work a block-skipping kernel would do (bench/context_balance.py).
+score and mask the non-causal ones, so their cost is the same on every shard in either layout; the
+dense kernels skip the key blocks past each query block's last position, so there the layout
+balances real work (bench/context_balance.py).
 """
 
 from __future__ import annotations
@@ -41,10 +42,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from dsa_train.ops.attention import NEG_INF
-from dsa_train.ops.indexer import TOPK_INDICES, indexer_scores
-from dsa_train.ops.losses import head_summed_target, kl_from_target
-from dsa_train.ops.masks import causal_document_mask_at
+from dsa_train.ops.indexer import TOPK_INDICES
 from dsa_train.parallel import batch_sharded
 from dsa_train.parallel import scope as scope_lib
 from dsa_train.parallel import sequence_order
@@ -154,7 +152,7 @@ class ContextParallelOps:
         self.backend = backend
 
     def dense_attention(self, q, k, v, segment_ids, sm_scale: float):
-        return dense_attention(q, k, v, segment_ids, sm_scale)
+        return dense_attention(self.backend, q, k, v, segment_ids, sm_scale)
 
     def indexer_topk(self, q, k, weights, topk: int, segment_ids):
         return indexer_topk(self.backend, q, k, weights, topk, segment_ids)
@@ -163,7 +161,7 @@ class ContextParallelOps:
         return sparse_mla_attention(self.backend, q, kv, indices, sm_scale, v_dim)
 
     def indexer_kl_loss(self, q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, lse=None):
-        return indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids)
+        return indexer_kl_loss(self.backend, q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, lse)
 
     def sparse_indexer_kl_loss(self, q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids):
         return sparse_indexer_kl_loss(self.backend, q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids)
@@ -255,17 +253,22 @@ def sparse_indexer_kl_loss(backend, q, kv, indices, lse, sm_scale, q_idx, k_idx,
 
 # ---- dense mode (the warm-up and the dense stage) ----------------------------------------------------
 
-SCORE_BUDGET = 1 << 27  # bytes of fp32 scores one query block may hold
+# An upper bound of the fp32 tiles the dense kernels hold per shard and layer (a [1, 128, 128, 256]
+# score tile is 16 MiB; scores, probabilities and exponentials live together), as the planner charges it.
+SCORE_BUDGET = 1 << 27
 
 
-def _score_block(s_local: int, per_query: int) -> int:
-    return _blocks(s_local, max(1, SCORE_BUDGET // max(per_query, 1)))
+def dense_attention(backend, q, k, v, segment_ids, sm_scale: float):
+    """Context-parallel dense attention: the backend's flash kernel (``Backend.dense_attention_at``) on each
+    shard's queries, at their row positions, against keys and values all-gathered across ``context``;
+    the causal skip drops the key blocks past the shard's last position. Heads stay sharded over
+    ``tensor``.
 
-
-def dense_attention(q, k, v, segment_ids, sm_scale: float):
-    """Context-parallel ``ops.attention.dense_attention_blocked``: local queries against keys and
-    values all-gathered across ``context`` (heads stay sharded over ``tensor``), query-blocked with
-    the causal mask offset by the shard's position; each block is recomputed in the backward pass."""
+    The model calls it in the MQA form (k = the 576-dim latent + rope key shared by the heads,
+    v = the 512-dim latent, q the absorbed queries): per token 576 + 512 values cross the shards
+    instead of H x (192 + 128) per-head ones (70x fewer bytes at H = 128), at 2 H (576 + 512)
+    instead of 2 H (192 + 128) FLOPs per (query, key) pair (3.4x). Per-head inputs work too (then
+    their per-head K/V are gathered)."""
     scope = _layout()
     b, s, h, _ = q.shape
     sizes, batch, ctx = _specs(scope, s)
@@ -275,69 +278,42 @@ def dense_attention(q, k, v, segment_ids, sm_scale: float):
 
     def local(q, k, v, seg):
         with scope_lib.suspended():
-            k_all, v_all, seg_all = seq.gather(k), seq.gather(v), seq.gather(seg)
-            bl, s_local, hl, _ = q.shape
-            q_pos, k_pos = seq.query_positions(s_local), jnp.arange(s)
-            block = _score_block(s_local, 4 * bl * hl * k_all.shape[1])
-
-            @jax.checkpoint
-            def one_block(start):
-                qb = jax.lax.dynamic_slice_in_dim(q, start, block, 1)
-                segb = jax.lax.dynamic_slice_in_dim(seg, start, block, 1)
-                scores = jnp.einsum("bshd,bthd->bhst", qb, k_all, preferred_element_type=jnp.float32) * sm_scale
-                mask = causal_document_mask_at(segb, seg_all, jax.lax.dynamic_slice_in_dim(q_pos, start, block), k_pos)
-                scores = jnp.where(mask[:, None], scores, NEG_INF)
-                lse = jax.nn.logsumexp(scores, axis=-1)
-                probs = jnp.exp(scores - lse[..., None])
-                out = jnp.einsum("bhst,bthd->bshd", probs.astype(v_all.dtype), v_all,
-                                 preferred_element_type=jnp.float32)
-                return out.astype(q.dtype), jnp.transpose(lse, (0, 2, 1))
-
-            out, lse = jax.lax.map(one_block, jnp.arange(s_local // block) * block)
-            out = jnp.moveaxis(out, 0, 1).reshape(bl, s_local, hl, v.shape[-1])
-            return out, jnp.moveaxis(lse, 0, 1).reshape(bl, s_local, hl)
+            pos = seq.query_positions(q.shape[1])
+            return backend.dense_attention_at(q, seq.gather(k), seq.gather(v), pos, seg, seq.gather(seg), sm_scale)
 
     tok = P(bspec, cspec, hspec)
-    return jax.shard_map(local, mesh=scope.mesh, in_specs=(tok, tok, tok, P(bspec, cspec)),
-                         out_specs=(tok, tok))(q, k, v, segment_ids)
+    kv_spec = P(bspec, cspec) if k.ndim == 3 else tok
+    # check_vma off: the kernel's loops start from device-invariant carries (see sparse_mla_attention).
+    return jax.shard_map(local, mesh=scope.mesh, in_specs=(tok, kv_spec, kv_spec, P(bspec, cspec)),
+                         out_specs=(tok, tok), check_vma=False)(q, k, v, segment_ids)
 
 
-def indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids):
-    """Context-parallel ``ops.losses.indexer_kl_loss`` (dense warm-up KL, global mean over valid
-    queries): per query block, the head-summed target over all gathered latent keys and the indexer
-    distribution over all gathered indexer keys (the main attention's lse is recomputed per block)."""
+def indexer_kl_loss(backend, q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, lse):
+    """Context-parallel dense warm-up KL (global mean over valid queries): the backend's one-pass
+    kernel (``Backend.indexer_kl_sum_at``) on each shard's queries at their row positions, against the
+    gathered latent keys (576-dim, MQA form) and indexer keys (128-dim); the target is normalized
+    with the main attention's ``lse`` [B, S, H] of the same queries. The shards' weighted sums and
+    counts are summed outside ``shard_map``; key gradients return to their owners through the
+    gathers' transposes."""
+    if lse is None:
+        raise ValueError("context-parallel dense indexer KL needs the main attention's lse")
     scope = _layout()
     b, s = segment_ids.shape
     sizes, batch, ctx = _specs(scope, s)
     bspec, cspec = _entry(batch), _entry(ctx)
-    token_axes = batch + ctx
+    token_axes = _entry(batch + ctx)
     seq = _sequence(scope, sizes, ctx)
     sg = jax.lax.stop_gradient
 
-    def local(q, kv, qi, ki, wi, seg):
+    def local(q, kv, lse, qi, ki, wi, seg):
         with scope_lib.suspended():
-            kv_all, ki_all, seg_all = seq.gather(kv), seq.gather(ki), seq.gather(seg)
-            bl, s_local, hl, _ = q.shape
-            q_pos, k_pos = seq.query_positions(s_local), jnp.arange(s)
-            block = _score_block(s_local, 4 * bl * max(hl, qi.shape[2]) * kv_all.shape[1])
             valid = (seg != 0).astype(jnp.float32)
-
-            @jax.checkpoint
-            def block_sum(ki_all, start):
-                sl = lambda x: jax.lax.dynamic_slice_in_dim(x, start, block, 1)  # noqa: E731
-                mask = causal_document_mask_at(sl(seg), seg_all, jax.lax.dynamic_slice_in_dim(q_pos, start, block),
-                                               k_pos)  # [b, Q, T]
-                target = head_summed_target(sl(q), kv_all, sm_scale, mask)
-                logits = jnp.where(mask, indexer_scores(sl(qi), ki_all, sl(wi)), -jnp.inf)
-                return (kl_from_target(sg(target), logits) * sl(valid)).sum()
-
-            per_block = jax.lax.map(lambda start: block_sum(ki_all, start), jnp.arange(s_local // block) * block)
-            total, count = per_block.sum(), valid.sum()
-            if token_axes:
-                total = jax.lax.psum(total, _entry(token_axes))
-                count = jax.lax.psum(count, _entry(token_axes))
-            return total / jnp.maximum(count, 1.0)
+            total = backend.indexer_kl_sum_at(q, seq.gather(kv), lse, qi, seq.gather(ki), wi, valid,
+                                              seq.query_positions(q.shape[1]), seg, seq.gather(seg), sm_scale)
+            return total[None], valid.sum()[None]
 
     tok = P(bspec, cspec)
-    return jax.shard_map(local, mesh=scope.mesh, in_specs=(tok, tok, tok, tok, tok, tok),
-                         out_specs=P())(sg(q), sg(kv), q_idx, k_idx, w_idx, segment_ids)
+    total, count = jax.shard_map(local, mesh=scope.mesh, in_specs=(tok,) * 7,
+                                 out_specs=(P(token_axes), P(token_axes)), check_vma=False)(
+        sg(q), sg(kv), sg(lse), q_idx, k_idx, w_idx, segment_ids)
+    return total.sum() / jnp.maximum(count.sum(), 1.0)
