@@ -8,7 +8,7 @@ memory, the loop-counted FLOPs / HBM bytes / collective bytes of the program and
 each scanned stack, and the step time built from them.
 
     python bench/compiled_costs.py                       # both stages at 32K and 128K
-    python bench/compiled_costs.py --stages warmup --lengths 32768 65536 131072 \
+    python bench/compiled_costs.py --stages warmup --lengths 32768 --set model.num_nextn_predict_layers=0 \
         --out bench/results/plan_compiled_baseline.json --no-docs
 
 Writes bench/results/compiled_costs.json and .md (or --out), and, unless --no-docs, the figures
@@ -41,19 +41,19 @@ STAGES = {
 MARK = ("<!-- compiled-plan:begin (python bench/compiled_costs.py) -->", "<!-- compiled-plan:end -->")
 
 
-def command(stage: str, seq_len: int, depth_cut: str | None, target: str) -> list[str]:
+def command(stage: str, seq_len: int, depth_cut: str | None, target: str, sets: list[str] = ()) -> list[str]:
     s = STAGES[stage]
     cmd = [sys.executable, "-m", "dsa_train.cli", "plan", s["recipe"], "--target", target, "--stage", stage,
            "--mesh", s["mesh"], "--batch", str(s["batch"]), "--seq-len", str(seq_len), "--remat", "full", "--json"]
     if depth_cut:
         cmd += ["--depth-cut", depth_cut]
-    for item in RULES + s["sets"]:
+    for item in RULES + s["sets"] + list(sets):
         cmd += ["--set", item]
     return cmd
 
 
-def run_one(stage: str, seq_len: int, depth_cut: str | None, target: str, timeout: int) -> dict:
-    cmd = command(stage, seq_len, depth_cut, target)
+def run_one(stage: str, seq_len: int, depth_cut: str | None, target: str, timeout: int, sets=()) -> dict:
+    cmd = command(stage, seq_len, depth_cut, target, sets)
     start = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     try:
@@ -113,7 +113,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     p.add_argument("--lengths", nargs="+", type=int, default=[32768, 131072])
-    p.add_argument("--depth-cut", default=None, help="DENSE+MOE (default: the full 3 + 58 layers, scanned)")
+    p.add_argument("--depth-cut", default="2+3",
+                   help="DENSE+MOE layers compiled (scanned stacks of different lengths, so that each stack's "
+                        "per-layer cost is read apart), extrapolated to the full 3 + 58; 'full': no cut")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to every plan, e.g. model.num_nextn_predict_layers=0")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per compile")
     p.add_argument("--out", default=str(REPO / "bench/results/compiled_costs.json"))
     p.add_argument("--no-docs", action="store_true", help="do not update docs/plan-671b.md and README.md")
@@ -122,7 +126,8 @@ def main() -> None:
     for seq_len in args.lengths:
         for stage in args.stages:
             target = "tpu-v5p"
-            r = run_one(stage, seq_len, args.depth_cut, target, args.timeout)
+            cut = None if args.depth_cut == "full" else args.depth_cut
+            r = run_one(stage, seq_len, cut, target, args.timeout, args.sets)
             print(json.dumps({k: r.get(k) for k in ("stage", "seq_len", "error", "wall_s", "compile_s")}), flush=True)
             results.append(r)
     out = Path(args.out)
