@@ -112,3 +112,11 @@ def test_plan_target_compiles_both_stages_for_v5p(capsys):
         assert 0 < t["lower_s"] <= t["upper_s"]
     assert re.search(r"stage warmup: compiled for TPU v5p v5p:2x2x1", report)
     assert "Assumptions left" in report and "Extrapolated to 2 dense, 3 moe layers" in report
+
+
+def test_bad_target_is_one_line_error(capsys):
+    from dsa_train.cli import main
+
+    assert main(["plan", "configs/tiny.yaml", "--target", "tpu-v7", "--mesh", "data=1,fsdp=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--target 'tpu-v7'" in err[0]
