@@ -165,7 +165,7 @@ def group_size(attrs: str, num_partitions: int) -> int:
     if m:
         sizes = dict((k, int(v)) for k, v in re.findall(r"'([^']+)'=(\d+)", m.group(1)))
         axes = re.findall(r"'([^']+)'", m.group(2))
-        return math.prod(sizes[a] for a in axes) if axes else num_partitions
+        return math.prod(sizes.get(a, 1) for a in axes) if axes else num_partitions
     return num_partitions
 
 
@@ -324,7 +324,7 @@ class Program:
         if ins.opcode == "dot":
             m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs)
             dims = [int(d) for d in m.group(1).split(",") if d] if m else []
-            k = math.prod(lhs[0][1][d] for d in dims) if lhs else 1
+            k = math.prod(lhs[0][1][d] for d in dims if d < len(lhs[0][1])) if lhs else 1
             return 2.0 * n_out * k
         m = re.search(r"dim_labels=[^_]*_([^-]*)->", ins.attrs)
         if not rhs or not m:
