@@ -280,6 +280,7 @@ class Program:
         if op.endswith("-done") or op.endswith("-update") or op in _FREE:
             return c
         kind = op[:-len("-start")] if op.endswith("-start") else op
+        kind = "all-to-all" if kind == "ragged-all-to-all" else kind
         if kind in COLLECTIVES:
             operand = sum(self._operand_bytes(comp, ins))
             out = ins.out_bytes if not op.endswith("-start") else operand
