@@ -86,7 +86,7 @@ def markdown(results: list[dict]) -> str:
             lines.append(f"| {r['stage']} | {r['batch'] if 'batch' in r else ''} x {r['seq_len']:,} | | "
                          f"does not compile: {r['error'][:120]} | | | | | |")
             continue
-        w, mem = r["full_depth"] or r["walked"], r["memory"]
+        w, mem = r["full_depth"] or r["walked"], r.get("full_memory") or r["memory"]
         t = r["full_time"] or r["time"]
         chips = 1
         for v in r["mesh"].values():

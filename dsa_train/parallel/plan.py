@@ -642,6 +642,7 @@ def _plan_target(args, config, sizes: dict, n_devices: int) -> str:
     # On a TPU `model.kernels: auto` resolves to the Pallas kernels; the compile host is no TPU.
     model = replace(config.model, kernels="pallas") if config.model.kernels == "auto" else config.model
     full_stacks = plan_tpu.layer_stacks(model)
+    full_config = Config(model, config.train, config.mesh, config.data, config.checkpoint)
     if args.depth_cut:
         model = depth_cut_model(model, args.depth_cut)
     config = Config(model, config.train, config.mesh, config.data, config.checkpoint)
@@ -651,7 +652,8 @@ def _plan_target(args, config, sizes: dict, n_devices: int) -> str:
     results = []
     for stage in args.stage or STAGES:
         cfg = stage_config(config, stage, batch, seq_len, args.remat)
-        m = plan_tpu.plan_tpu_stage(cfg, rules, chip, topology, full_stacks)
+        full_cfg = stage_config(full_config, stage, batch, seq_len, args.remat)
+        m = plan_tpu.plan_tpu_stage(cfg, rules, chip, topology, full_stacks, full_cfg)
         lines += plan_tpu.format_tpu_stage(stage, cfg, chip, topology, m)
         results.append({"stage": stage, "batch": batch, "seq_len": seq_len, "remat": cfg.train.remat,
                         "grad_accum": cfg.train.grad_accum, "topology": topology, "mesh": sizes,

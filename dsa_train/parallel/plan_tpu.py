@@ -221,9 +221,9 @@ def extrapolate(measured: dict, stacks: dict[str, int], full: dict[str, int]) ->
     return out
 
 
-def plan_tpu_stage(cfg, rules, chip: Chip, topology: str, full_stacks: dict[str, int]) -> dict:
+def plan_tpu_stage(cfg, rules, chip: Chip, topology: str, full_stacks: dict[str, int], full_config=None) -> dict:
     """Compile ``cfg``'s train step for the slice and measure it; ``full_stacks``: the layer stacks
-    of the model the figures are extrapolated to (the recipe's depth)."""
+    of the model the figures are extrapolated to (the recipe's depth), ``full_config`` its config."""
     mesh, note = slice_mesh(cfg.mesh, topology_devices(topology))
     stacks = layer_stacks(cfg.model)
     compiled, timing = compile_step(cfg, mesh, rules)
@@ -238,7 +238,25 @@ def plan_tpu_stage(cfg, rules, chip: Chip, topology: str, full_stacks: dict[str,
     m["full_stacks"] = full_stacks
     m["full_time"] = step_time(full, chip) if full else None
     m["fits"] = m["memory"]["peak"] <= HEADROOM * chip.hbm
+    if full_config is not None and full_stacks != stacks:
+        m["full_memory"] = extrapolate_memory(m["memory"]["peak"], cfg, full_config, mesh, rules)
+        m["fits"] = m["full_memory"]["peak"] <= HEADROOM * chip.hbm
     return m
+
+
+def extrapolate_memory(peak: float, cut_cfg, full_cfg, mesh, rules) -> dict:
+    """Per-chip peak at the full depth: the compiled peak, plus the exact difference of parameters
+    and optimizer state (abstract train states of both depths, sharded), plus what ``remat: full``
+    keeps per extra layer (its input: hidden x local tokens in the compute dtype)."""
+    from dsa_train.parallel.plan import local_sizes, state_memory
+
+    cut, full = state_memory(cut_cfg, mesh, rules), state_memory(full_cfg, mesh, rules)
+    state = (full["params"] + full["optimizer"] + full["grads"]) - (cut["params"] + cut["optimizer"] + cut["grads"])
+    loc = local_sizes(full_cfg, mesh, rules, full_cfg.train.batch_size, full_cfg.train.seq_len)
+    c = 2 if full_cfg.model.compute_dtype == "bfloat16" else 4
+    extra_layers = full_cfg.model.num_hidden_layers - cut_cfg.model.num_hidden_layers
+    saved = extra_layers * c * full_cfg.model.hidden_size * loc.tokens
+    return {"peak": peak + state + saved, "state_difference": state, "saved_inputs": saved}
 
 
 def _gb(x: float) -> str:
@@ -288,6 +306,12 @@ def format_tpu_stage(stage: str, cfg, chip: Chip, topology: str, m: dict) -> lis
                  "(none overlapped).")
     if m["full_stacks"] != m["stacks"]:
         fs = ", ".join(f"{n} {k}" for k, n in m["full_stacks"].items())
+        if m.get("full_memory"):
+            fm = m["full_memory"]
+            lines.append(f"Per-chip peak extrapolated to {fs} layers: {_gb(fm['peak'])} (compiled peak + "
+                         f"{_gb(fm['state_difference'])} more parameters / optimizer state / gradients, exact, + "
+                         f"{_gb(fm['saved_inputs'])} of remat-saved layer inputs): "
+                         f"{'fits' if m['fits'] else 'DOES NOT FIT'} in {HEADROOM:.0%} of {chip.hbm / GB:.0f} GB.")
         if m["full_time"]:
             f, ft = m["full_depth"], m["full_time"]
             lines.append(f"Extrapolated to {fs} layers (+ per-layer marginal costs above): {f['flops']:.4g} FLOPs, "
