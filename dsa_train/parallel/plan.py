@@ -18,7 +18,13 @@ as many devices as the mesh has; on a CPU host they are simulated (``--cpu-devic
 the mesh size), so it works for any mesh, but XLA:CPU fuses differently from XLA:GPU/TPU and
 compile time grows with the model (use ``--set model.num_hidden_layers=...`` to shrink it).
 
-Step time: FLOPs from ``dsa_train.flops`` at the device's bf16 peak times an efficiency per kind
+``--target tpu-v5p:AxBxC`` (or ``tpu-v6e:AxB``) compiles the real train step for a TPU slice that
+is not attached (libtpu) and reports XLA's per-chip memory, the compiled FLOPs, HBM bytes and
+collective bytes (per step and per layer) and a step time built from them
+(``dsa_train.parallel.plan_tpu``); ``--depth-cut DENSE+MOE`` compiles fewer layers and
+extrapolates to the recipe's depth.
+
+Step time (without ``--target``): FLOPs from ``dsa_train.flops`` at the device's bf16 peak times an efficiency per kind
 of work, plus the communication the mesh implies (FSDP all-gathers / reduce-scatters, tensor
 all-reduces, expert all-to-alls, context all-gathers, data all-reduce) over the link each mesh
 axis crosses, of which a fraction overlaps with compute. The attention and indexer compute is
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -550,6 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", choices=("none", "full", "dots"), default=None)
     p.add_argument("--compile", action="store_true", help="also compile the step ahead of time (XLA's figures)")
     p.add_argument("--cpu-devices", type=int, default=None, help="simulated CPU devices for --compile")
+    p.add_argument("--target", default=None, metavar="tpu-v5p[:AxBxC]",
+                   help="compile for this TPU slice (no TPU needed: libtpu) and plan from the compiled costs")
+    p.add_argument("--depth-cut", default=None, metavar="DENSE+MOE",
+                   help="with --target: compile this many dense + MoE layers, extrapolate to the recipe's depth")
     p.add_argument("--out", help="also write the report (Markdown) to this file")
     p.add_argument("--json", action="store_true", help="print one JSON line of per-stage totals after the report")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -569,6 +580,8 @@ def plan_main(argv: list[str] | None = None) -> str:
     if any(v == -1 for v in sizes.values()):
         raise ValueError("plan needs explicit mesh sizes (no -1): pass --mesh data=..,fsdp=..,...")
     n_devices = math.prod(sizes.values())
+    if args.target:
+        return _plan_target(args, config, sizes, n_devices)
     import jax
 
     if args.compile:
@@ -601,6 +614,60 @@ def plan_main(argv: list[str] | None = None) -> str:
                            "activations": p["activations"]["total"], "grads": p["state"]["grads"],
                            **({"xla_peak": p["xla"]["peak"], "xla_argument": p["xla"]["argument"],
                                "xla_temp": p["xla"]["temp"]} if "xla" in p else {})} for p in plans]))
+    return report
+
+
+def depth_cut_model(model, text: str):
+    """``DENSE+MOE`` -> the model with that many dense and MoE layers (MTP depths kept)."""
+    m = re.fullmatch(r"(\d+)\+(\d+)", text or "")
+    if not m:
+        raise ValueError(f"--depth-cut {text!r}: expected DENSE+MOE, e.g. 1+2")
+    dense, moe = int(m.group(1)), int(m.group(2))
+    if dense + moe < 1 or (moe and not model.has_moe):
+        raise ValueError(f"--depth-cut {text!r}: needs at least one layer (MoE layers only in a MoE model)")
+    return replace(model, num_hidden_layers=dense + moe, first_k_dense_replace=dense)
+
+
+def _plan_target(args, config, sizes: dict, n_devices: int) -> str:
+    """``--target``: compile each stage for a TPU slice and report the compiled costs."""
+    import json
+
+    from dsa_train.config import Config
+    from dsa_train.parallel import plan_tpu
+
+    chip, topology = plan_tpu.parse_target(args.target, n_devices)
+    rules = resolve_rules(config.mesh.rules)
+    batch = args.batch or config.train.batch_size
+    seq_len = args.seq_len or config.train.seq_len
+    # On a TPU `model.kernels: auto` resolves to the Pallas kernels; the compile host is no TPU.
+    model = replace(config.model, kernels="pallas") if config.model.kernels == "auto" else config.model
+    full_stacks = plan_tpu.layer_stacks(model)
+    full_config = Config(model, config.train, config.mesh, config.data, config.checkpoint)
+    if args.depth_cut:
+        model = depth_cut_model(model, args.depth_cut)
+    config = Config(model, config.train, config.mesh, config.data, config.checkpoint)
+    mesh_desc = ",".join(f"{k}={v}" for k, v in sizes.items())
+    lines = [f"# dsa-train plan: {args.config} on {chip.name} {topology}", "",
+             f"mesh {mesh_desc} = {n_devices} chips; model.kernels {model.kernels}", ""]
+    results = []
+    for stage in args.stage or STAGES:
+        cfg = stage_config(config, stage, batch, seq_len, args.remat)
+        full_cfg = stage_config(full_config, stage, batch, seq_len, args.remat)
+        m = plan_tpu.plan_tpu_stage(cfg, rules, chip, topology, full_stacks, full_cfg)
+        lines += plan_tpu.format_tpu_stage(stage, cfg, chip, topology, m)
+        results.append({"stage": stage, "batch": batch, "seq_len": seq_len, "remat": cfg.train.remat,
+                        "grad_accum": cfg.train.grad_accum, "topology": topology, "mesh": sizes,
+                        "depth_cut": args.depth_cut, **{k: v for k, v in m.items() if k != "loops"},
+                        "loops": [list(x) for x in m["loops"]]})
+    lines += plan_tpu.assumptions(chip) + [""]
+    report = "\n".join(lines)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(report)
+    print(report)
+    if args.json:
+        print(json.dumps(results))
     return report
 
 
