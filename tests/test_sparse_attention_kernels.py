@@ -261,7 +261,7 @@ def test_backend_indexer_topk(monkeypatch):
     np.testing.assert_array_equal(Backend("reference").indexer_topk(qi, ki, w, 3, seg), want)
     # Every other implementation goes to dsa_train.kernels.indexer_topk.indexer_topk_kernel.
     calls = []
-    fake = lambda q, k, weights, topk, segment_ids, impl: calls.append((topk, impl)) or want  # noqa: E731
+    fake = lambda q, k, weights, topk, segment_ids, impl, **positions: calls.append((topk, impl)) or want  # noqa: E731
     monkeypatch.setattr(backend_lib, "indexer_topk_kernel", fake)
     np.testing.assert_array_equal(Backend.resolve("auto").indexer_topk(qi, ki, w, 3, seg), want)
     assert calls == [(3, resolve_impl("auto"))]
