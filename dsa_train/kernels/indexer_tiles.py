@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from dsa_train.kernels.padding import pad_to, round_up  # noqa: F401  (the indexer kernels' tiles.pad_to / tiles.round_up)
+
 PAD_SEGMENT = -1
 
 
@@ -54,19 +56,6 @@ def resolve(impl: str) -> Impl:
 def check_self_attention(s: int, t: int) -> None:
     if s != t:
         raise ValueError(f"indexer kernels need as many keys as queries (self-attention), got S={s}, T={t}")
-
-
-def round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
-
-
-def pad_to(x: jnp.ndarray, axis: int, length: int, value=0) -> jnp.ndarray:
-    extra = length - x.shape[axis]
-    if extra == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths, constant_values=value)
 
 
 def padded_positions_segments(segment_ids: jnp.ndarray, length: int) -> tuple[jnp.ndarray, jnp.ndarray]:

@@ -64,6 +64,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from dsa_train.kernels.padding import pad_to_multiple
 from dsa_train.kernels.recompute_vjp import attention_with_recompute
 from dsa_train.ops.attention import NEG_INF
 
@@ -135,15 +136,6 @@ def _unpad_features(x: jnp.ndarray, d: int, v_dim: int) -> jnp.ndarray:
     if (dv, dr) == (v_dim, d - v_dim):
         return x
     return jnp.concatenate([x[..., :v_dim], x[..., dv:dv + d - v_dim]], axis=-1)
-
-
-def _pad_axis(x: jnp.ndarray, axis: int, multiple: int, fill) -> jnp.ndarray:
-    pad = -x.shape[axis] % multiple
-    if not pad:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths, constant_values=fill)
 
 
 def _head_block(h: int, block_h: int) -> int:
@@ -302,9 +294,9 @@ def _dkv_kernel(q_ref, kv_ref, idx_ref, do_ref, lse_ref, delta_ref, _dkv_in_ref,
 
 
 def _prepare(q, kv, indices, cfg: GpuKernelConfig, block_h: int, block_k: int):
-    qp = _pad_axis(_pad_features(q, cfg.v_dim), 2, block_h, 0)
+    qp = pad_to_multiple(_pad_features(q, cfg.v_dim), 2, block_h, 0)
     kvp = _pad_features(kv, cfg.v_dim)
-    idxp = _pad_axis(indices, 2, block_k, -1)
+    idxp = pad_to_multiple(indices, 2, block_k, -1)
     return qp, kvp, idxp
 
 
@@ -355,13 +347,13 @@ def _backward(q, kv, indices, out, lse, d_out, d_lse, cfg: GpuKernelConfig):
     dv, dr = _split_dims(d, cfg.v_dim)
     chunk = min(cfg.chunk_v, dv)
     qp, kvp, idx_q = _prepare(q, kv, indices, cfg, max(block_h, step_h), cfg.block_k)
-    idx_kv = _pad_axis(indices, 2, cfg.block_k_bwd, -1)
+    idx_kv = pad_to_multiple(indices, 2, cfg.block_k_bwd, -1)
     hp, dp = qp.shape[2], qp.shape[3]
     delta = jnp.einsum("bshd,bshd->bsh", out.astype(jnp.float32), d_out.astype(jnp.float32))
-    delta = _pad_axis(delta - d_lse.astype(jnp.float32), 2, hp, 0.0)
+    delta = pad_to_multiple(delta - d_lse.astype(jnp.float32), 2, hp, 0.0)
     # Padded heads get lse = +big so their probabilities are exactly 0.
-    lse_p = _pad_axis(lse, 2, hp, -NEG_INF)
-    do_p = _pad_axis(jnp.pad(d_out, [(0, 0)] * 3 + [(0, dv - cfg.v_dim)]), 2, hp, 0)
+    lse_p = pad_to_multiple(lse, 2, hp, -NEG_INF)
+    do_p = pad_to_multiple(jnp.pad(d_out, [(0, 0)] * 3 + [(0, dv - cfg.v_dim)]), 2, hp, 0)
     params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     vs = _value_parts(dv, chunk, cfg.v_splits_dq)
@@ -428,7 +420,7 @@ def sparse_mla_head_summed_probs_gpu(q, kv, indices, lse, sm_scale: float, v_dim
     qp, kvp, idxp = _prepare(q, kv, indices.astype(jnp.int32), cfg, block_h, block_k)
     dv, dr = _split_dims(d, cfg.v_dim)
     hp, dp, kp = qp.shape[2], qp.shape[3], idxp.shape[2]
-    lse_p = _pad_axis(jax.lax.stop_gradient(lse).astype(jnp.float32), 2, block_h, -NEG_INF)  # padded heads: p = 0
+    lse_p = pad_to_multiple(jax.lax.stop_gradient(lse).astype(jnp.float32), 2, block_h, -NEG_INF)  # padded heads: p = 0
     kernel = functools.partial(_head_summed_probs_kernel, scale2=cfg.sm_scale * LOG2E, dv=dv, dr=dr,
                                block_h=block_h, num_h_blocks=hp // block_h)
     psum = pl.pallas_call(

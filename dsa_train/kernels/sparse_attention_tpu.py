@@ -61,6 +61,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from dsa_train.kernels.padding import pad_to_multiple
 from dsa_train.kernels.recompute_vjp import attention_with_recompute
 from dsa_train.ops.attention import NEG_INF
 
@@ -92,15 +93,6 @@ def sparse_mla_attention_tpu(q, kv, indices, sm_scale: float, v_dim: int = 512, 
 def _slot_block(k: int, block_k: int) -> int:
     """Slots per DMA block: a lane-aligned block_k, or all of a short index list (rounded to 8)."""
     return block_k if k > block_k else -(-k // SUBLANES) * SUBLANES
-
-
-def _pad_to(x: jnp.ndarray, axis: int, multiple: int, value) -> jnp.ndarray:
-    pad = -x.shape[axis] % multiple
-    if not pad:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths, constant_values=value)
 
 
 def _interpret_arg(interpret: bool):
@@ -183,7 +175,7 @@ def _gather_source(kv: jnp.ndarray) -> jnp.ndarray:
     if kv.dtype != jnp.bfloat16:
         raise ValueError(f"sparse attention on TPU takes bfloat16 or 32-bit kv, got {kv.dtype}")
     half = _packed_half(kv.shape[-1])
-    bits = jax.lax.bitcast_convert_type(_pad_to(kv, 2, 2 * half, 0), jnp.uint16).astype(jnp.uint32)
+    bits = jax.lax.bitcast_convert_type(pad_to_multiple(kv, 2, 2 * half, 0), jnp.uint16).astype(jnp.uint32)
     return bits[..., :half] | (bits[..., half:] << 16)
 
 
@@ -235,6 +227,12 @@ def _query_block_rows(idx_smem, block_k, num_blocks):
     return rows_of
 
 
+def _slot_scores(q, keys, idx_vmem, qi, blk, sm_scale: float):
+    """Scaled scores [H, block_k] of one query's slot block, -inf on its -1 slots; and the slot mask."""
+    valid = idx_vmem[qi, pl.ds(blk, 1), :] >= 0  # [1, block_k]
+    return jnp.where(valid, _dot_nt(q, keys) * sm_scale, NEG_INF), valid
+
+
 def _forward_kernel(idx_smem, idx_vmem, q_ref, kv_hbm, out_ref, lse_ref, buf, sem, acc_ref, m_ref, l_ref, *,
                     sm_scale: float, v_dim: int, num_blocks: int, key_dtype):
     b = pl.program_id(1)
@@ -249,9 +247,7 @@ def _forward_kernel(idx_smem, idx_vmem, q_ref, kv_hbm, out_ref, lse_ref, buf, se
             m_ref[...] = jnp.full_like(m_ref, NEG_INF)
             l_ref[...] = jnp.zeros_like(l_ref)
 
-        q = q_ref[qi]  # [H, D]
-        valid = idx_vmem[qi, pl.ds(blk, 1), :] >= 0  # [1, block_k]
-        s = jnp.where(valid, _dot_nt(q, keys) * sm_scale, NEG_INF)  # [H, block_k]
+        s, valid = _slot_scores(q_ref[qi], keys, idx_vmem, qi, blk, sm_scale)
         m_prev, l_prev = m_ref[...], l_ref[...]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
         alpha = jnp.exp(m_prev - m_next)
@@ -283,8 +279,8 @@ def _dq_kernel(idx_smem, idx_vmem, q_ref, kv_hbm, do_ref, lse_ref, delta_ref, dq
         q, do = q_ref[qi], do_ref[qi]
         lse = _row_to_column(lse_ref[pl.ds(qi, 1), :])  # [H, 1]
         delta = _row_to_column(delta_ref[pl.ds(qi, 1), :])
-        valid = idx_vmem[qi, pl.ds(blk, 1), :] >= 0
-        p = jnp.where(valid, jnp.exp(_dot_nt(q, keys) * sm_scale - lse), 0.0)  # [H, block_k]
+        s, valid = _slot_scores(q, keys, idx_vmem, qi, blk, sm_scale)
+        p = jnp.where(valid, jnp.exp(s - lse), 0.0)  # [H, block_k]
         ds = p * (_dot_nt(do, keys[:, :v_dim]) - delta) * sm_scale
         part = _dot(ds.astype(key_dtype), keys)
 
@@ -415,8 +411,8 @@ def _per_query(block_q: int, *tail: int):
 def _prepared(q, indices, cfg: TpuKernelConfig, *per_query):
     """Pad queries to block_q and slots to block_k (padding slots and queries: -1, no keys)."""
     block_k = _slot_block(indices.shape[-1], cfg.block_k)
-    idxp = _pad_to(_pad_to(indices, 2, block_k, -1), 1, cfg.block_q, -1)
-    padded = [_pad_to(x, 1, cfg.block_q, 0) for x in (q, *per_query)]
+    idxp = pad_to_multiple(pad_to_multiple(indices, 2, block_k, -1), 1, cfg.block_q, -1)
+    padded = [pad_to_multiple(x, 1, cfg.block_q, 0) for x in (q, *per_query)]
     return block_k, idxp, padded
 
 
