@@ -637,6 +637,9 @@ def check_for_devices(config: Config, n_devices: int, n_processes: int) -> None:
     if b % n_processes:
         raise ConfigError(f"train.batch_size: {b} is not divisible by the {n_processes} processes (each feeds "
                           "whole rows)")
+    if n_processes > 1 and batch_ways % n_processes:
+        raise ConfigError(f"mesh: data x fsdp x expert = {batch_ways} is not a multiple of the {n_processes} processes "
+                          "(each process feeds whole rows, so mesh.context and mesh.tensor can't span processes)")
 
 
 def resolved_items(path: str | Path, overrides=()) -> list[tuple[str, Any, str]]:
