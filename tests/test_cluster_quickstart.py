@@ -100,3 +100,25 @@ def test_tpu_pod_script_installs_the_tpu_build_and_passes_the_arguments(tmp_path
     assert "python3 -m venv .venv" in calls and "pip install -q -e .[tpu,gcs]" in calls
     assert calls[-1] == "dsa-train train " + " ".join(args[2:])  # every --set word arrives as written
     assert list((tmp_path / "home").glob("dsa-train-*.log"))  # the worker's own log
+
+
+def test_jobset_matches_the_dockerfile_and_passes_the_start_up_checks():
+    import yaml
+
+    jobset = yaml.safe_load((REPO / "launch/jobset.yaml").read_text())
+    [workers] = jobset["spec"]["replicatedJobs"]
+    job = workers["template"]["spec"]
+    [container] = job["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    hosts, gpus = job["parallelism"], int(container["resources"]["limits"]["nvidia.com/gpu"])
+    assert job["completions"] == hosts == int(env["DSA_NUM_PROCESSES"]) and job["completionMode"] == "Indexed"
+    assert int(env["DSA_EXPECTED_DEVICES"]) == hosts * gpus
+    # Pod 0 of the JobSet's headless service: <jobset>-<job>-<job index>-<pod index>.<jobset>.
+    host, port = env["DSA_COORDINATOR_ADDRESS"].split(":")
+    assert host == f"{jobset['metadata']['name']}-{workers['name']}-0-0.{jobset['metadata']['name']}"
+    assert {"containerPort": int(port)} in container["ports"]
+    assert re.search(rf"docker build -t {re.escape(container['image'])} \.", (REPO / "Dockerfile").read_text())
+    words = shlex.split(container["args"][0])
+    at = words.index("train") + 1
+    assert words[:3] == ["export", "DSA_PROCESS_ID=$JOB_COMPLETION_INDEX", "&&"] and words[at - 2] == "dsa-train"
+    check_for_devices(load_config(REPO / words[at], sets_after(words, at)), hosts * gpus, hosts)
