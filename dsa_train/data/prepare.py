@@ -348,8 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsa-train data prepare",
                                 description="Tokenize text/JSONL/Parquet into ArrayRecord token shards.")
     p.add_argument("inputs", nargs="+", help="input files, directories (searched recursively) or glob patterns")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json (or a directory holding one)")
-    p.add_argument("--output", "-o", required=True, help="output dataset directory")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json (or a directory holding one); local or a URI")
+    p.add_argument("--output", "-o", required=True, help="output dataset directory; local or a URI (gs://...)")
     p.add_argument("--format", choices=("text", "jsonl", "parquet"), default=None,
                    help="read every input as this format (default: by file extension)")
     p.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
