@@ -93,6 +93,13 @@ def test_prepare_writes_a_dataset_to_a_bucket(bucket, tmp_path):
     assert [s["sha256"] for s in local["shards"]] == [s["sha256"] for s in manifest["shards"]]
 
 
+def test_a_failed_prepare_leaves_nothing_in_the_bucket(bucket, capsys):
+    (bucket.src / "bad.jsonl").write_text('{"text": "alpha"}\n{not json\n')
+    assert prepare_main([str(bucket.src / "bad.jsonl"), "--tokenizer", str(bucket.src / "tokenizer.json"), "-o",
+                         "gs://bkt/bad", "--quiet"]) == 2
+    assert "invalid JSON" in capsys.readouterr().err and not (bucket.root / "bad").exists()
+
+
 def test_remote_inputs_are_one_line(bucket, capsys):
     assert cli_main(["data", "prepare", "gs://bkt/in.jsonl", "--tokenizer", "tok.json", "--output", "out"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()

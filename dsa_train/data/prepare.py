@@ -414,7 +414,7 @@ def _prepare(args: argparse.Namespace, tok_path, scratch: Path | None) -> dict:
     out = run_path(args.output)
     created_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    before = {p.name for p in out.iterdir()}
+    before = _names(out)
     try:
         return _prepare_into(out, args, plan, shards, options, tok_path, local_tok, tokenizer, eos_id, bos_id,
                              work_dir)
@@ -424,10 +424,15 @@ def _prepare(args: argparse.Namespace, tok_path, scratch: Path | None) -> dict:
         if created_out:
             remove_tree(out)
         else:
-            for p in out.iterdir():
+            for p in (out.iterdir() if out.exists() else ()):
                 if p.name not in before and (p.name == PLAN or p.name.startswith("shard-")):
                     p.unlink()
         raise
+
+
+def _names(out) -> set[str]:
+    # An object store has no empty directories: a new --output prefix does not exist until written.
+    return {p.name for p in out.iterdir()} if out.exists() else set()
 
 
 def _prepare_into(out, args, plan: dict, shards, options: dict, tok_path, local_tok: Path, tokenizer, eos_id,
