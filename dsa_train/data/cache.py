@@ -158,7 +158,7 @@ def localize(uri: str, cache_dir: Optional[str]) -> dict:
         raise DataError(f"data.cache_dir: can't create {local_dir} ({e.strerror})") from None
     files = []  # (name, expected); the shards' stats files only for the tokenizer check
     for shard in manifest["shards"]:
-        files.append((shard["path"], {k: v for k, v in shard.items()}))
+        files.append((shard["path"], dict(shard)))
         stats = (remote_dir / shard["path"]).with_suffix(".json")
         if stats.is_file():
             files.append((stats.name, {"bytes": stats.stat().length}))
