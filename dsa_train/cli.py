@@ -73,10 +73,12 @@ def cmd_train(args) -> None:
     check_device_count()
     check_for_devices(config, jax.device_count(), jax.process_count())
     if args.check:
-        print(f"ready: process {jax.process_index()}/{jax.process_count()}, {jax.local_device_count()} local "
-              f"{jax.default_backend()} devices of {jax.device_count()}, local device ids "
-              f"{[d.local_hardware_id if d.local_hardware_id is not None else d.id for d in jax.local_devices()]}, "
-              f"visible GPUs {jax.config.read('jax_cuda_visible_devices')!r}")
+        # One write: the processes of a job share one log, and print() writes the newline apart.
+        sys.stdout.write(f"ready: process {jax.process_index()}/{jax.process_count()}, {jax.local_device_count()} "
+                         f"local {jax.default_backend()} devices of {jax.device_count()}, local device ids "
+                         f"{[d.local_hardware_id if d.local_hardware_id is not None else d.id for d in jax.local_devices()]}"
+                         f", visible GPUs {jax.config.read('jax_cuda_visible_devices')!r}\n")
+        sys.stdout.flush()
         return
     from dsa_train.train.trainer import train
 

@@ -12,6 +12,7 @@ single :class:`ConfigError` that names the key and the file (or the ``--set`` fl
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -289,6 +290,9 @@ class DataConfig:
     ``num_queries`` of them asked at the end; ``synthetic_doc_len`` 0 makes one document per row,
     otherwise documents of up to that many tokens are packed into each row.
     ``prefetch``: batches prepared ahead in a background thread (0: none).
+    ``cache_dir``: local directory holding the copies of remote ``paths`` (``gs://``...; each host
+    fetches them once, see dsa_train/data/cache.py); default ``~/.cache/dsa-train/datasets``
+    (``$XDG_CACHE_HOME`` honoured). It needs the datasets' size free on every host.
     """
 
     source: Literal["synthetic", "arrayrecord"] = "synthetic"
@@ -310,9 +314,13 @@ class DataConfig:
     seed: int = 0
     shuffle: bool = True
     prefetch: int = 2
+    cache_dir: Optional[str] = None
 
     def validate(self) -> list[tuple[str, str]]:
         errors = []
+        if self.cache_dir is not None and ("://" in self.cache_dir or not self.cache_dir.strip()):
+            errors.append(("cache_dir", f"must be a local directory (the copies are read at random), got "
+                                        f"{self.cache_dir!r}"))
         if self.source == "arrayrecord" and not self.paths:
             errors.append(("paths", "source 'arrayrecord' needs at least one path"))
         if self.weights and len(self.weights) != len(self.paths):
@@ -583,11 +591,6 @@ def _load(path: str | Path, overrides) -> tuple[Config, _Sources]:
     return config, sources
 
 
-# ArrayRecord's reader opens local files only.
-REMOTE_SHARDS = ("prepared datasets are read from a local or mounted file system only (mount the bucket, "
-                 "e.g. gcsfuse, or copy the dataset)")
-
-
 def _check_paths(config: Config, sources: _Sources) -> None:
     """Paths that must exist before any device work starts (relative ones: to the working directory)."""
     from dsa_train.paths import as_path, is_uri
@@ -597,10 +600,24 @@ def _check_paths(config: Config, sources: _Sources) -> None:
         raise ConfigError(f"{sources.of('checkpoint.init_from')}: checkpoint.init_from: {init_from} does not exist")
     if config.data.source == "arrayrecord":
         for item in config.data.paths:
-            if is_uri(item):
-                raise ConfigError(f"{sources.of('data.paths')}: data.paths: {item}: {REMOTE_SHARDS}")
             if not as_path(item).exists():
                 raise ConfigError(f"{sources.of('data.paths')}: data.paths: {item} does not exist")
+        if any(is_uri(item) for item in config.data.paths):
+            _check_cache_dir(config.data.cache_dir, sources)
+
+
+def _check_cache_dir(cache_dir: Optional[str], sources: _Sources) -> None:
+    """Remote datasets are copied into data.cache_dir: it must be (or be creatable as) a writable directory."""
+    from dsa_train.data.cache import cache_root
+
+    root = cache_root(cache_dir)
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{sources.of('data.cache_dir')}: data.cache_dir: {root} is not a writable directory "
+                          f"({existing} {'is not a directory' if not existing.is_dir() else 'is not writable'}); "
+                          "the copies of remote data.paths are kept there")
 
 
 def check_for_devices(config: Config, n_devices: int, n_processes: int) -> None:
@@ -620,6 +637,9 @@ def check_for_devices(config: Config, n_devices: int, n_processes: int) -> None:
     if b % n_processes:
         raise ConfigError(f"train.batch_size: {b} is not divisible by the {n_processes} processes (each feeds "
                           "whole rows)")
+    if n_processes > 1 and batch_ways % n_processes:
+        raise ConfigError(f"mesh: data x fsdp x expert = {batch_ways} is not a multiple of the {n_processes} processes "
+                          "(each process feeds whole rows, so mesh.context and mesh.tensor can't span processes)")
 
 
 def resolved_items(path: str | Path, overrides=()) -> list[tuple[str, Any, str]]:

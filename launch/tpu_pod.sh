@@ -1,14 +1,14 @@
 #!/bin/bash
 # Cloud TPU pod (v5p / v6e multi-host slice): run the same command on every worker.
 #
-#   launch/tpu_pod.sh TPU_NAME ZONE recipes/sparse.yaml --set mesh.fsdp=64 --set mesh.expert=8
+#   launch/tpu_pod.sh TPU_NAME ZONE recipes/sparse.yaml --set mesh.fsdp=4 --set mesh.expert=8  # v5p-64
 #
 # Every worker runs `dsa-train train`; jax.distributed.initialize() discovers the slice from the TPU
 # metadata (TPU_WORKER_HOSTNAMES names more than one host, so `dsa-train train` calls it).
 # The repository must be at DSA_REPO_DIR (default ~/dsa-train) on every worker; the first run (or
 # DSA_SETUP=1) creates .venv there and installs the TPU build (.[tpu,gcs]: jax with libtpu).
-# train.run_dir on GCS (gs://...) or a disk every worker shares; data.paths on a disk or a gcsfuse
-# mount every worker sees (ArrayRecord shards are read as local files).
+# train.run_dir on GCS (gs://...) or a disk every worker shares; data.paths there too: each worker
+# copies a remote dataset once into data.cache_dir (its size must be free on every worker's disk).
 set -euo pipefail
 TPU_NAME=${1:?usage: launch/tpu_pod.sh TPU_NAME ZONE RECIPE [--set key=value ...]}
 ZONE=${2:?zone, e.g. us-east5-a}

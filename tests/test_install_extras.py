@@ -1,4 +1,5 @@
-"""`pip install .[cuda13]` / `.[tpu]` resolve to the JAX plugin wheels (a dry run: nothing is installed)."""
+"""`pip install .[cuda13]` / `.[tpu,gcs]` (what launch/tpu_pod.sh installs) resolve to the JAX plugin wheels
+(and gcsfs for gs:// paths); a dry run: nothing is installed."""
 
 import json
 import subprocess
@@ -12,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra, wheels", [("cuda13", {"jax-cuda13-plugin", "jax-cuda13-pjrt"}),
-                                           ("tpu", {"libtpu"})])
+                                           ("tpu,gcs", {"libtpu", "gcsfs", "google-cloud-storage"})])
 def test_extra_resolves_to_the_plugin(extra, wheels, tmp_path):
     report = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",

@@ -57,14 +57,18 @@ def run_sbatch(tmp_path: Path, tasks_per_node: int, gpus_per_node: int, *overrid
     bin_dir.mkdir(exist_ok=True)
     srun = bin_dir / "srun"
     srun.write_text(FAKE_SRUN.format(python=sys.executable))
-    shim = bin_dir / "dsa-train"
+    # `dsa-train` only in the environment the README passes as DSA_VENV: the script must activate it.
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True, exist_ok=True)
+    (venv_bin / "activate").write_text(f'export PATH="{venv_bin}:$PATH"\n')
+    shim = venv_bin / "dsa-train"
     shim.write_text(f'#!/bin/bash\nexec {sys.executable} -m dsa_train.cli "$@"\n')
     for f in (srun, shim):
         f.chmod(f.stat().st_mode | stat.S_IEXEC)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "DSA_", "XLA_FLAGS"))}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
                SLURM_JOB_ID=str(free_job_id()), SLURM_JOB_NUM_NODES="2", SLURM_NTASKS_PER_NODE=str(tasks_per_node),
-               SLURM_GPUS_ON_NODE=str(gpus_per_node), DSA_INIT_TIMEOUT="120")
+               SLURM_GPUS_ON_NODE=str(gpus_per_node), DSA_INIT_TIMEOUT="120", DSA_VENV=str(tmp_path / "venv"))
     cmd = ["bash", str(SBATCH), "configs/tiny.yaml", "--check", "--set", "train.batch_size=4", *overrides]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 

@@ -92,16 +92,6 @@ def test_missing_remote_init_from_is_one_line_naming_the_key(bucket):
         config("gs://bkt/runs/x", "train.stage=sparse", "checkpoint.init_from=gs://bkt/nowhere")
 
 
-def test_remote_datasets_are_refused_in_one_line(bucket, capsys):
-    """ArrayRecord shards are read through local files only: a URI is one line, before any work."""
-    with pytest.raises(ConfigError, match=r"data\.paths: gs://bkt/data: prepared datasets are read from a local or "
-                                          r"mounted file system only"):
-        config("gs://bkt/runs/x", "data.source=arrayrecord", "data.paths=[gs://bkt/data]")
-    assert cli_main(["data", "prepare", "gs://bkt/in.jsonl", "--tokenizer", "tok.json", "--output", "out"]) == 2
-    [line] = capsys.readouterr().err.strip().splitlines()
-    assert "gs://bkt/in.jsonl" in line and "local or mounted files only" in line
-
-
 def test_metrics_on_a_bucket_are_staged_locally_and_appended_across_jobs(bucket):
     run = "gs://bkt/runs/metrics"
     assert str(run_path(run)) == run and str(run_path(run) / "a") == run + "/a"

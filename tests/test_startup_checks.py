@@ -66,9 +66,29 @@ def test_config_command_shows_sources(capsys):
     assert "train.batch_size" in out and "int  (default: 16)" in out and "model.vocab_size" in out
 
 
-@pytest.mark.parametrize("argv", [[], ["convert"], ["convert", "import"], ["convert", "export"], ["data"],
-                                  ["data", "prepare"], ["config"], ["train"], ["plan"], ["eval"], ["info"],
-                                  ["smoke"], ["plot"]])
+def _commands(parser, prefix=()):
+    """Every command path of the parser: (), ("convert",), ("convert", "import"), ..."""
+    import argparse
+
+    yield list(prefix)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*prefix, name))
+
+
+def test_the_help_list_covers_every_command():
+    from dsa_train.cli import build_parser
+
+    found = {tuple(c) for c in _commands(build_parser())}
+    assert {tuple(c) for c in COMMANDS} == found
+
+
+COMMANDS = [[], ["convert"], ["convert", "import"], ["convert", "export"], ["data"], ["data", "prepare"], ["config"],
+            ["train"], ["plan"], ["eval"], ["info"], ["smoke"], ["demo"], ["plot"]]
+
+
+@pytest.mark.parametrize("argv", COMMANDS)
 def test_every_help_works(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--help"])

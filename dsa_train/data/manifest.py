@@ -13,8 +13,12 @@ manifest.json::
      "documents": 1234, "tokens": 567890, "max_token_id": 50000,
      "tokenizer_sha256": "...", "vocab_size": 50257, "eos_id": 50256, "bos_id": null,
      "shards": [{"path": "shard-00000.arrayrecord", "documents": 600, "tokens": 280000,
-                 "tokenizer_sha256": "..."}, ...],
+                 "tokenizer_sha256": "...", "bytes": 1126400, "sha256": "..."}, ...],
      ...}  (plus provenance: inputs, text field, options)
+
+A shard's ``bytes`` and ``sha256`` (the file's size and digest) let a copy of a remote dataset be
+checked (dsa_train/data/cache.py); datasets prepared before they were recorded lack them and are
+read all the same.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import os
 from pathlib import Path
 
 from dsa_train.data.batch import DataError
-from dsa_train.paths import run_path
+from dsa_train.paths import is_uri, run_path
 
 FORMAT = "dsa-train-tokens"
 VERSION = 1
@@ -61,15 +65,19 @@ def tokenizer_file(path: str | Path) -> Path:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write-then-rename so a crash never leaves a half-written file that looks complete."""
+    """Write-then-rename so a crash never leaves a half-written file that looks complete (local or
+    remote: an object store's rename is a copy of a complete object, then a delete)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    if is_uri(path):
+        tmp.replace(path)
+    else:
+        os.replace(tmp, path)
 
 
 def manifest_path(path: str | Path) -> Path:
-    """A dataset is named by its directory or by its manifest.json."""
-    path = Path(path)
+    """A dataset is named by its directory or by its manifest.json (local or a URI)."""
+    path = run_path(path)
     return path if path.name == MANIFEST or path.suffix == ".json" else path / MANIFEST
 
 

@@ -17,7 +17,8 @@ order each epoch; then a weighted mixture, concat-then-split packing, batching, 
 - the mixture interleaves datasets deterministically in proportion to ``data_config.weights``.
 
 Everything that can be checked before the first step is checked in :func:`open_datasets` and
-raised as a one-line :class:`DataError`.
+raised as a one-line :class:`DataError`. Remote datasets (``gs://``...) are read from a local copy
+(dsa_train/data/cache.py: why, and its disk cost).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dsa_train.config import REMOTE_SHARDS, DataConfig
+from dsa_train.config import DataConfig
 from dsa_train.data.batch import DataError
+from dsa_train.data.cache import localize
 from dsa_train.data.manifest import file_sha256, read_manifest, tokenizer_file
 from dsa_train.data.synthetic import FusedPairTask, RetrievalTask, SyntheticIterator
 from dsa_train.paths import is_uri
@@ -58,7 +60,8 @@ def make_train_iterator(data_config: DataConfig, *, batch_size: int, seq_len: in
         return SyntheticIterator(task, batch_size=batch_size, seeds=seeds, process_index=process_index,
                                  process_count=process_count)
     if data_config.source == "arrayrecord":
-        manifests = open_datasets(data_config.paths, vocab_size=vocab_size, tokenizer=data_config.tokenizer)
+        manifests = open_datasets(data_config.paths, vocab_size=vocab_size, tokenizer=data_config.tokenizer,
+                                  cache_dir=data_config.cache_dir)
         return GrainTrainIterator(manifests, data_config, batch_size=batch_size, seq_len=seq_len,
                                   seeds=seeds, process_index=process_index, process_count=process_count)
     raise DataError(f"unknown data.source {data_config.source!r}")
@@ -142,18 +145,16 @@ def _checked_decode(record: bytes, *, manifest: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def open_datasets(paths, *, vocab_size: int, tokenizer: str | None = None) -> list[dict]:
-    """Read and cross-check the manifests of the datasets to mix; return them.
+def open_datasets(paths, *, vocab_size: int, tokenizer: str | None = None, cache_dir: str | None = None) -> list[dict]:
+    """Read and cross-check the manifests of the datasets to mix; return them. A remote dataset
+    (a URI) is read from its local copy in `cache_dir` (fetched as needed: dsa_train/data/cache.py).
 
     Checks: manifests and shard files exist; each shard holds the records its manifest says and was
     written with the manifest's tokenizer; no dataset is empty; all datasets (and `tokenizer`, when
     given) share one tokenizer; no token id reaches `vocab_size`."""
     if not paths:
         raise DataError("data.paths is empty: name at least one prepared dataset directory")
-    for path in paths:
-        if is_uri(path):
-            raise DataError(f"data.paths: {path}: {REMOTE_SHARDS}")
-    manifests = [read_manifest(p) for p in paths]
+    manifests = [localize(p, cache_dir) if is_uri(p) else read_manifest(p) for p in paths]
     for m in manifests:
         where = m["_dir"]
         if m["documents"] < 1 or m["tokens"] < 1:

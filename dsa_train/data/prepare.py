@@ -16,6 +16,11 @@ Work is split into shards of about ``--shard-mb`` of input (big JSONL files by l
 ranges, Parquet files by row groups), tokenized in ``--workers`` processes. A shard is written
 under a temporary name and renamed when complete, then its stats file is written: re-running the
 same command skips the shards already done, and manifest.json appears once all are.
+
+``--output`` (and ``--tokenizer``) may be a URI (``gs://``, any ``etils.epath`` scheme): shards are
+written in a local temporary directory (one per worker at a time) and each is uploaded when
+complete, under a temporary name renamed into place, then its stats file; the manifest last. The
+inputs are read from local or mounted files.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
@@ -39,7 +45,7 @@ import numpy as np
 from dsa_train.data.batch import DataError
 from dsa_train.data.manifest import (DTYPE, FORMAT, MANIFEST, PLAN, VERSION, file_sha256, shard_name,
                                      shard_stats_name, tokenizer_file, write_json_atomic)
-from dsa_train.paths import is_uri
+from dsa_train.paths import copy_file, is_uri, move, remove_tree, run_path
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
@@ -293,7 +299,8 @@ def prepare_shard(index: int, pieces: list[dict], out_dir: str, options: dict) -
     writer.close()
     os.replace(tmp, final)
     stats = {"path": final.name, "documents": documents, "tokens": tokens, "max_token_id": max_id,
-             "tokenizer_sha256": options["tokenizer_sha256"], "input_bytes": sum(p["size"] for p in pieces)}
+             "tokenizer_sha256": options["tokenizer_sha256"], "input_bytes": sum(p["size"] for p in pieces),
+             "bytes": final.stat().st_size, "sha256": file_sha256(final)}
     write_json_atomic(out / shard_stats_name(index), stats)
     return stats
 
@@ -341,8 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsa-train data prepare",
                                 description="Tokenize text/JSONL/Parquet into ArrayRecord token shards.")
     p.add_argument("inputs", nargs="+", help="input files, directories (searched recursively) or glob patterns")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json (or a directory holding one)")
-    p.add_argument("--output", "-o", required=True, help="output dataset directory")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json (or a directory holding one); local or a URI")
+    p.add_argument("--output", "-o", required=True, help="output dataset directory; local or a URI (gs://...)")
     p.add_argument("--format", choices=("text", "jsonl", "parquet"), default=None,
                    help="read every input as this format (default: by file extension)")
     p.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
@@ -362,19 +369,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 def prepare(args: argparse.Namespace) -> dict:
     """Run a preparation described by parsed arguments; returns the manifest."""
-    from tokenizers import Tokenizer
-
-    for path in (*args.inputs, args.output, args.tokenizer):
+    for path in args.inputs:
         if is_uri(path):
-            raise DataError(f"{path}: `dsa-train data prepare` reads and writes local or mounted files only "
-                            "(copy the inputs, or mount the bucket, e.g. gcsfuse)")
+            raise DataError(f"{path}: `dsa-train data prepare` reads its inputs from local or mounted files only "
+                            "(copy them, or mount the bucket, e.g. gcsfuse); --output may be a URI")
     if args.workers < 1:
         raise DataError(f"--workers must be >= 1, got {args.workers}")
     if args.shard_mb <= 0:
         raise DataError(f"--shard-mb must be > 0, got {args.shard_mb}")
-    tok_path = tokenizer_file(args.tokenizer).resolve()
+    tok_path = tokenizer_file(args.tokenizer)
+    tok_path = tok_path if is_uri(tok_path) else tok_path.resolve()
+    # Local scratch: the shards of a remote --output before their upload, and a remote tokenizer
+    # (the workers load it from a local file).
+    scratch = Path(tempfile.mkdtemp(prefix="dsa-train-prepare-")) if is_uri(args.output) or is_uri(tok_path) else None
     try:
-        tokenizer = Tokenizer.from_file(str(tok_path))
+        return _prepare(args, tok_path, scratch)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _prepare(args: argparse.Namespace, tok_path, scratch: Path | None) -> dict:
+    from tokenizers import Tokenizer
+
+    work_dir = scratch if is_uri(args.output) else None
+    local_tok = tok_path
+    if is_uri(tok_path):
+        local_tok = scratch / "tokenizer.json"
+        copy_file(tok_path, local_tok)
+    try:
+        tokenizer = Tokenizer.from_file(str(local_tok))
     except Exception as e:  # tokenizers raises a bare Exception with the serde message
         raise DataError(f"{tok_path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
     eos_id, bos_id = special_ids(tokenizer, tok_path, args.eos_token, args.no_eos)
@@ -387,26 +411,32 @@ def prepare(args: argparse.Namespace) -> dict:
                         "mtime_ns": p.stat().st_mtime_ns} for p, fmt in inputs],
             "shards": shards}
 
-    out = Path(args.output)
+    out = run_path(args.output)
     created_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    before = {p.name for p in out.iterdir()}
+    before = _names(out)
     try:
-        return _prepare_into(out, args, plan, shards, options, tok_path, tokenizer, eos_id, bos_id)
+        return _prepare_into(out, args, plan, shards, options, tok_path, local_tok, tokenizer, eos_id, bos_id,
+                             work_dir)
     except DataError:
         # Bad input or options: nothing this command created stays (a kill, by contrast, leaves
         # the plan and finished shards so that the same command resumes).
         if created_out:
-            shutil.rmtree(out, ignore_errors=True)
+            remove_tree(out)
         else:
-            for p in out.iterdir():
+            for p in (out.iterdir() if out.exists() else ()):
                 if p.name not in before and (p.name == PLAN or p.name.startswith("shard-")):
                     p.unlink()
         raise
 
 
-def _prepare_into(out: Path, args, plan: dict, shards, options: dict, tok_path: Path, tokenizer, eos_id,
-                  bos_id) -> dict:
+def _names(out) -> set[str]:
+    # An object store has no empty directories: a new --output prefix does not exist until written.
+    return {p.name for p in out.iterdir()} if out.exists() else set()
+
+
+def _prepare_into(out, args, plan: dict, shards, options: dict, tok_path, local_tok: Path, tokenizer, eos_id,
+                  bos_id, work_dir: Path | None) -> dict:
     plan_path = out / PLAN
     if plan_path.is_file():
         previous = json.loads(plan_path.read_text())
@@ -427,7 +457,7 @@ def _prepare_into(out: Path, args, plan: dict, shards, options: dict, tok_path: 
         if done.is_file() and (out / shard_name(i)).is_file():
             stats[i] = json.loads(done.read_text())
     todo = [i for i in range(len(shards)) if i not in stats]
-    _run(todo, shards, out, options, str(tok_path), args, stats)
+    _run(todo, shards, out, options, str(local_tok), args, stats, work_dir)
 
     ordered = [stats[i] for i in range(len(shards))]
     documents = sum(s["documents"] for s in ordered)
@@ -442,8 +472,9 @@ def _prepare_into(out: Path, args, plan: dict, shards, options: dict, tok_path: 
         "eos_id": eos_id, "bos_id": bos_id, "add_special_tokens": options["add_special_tokens"],
         "text_field": args.text_field, "text_documents": args.text_documents,
         "inputs": [i["path"] for i in plan["inputs"]],
-        "shards": [{k: s[k] for k in ("path", "documents", "tokens", "max_token_id", "tokenizer_sha256")}
-                   for s in ordered],
+        # bytes / sha256: absent from shards a version that did not record them wrote (resumed)
+        "shards": [{k: s[k] for k in ("path", "documents", "tokens", "max_token_id", "tokenizer_sha256", "bytes",
+                                      "sha256") if k in s} for s in ordered],
     }
     write_json_atomic(out / MANIFEST, manifest)
     if not args.quiet:
@@ -452,16 +483,28 @@ def _prepare_into(out: Path, args, plan: dict, shards, options: dict, tok_path: 
     return manifest
 
 
-def _clear(out: Path) -> None:
+def _clear(out) -> None:
     for p in [out / MANIFEST, out / PLAN, *out.glob("shard-*")]:
         if p.is_dir():
-            shutil.rmtree(p)
+            remove_tree(p)
         elif p.exists():
             p.unlink()
 
 
-def _run(todo: list[int], shards: list[list[dict]], out: Path, options: dict, tok_path: str,
-         args: argparse.Namespace, stats: dict[int, dict]) -> None:
+def _publish(index: int, work_dir: Path, out) -> None:
+    """Upload a finished shard from the local work directory: the shard under a temporary name
+    renamed into place, then its stats file (which marks it done, as locally)."""
+    local, remote = work_dir / shard_name(index), out / shard_name(index)
+    copy_file(local, out / (shard_name(index) + ".tmp"))
+    move(out / (shard_name(index) + ".tmp"), remote)
+    write_json_atomic(out / shard_stats_name(index), json.loads((work_dir / shard_stats_name(index)).read_text()))
+    local.unlink()
+    (work_dir / shard_stats_name(index)).unlink()
+
+
+def _run(todo: list[int], shards: list[list[dict]], out, options: dict, tok_path: str,
+         args: argparse.Namespace, stats: dict[int, dict], work_dir: Path | None = None) -> None:
+    """Tokenize the shards in ``todo`` into ``out`` (through ``work_dir`` when ``out`` is remote)."""
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
     # Progress in input bytes: shards differ in size, and the last one is usually small.
@@ -470,7 +513,11 @@ def _run(todo: list[int], shards: list[list[dict]], out: Path, options: dict, to
                         disable=args.quiet or not todo)
     counted = {"documents": 0, "tokens": 0}
 
+    write_dir = str(work_dir if work_dir is not None else out)
+
     def finished(i: int, result: dict, task) -> None:
+        if work_dir is not None:
+            _publish(i, work_dir, out)
         stats[i] = result
         counted["documents"] += result["documents"]
         counted["tokens"] += result["tokens"]
@@ -483,12 +530,12 @@ def _run(todo: list[int], shards: list[list[dict]], out: Path, options: dict, to
         if workers <= 1:
             _load_tokenizer(tok_path)
             for i in todo:
-                finished(i, prepare_shard(i, shards[i], str(out), options), task)
+                finished(i, prepare_shard(i, shards[i], write_dir, options), task)
             return
         # spawn, not fork: the parent has already started the tokenizer's Rust thread pool.
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
                                  initargs=(tok_path,)) as pool:
-            pending = {pool.submit(_run_shard, (i, shards[i], str(out), options)): i for i in todo}
+            pending = {pool.submit(_run_shard, (i, shards[i], write_dir, options)): i for i in todo}
             try:
                 while pending:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)

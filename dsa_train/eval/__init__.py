@@ -68,7 +68,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="run directory, <run>/checkpoints/<step>, or model directory")
     p.add_argument("checkpoint_b", nargs="?", help="a second checkpoint to compare with the first (B vs A)")
     p.add_argument("--data", action="append", default=[], metavar="DIR",
-                   help="prepared dataset directory (dsa-train data prepare) of held-out text; repeatable "
+                   help="prepared dataset directory (dsa-train data prepare; local or a URI, copied into the run's "
+                        "data.cache_dir) of held-out text; repeatable "
                         "(default: the run's data with another seed; the synthetic task for model directories)")
     p.add_argument("--seq-len", type=_positive, help="tokens per row (default: the run's train.seq_len, else 4096)")
     p.add_argument("--batches", type=_positive, default=4, help="held-out batches (default 4)")

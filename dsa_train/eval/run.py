@@ -39,12 +39,13 @@ class EvalOptions:
 def heldout_data_config(run_config: Optional[dict], data_paths: tuple[str, ...] = ()) -> tuple[DataConfig, str]:
     """The data to evaluate on, and a one-line description of it.
 
-    `data_paths` (prepared shards) win; otherwise the run's own data config (synthetic: fresh
+    `data_paths` (prepared shards; remote ones copied into the run's data.cache_dir) win; otherwise the run's own data config (synthetic: fresh
     documents from another seed; shards: the run's datasets, shuffled with another seed, which is
     only held out if those datasets were, hence the note); otherwise the built-in synthetic task."""
-    if data_paths:
-        return DataConfig(source="arrayrecord", paths=tuple(data_paths), prefetch=0), f"prepared shards {list(data_paths)}"
     raw = dict((run_config or {}).get("data") or {})
+    if data_paths:  # remote ones are copied where the run keeps its copies (data.cache_dir)
+        return (DataConfig(source="arrayrecord", paths=tuple(data_paths), prefetch=0, cache_dir=raw.get("cache_dir")),
+                f"prepared shards {list(data_paths)}")
     known = {f.name for f in dataclasses.fields(DataConfig)}
     fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in known}
     fields["prefetch"] = 0
