@@ -6,7 +6,7 @@ Tiny shapes: batch 2, two packed documents in one row and trailing padding (segm
 other, lengths that are not block multiples, Dk = 48 (two column pieces, as 192 = 128 + 64) and
 Dv = 32. The context-parallel case: a zig-zag shard's queries (two separated chunks of the row) at
 their row positions against the whole row's keys, in the per-head and the shared-key (MQA) form.
-Gradients run the blocked flash backward on the kernel's residuals."""
+Gradients: the Triton backward kernels (per-head form), the blocked flash backward (shared keys)."""
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,9 @@ from dsa_train.ops import attention as attention_ops
 H, DK, DV, S = 3, 48, 32, 40
 SCALE = DK ** -0.5
 ZIGZAG = np.r_[0:10, 30:40]  # shard 0 of 2 with chunks of 10: chunks 0 and 3
+UNSORTED = np.r_[30:40, 0:10]  # the backward's key-block skip does not rely on sorted positions
+# blocks smaller than the row, so that every kernel walks and skips several blocks
+SMALL = dict(block_q=16, block_k=16, block_q_dq=16, block_k_dq=16, block_k_dkv=16, block_q_dkv=16)
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
@@ -46,7 +49,7 @@ def _assert_close(got, want, names):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("blocks", [dict(block_q=16, block_k=16), dict(block_q=32, block_k=16)])
+@pytest.mark.parametrize("blocks", [SMALL, dict(block_q=32, block_k=16, block_k_dkv=32)])
 def test_self_attention_matches_reference(blocks):
     from dsa_train.kernels.dense_attention_gpu import dense_attention_gpu
 
@@ -77,20 +80,22 @@ def _full_row(q_shard, positions, s):
     return jnp.zeros((q_shard.shape[0], s, *q_shard.shape[2:]), q_shard.dtype).at[:, positions].set(q_shard)
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["per_head", "mqa"])
-def test_zigzag_queries_match_reference(shared):
+@pytest.mark.parametrize("shared, positions", [(False, ZIGZAG), (True, ZIGZAG), (False, UNSORTED)],
+                         ids=["per_head", "mqa", "per_head_unsorted"])
+def test_zigzag_queries_match_reference(shared, positions):
     """A zig-zag shard's queries at their row positions: values, lse and gradients of the shard's
     queries and the row's keys/values equal the reference's rows at those positions."""
+    from dsa_train.kernels.dense_attention_gpu import flash_attention_gpu
+
     rng = np.random.default_rng(2)
     seg = _segments()
-    pos = jnp.asarray(ZIGZAG, jnp.int32)
-    q = _normal(rng, 2, len(ZIGZAG), H, DK)
+    pos = jnp.asarray(positions, jnp.int32)
+    q = _normal(rng, 2, len(pos), H, DK)
     kv_shape = (2, S, DK) if shared else (2, S, H, DK)
     k, v = _normal(rng, *kv_shape), _normal(rng, *kv_shape[:-1], DV)
-    ct = _normal(rng, 2, len(ZIGZAG), H, DV)
-    backend = Backend("pallas_gpu_interpret")
-    got = _value_and_grads(lambda q, k, v: backend.dense_attention_at(q, k, v, pos, seg[:, pos], seg, SCALE),
-                           (q, k, v), ct)
+    ct = _normal(rng, 2, len(pos), H, DV)
+    got = _value_and_grads(lambda q, k, v: flash_attention_gpu(q, k, v, pos, seg[:, pos], seg, SCALE, interpret=True,
+                                                               **SMALL), (q, k, v), ct)
 
     def reference(q, k, v):
         per_head = (lambda x: jnp.broadcast_to(x[:, :, None], (2, S, H, x.shape[-1]))) if shared else (lambda x: x)
@@ -114,9 +119,9 @@ def _triton_kernel_names(text: str) -> list[str]:
 
 
 def test_pallas_lowers_the_triton_kernel_for_cuda():
-    """Backend("pallas") exported for CUDA calls the Triton forward for the single-device form
-    (per-head) and the context-parallel form (shared keys, traced positions); for CPU it does not.
-    The backward (flash, pure JAX) is in the exported VJP next to the forward kernel."""
+    """Backend("pallas") exported for CUDA calls the Triton forward and, in its VJP, the two Triton
+    backward kernels for the single-device form (per-head), and the forward for the
+    context-parallel form (shared keys, traced positions); for CPU it calls none."""
     q, k, v = _shapes(False)
     seg = jax.ShapeDtypeStruct((1, q.shape[1]), jnp.int32)
     backend = Backend("pallas")
@@ -127,7 +132,8 @@ def test_pallas_lowers_the_triton_kernel_for_cuda():
                         argnums=(0, 1, 2))(q, k, v)
 
     text = jax.export.export(jax.jit(grads), platforms=["cuda"], disabled_checks=disabled)(q, k, v, seg).mlir_module()
-    assert _triton_kernel_names(text) == ["dense_attention_forward"]
+    assert sorted(_triton_kernel_names(text)) == ["dense_attention_backward_dkv", "dense_attention_backward_dq",
+                                                   "dense_attention_forward"]
     cpu = jax.export.export(jax.jit(grads), platforms=["cpu"])(q, k, v, seg).mlir_module()
     assert TRITON_CALL not in cpu
 

@@ -85,7 +85,7 @@ class Backend:
         TPU (``kernels/dense_attention_tpu.py``, S a multiple of 128) and the Triton forward on
         CUDA/ROCm (``kernels/dense_attention_gpu.py``); everything else the flash form of
         ``kernels/dense_attention.py`` (online softmax over key blocks, causal block skipping,
-        flash backward), which is also the GPU and TPU kernels' backward."""
+        flash backward), which is also splash's backward (the GPU kernels have their own)."""
         if self.impl == "reference":
             return attention_ops.dense_attention(q, k, v, segment_ids, sm_scale)
         flash = lambda q, k, v, seg: dense_attention_flash(q, k, v, seg, sm_scale)  # noqa: E731

@@ -120,6 +120,16 @@ def sparse_mla_compiled(heads=128, dim=576, v_dim=512, topk=2048, kv_len=4096, q
 def dense_forward_compiled(form: str, heads: int, seq: int, dims: tuple[int, int], **block_sizes) -> dict:
     """Figures of the GPU flash dense attention forward (kernels/dense_attention_gpu.py) at bf16 in
     one form: "per_head" (k/v [B, T, H, D]) or "shared" (k/v [B, T, D], the MQA form)."""
+    return _dense_compiled(form, heads, seq, dims, backward=False, **block_sizes)["forward"]
+
+
+def dense_backward_compiled(heads: int, seq: int, dims: tuple[int, int], **block_sizes) -> dict:
+    """{"backward_dq" | "backward_dkv": figures} of the per-head form's backward kernels at bf16."""
+    figures = _dense_compiled("per_head", heads, seq, dims, backward=True, **block_sizes)
+    return {k: v for k, v in figures.items() if k != "forward"}
+
+
+def _dense_compiled(form: str, heads: int, seq: int, dims: tuple[int, int], backward: bool, **block_sizes) -> dict:
     from dsa_train.kernels.dense_attention_gpu import default_config, flash_attention_gpu
 
     dk, dv = dims
@@ -128,19 +138,29 @@ def dense_forward_compiled(form: str, heads: int, seq: int, dims: tuple[int, int
     args = (jax.ShapeDtypeStruct((1, seq, heads, dk), jnp.bfloat16), jax.ShapeDtypeStruct((*kv, dk), jnp.bfloat16),
             jax.ShapeDtypeStruct((*kv, dv), jnp.bfloat16), jax.ShapeDtypeStruct((seq,), jnp.int32),
             jax.ShapeDtypeStruct((1, seq), jnp.int32))
+    attend = lambda q, k, v, pos, seg: flash_attention_gpu(q, k, v, pos, seg, seg, dk ** -0.5, **block_sizes)  # noqa: E731
+    grads = lambda q, k, v, pos, seg: jax.grad(  # noqa: E731
+        lambda q, k, v: attend(q, k, v, pos, seg)[0].astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
     with capture_triton_ir() as ttirs:
-        jax.jit(lambda q, k, v, pos, seg: flash_attention_gpu(q, k, v, pos, seg, seg, dk ** -0.5, **block_sizes)
-                ).trace(*args).lower(lowering_platforms=("cuda",))
+        jax.jit(grads if backward else attend).trace(*args).lower(lowering_platforms=("cuda",))
     cfg = default_config(dk ** -0.5, shared=shared, **block_sizes)
     blocks = dict(block_k=cfg.block_k, v_splits=cfg.v_splits)
     blocks |= dict(block_h=cfg.block_h) if shared else dict(block_q=cfg.block_q)
-    return compile_ttir(ttirs[0], cfg.num_warps, cfg.num_stages) | blocks
+    figures = dict(forward=compile_ttir(ttirs[0], cfg.num_warps, cfg.num_stages) | blocks)
+    if backward:  # the VJP runs the forward kernel, then the dQ and the dK/dV kernels
+        figures["backward_dq"] = compile_ttir(ttirs[1], cfg.num_warps_bwd, cfg.num_stages_bwd) | dict(
+            block_q=cfg.block_q_dq, block_k=cfg.block_k_dq)
+        figures["backward_dkv"] = compile_ttir(ttirs[2], cfg.num_warps_bwd, cfg.num_stages_bwd) | dict(
+            block_k=cfg.block_k_dkv, block_q=cfg.block_q_dkv)
+    return figures
 
 
 def dense_attention_compiled(heads=128, seq=4096, per_head=(192, 128), shared=(576, 512)) -> dict:
-    """{"forward_per_head" | "forward_shared": figures} at the defaults."""
-    return {f"forward_{form}": dense_forward_compiled(form, heads, seq, dims)
-            for form, dims in (("per_head", per_head), ("shared", shared))}
+    """{"forward_per_head" | "forward_shared" | "backward_dq_per_head" | "backward_dkv_per_head":
+    figures} at the defaults."""
+    figures = {f"forward_{form}": dense_forward_compiled(form, heads, seq, dims)
+               for form, dims in (("per_head", per_head), ("shared", shared))}
+    return figures | {f"{kernel}_per_head": f for kernel, f in dense_backward_compiled(heads, seq, per_head).items()}
 
 
 # Alternatives to the defaults, one kernel each: (kernel, block sizes that differ from the defaults).
@@ -175,13 +195,24 @@ DENSE_CANDIDATES = [
     ("shared", dict(block_k=32)),
     ("shared", dict(block_k=32, v_splits=4)),
 ]
+# The per-head backward's alternatives: (kernel, block sizes that differ from the defaults).
+DENSE_BACKWARD_CANDIDATES = [
+    ("backward_dq", dict(block_k_dq=64)),
+    ("backward_dkv", dict(block_q_dkv=64)),
+    ("backward_dkv", dict(block_q_dkv=16)),
+    ("backward_dq", dict(num_stages_bwd=3)),
+    ("backward_dkv", dict(num_warps_bwd=4)),
+]
 
 
 def dense_candidates_compiled(shapes: dict) -> list[dict]:
-    """Figures of each DENSE_CANDIDATES entry."""
-    return [dict(kernel=f"dense_forward_{form}", overrides=overrides)
-            | dense_forward_compiled(form, shapes["heads"], shapes["seq"], shapes[form], **overrides)
-            for form, overrides in DENSE_CANDIDATES]
+    """Figures of each DENSE_CANDIDATES and DENSE_BACKWARD_CANDIDATES entry."""
+    forward = [dict(kernel=f"dense_forward_{form}", overrides=overrides)
+               | dense_forward_compiled(form, shapes["heads"], shapes["seq"], shapes[form], **overrides)
+               for form, overrides in DENSE_CANDIDATES]
+    return forward + [dict(kernel=f"dense_{kernel}_per_head", overrides=overrides)
+                      | dense_backward_compiled(shapes["heads"], shapes["seq"], shapes["per_head"], **overrides)[kernel]
+                      for kernel, overrides in DENSE_BACKWARD_CANDIDATES]
 
 
 def main(argv=None) -> int:
