@@ -13,16 +13,20 @@ non-contiguous query positions would need an explicit [S, T] mask (the buffer th
 to avoid), and it does not return the per-head log-sum-exp the dense indexer KL reuses. One kernel
 covers both the single-device and the context-parallel layouts.
 
-Forward, grid (query blocks, H x v_splits, B): one program owns block_q queries of one head and one
-of v_splits parts of the value columns; it walks the key blocks up to its queries' last position
-(``max(q_pos) // block_k + 1``: the causal skip, whatever the layout), with an fp32 online softmax
-in the exp2 domain and a [block_q, block_k] mask from the segment ids and positions. Dk and the
-value part are split into power-of-two column pieces (192 = 128 + 64, 576 = 4 x 128 + 64), the
-sizes Triton's dots accept; q's pieces are loaded once per program. Query blocks are visited last
-to first (the heaviest causal blocks start first) and vary fastest in the grid, so concurrent
-programs share one head's keys through L2. The MQA form splits its 512 value columns over two
-programs (64 x 256 fp32 accumulators, as in ``sparse_attention_gpu``), which recompute the same
-QK^T.
+Forward, one kernel body for both forms; a program's rows walk the key blocks up to their last
+position (``max(q_pos) // block_k + 1``: the causal skip, whatever the layout) with an fp32 online
+softmax in the exp2 domain and a [rows, block_k] mask from the segment ids and positions. Dk and
+the value columns are split into power-of-two pieces (192 = 128 + 64, 576 = 4 x 128 + 64), the
+sizes Triton's dots accept; q's pieces are loaded once per program.
+- Per-head form, grid (query blocks, H, B): the rows are block_q (128) queries of one head, 64 keys
+  per step. Query blocks run last to first (the heaviest causal blocks start first) and vary
+  fastest in the grid, so concurrent programs share one head's keys through L2.
+- Shared-key form, grid (queries, H / block_h x v_splits, B): the rows are block_h (64) heads of one
+  query (as in FlashMLA: one key tile serves them all and the causal bound is the query's own
+  position), 16 keys per step, and the 512 value columns are split over two programs (64 x 256
+  fp32 accumulators, as in ``sparse_attention_gpu``), which recompute the same QK^T. 64 queries of
+  one head per program (the per-head layout) spill at every block size: the 64 x 576 query tile
+  sits next to the accumulator.
 
 Backward (the dense stage; the warm-up's frozen forward never builds one), per-head form: two
 kernels recomputing p = exp(s - lse), dp = dO V^T, ds = p (dp - delta) with delta = <out, dO>:
@@ -36,7 +40,7 @@ block or atomics, not built yet). The lse cotangent is ignored (its consumers st
 
 Block sizes come from the sm_90a compiled code (wgmma, registers, spills, shared memory; figures
 in bench/results/gpu_compiled.json), not from a GPU measurement; bench/gpu_suite.py times the
-kernel against the JAX path.
+kernels against the JAX path.
 """
 
 from __future__ import annotations
@@ -63,15 +67,15 @@ KEY_PAD_SEGMENT = dense_attention.KEY_PAD_SEGMENT
 @dataclasses.dataclass(frozen=True)
 class DenseGpuConfig:
     sm_scale: float
-    # Per-head form (Dk 192, Dv 128): 128 queries x 64 keys per step at 8 warps; MQA form
-    # (Dk 576, Dv 512 split over 2 programs): 64 x 64 at 8 warps. Chosen from the compiled code.
+    # Per-head form (Dk 192, Dv 128): 128 queries x 64 keys per step at 8 warps; shared-key form
+    # (Dk 576, Dv 512 split over 2 programs): 64 heads x 16 keys at 8 warps (``default_config``).
+    # Chosen from the compiled code.
     block_q: int = 128
     block_k: int = 64
     num_warps: int = 8
     num_stages: int = 2
     v_splits: int = 1
     block_h: int = 64  # MQA form: heads of one query per program
-    hoist_q: bool = True  # load q's pieces once per program (else once per key block)
     # Backward kernels (per-head form): dQ of block_q_dq queries in steps of block_k_dq keys, dK/dV
     # of block_k_dkv keys in steps of block_q_dkv queries.
     block_q_dq: int = 64
@@ -116,11 +120,10 @@ def _pad_axis(x, axis: int, length: int, value=0):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, k_seg_ref, out_ref, lse_ref, *, scale2: float,
-                    k_pieces, v_pieces, block_k: int, n_k_blocks: int, hoist_q: bool):
+                    k_pieces, v_pieces, block_k: int, n_k_blocks: int):
     q_pos = q_pos_ref[...]
     q_seg = q_seg_ref[...]
-    load_q = lambda: [q_ref[:, pl.ds(start, size)] for start, size in k_pieces]  # noqa: E731
-    hoisted = load_q() if hoist_q else None
+    q_tiles = [q_ref[:, pl.ds(start, size)] for start, size in k_pieces]
     # Causal skip: no key block past the block's last query position (padded queries have -1).
     n_visible = jnp.clip(jnp.max(q_pos) // block_k + 1, 0, n_k_blocks)
 
@@ -128,7 +131,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, k_seg_ref, out_re
         accs, m_prev, l_prev = carry
         keys = pl.ds(j * block_k, block_k)
         s = None
-        for q_t, (start, size) in zip(hoisted or load_q(), k_pieces):
+        for q_t, (start, size) in zip(q_tiles, k_pieces):
             part = plgpu.dot(q_t, k_ref[keys, pl.ds(start, size)], trans_b=True)
             s = part if s is None else s + part
         k_pos = j * block_k + jnp.arange(block_k)
@@ -175,7 +178,7 @@ def _forward(cfg: DenseGpuConfig, q, k, v, q_pos, q_seg, k_seg):
     dv_part = dvp // vs
     q, k, v, q_pos, q_seg, k_seg = _padded(q, k, v, q_pos, q_seg, k_seg, sp, tp, dkp, dvp)
     kernel = functools.partial(_forward_kernel, scale2=cfg.sm_scale * LOG2E, k_pieces=_pieces(dkp),
-                               v_pieces=_pieces(dv_part), block_k=bk, n_k_blocks=tp // bk, hoist_q=cfg.hoist_q)
+                               v_pieces=_pieces(dv_part), block_k=bk, n_k_blocks=tp // bk)
     params = dict(compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
                   interpret=cfg.interpret, name="dense_attention_forward")
     call = _call_shared if shared else _call_per_head
