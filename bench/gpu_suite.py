@@ -326,7 +326,8 @@ def main(argv=None) -> int:
             entry["bwd_vs_matmul"] = entry["bwd_tflops"] / ceiling
     report.write()
     failed = [c for c in checks if not (c and c.get("ok"))]
-    errors = [k for s in ("ceilings", "sparse_mla", "dense_attention") for k, v in report.data[s].items() if "error" in v]
+    errors = [k for s in ("ceilings", "sparse_mla", "dense_attention") for k, v in report.data[s].items()
+              if "error" in v]
     print(f"wrote {out}; checks {'passed' if not failed else 'FAILED'}"
           + (f"; errors in {', '.join(errors)}" if errors else ""))
     return 1 if failed or errors else 0

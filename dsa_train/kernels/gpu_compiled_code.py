@@ -138,9 +138,13 @@ def _dense_compiled(form: str, heads: int, seq: int, dims: tuple[int, int], back
     args = (jax.ShapeDtypeStruct((1, seq, heads, dk), jnp.bfloat16), jax.ShapeDtypeStruct((*kv, dk), jnp.bfloat16),
             jax.ShapeDtypeStruct((*kv, dv), jnp.bfloat16), jax.ShapeDtypeStruct((seq,), jnp.int32),
             jax.ShapeDtypeStruct((1, seq), jnp.int32))
-    attend = lambda q, k, v, pos, seg: flash_attention_gpu(q, k, v, pos, seg, seg, dk ** -0.5, **block_sizes)  # noqa: E731
-    grads = lambda q, k, v, pos, seg: jax.grad(  # noqa: E731
-        lambda q, k, v: attend(q, k, v, pos, seg)[0].astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
+
+    def attend(q, k, v, pos, seg):
+        return flash_attention_gpu(q, k, v, pos, seg, seg, dk ** -0.5, **block_sizes)
+
+    def grads(q, k, v, pos, seg):
+        return jax.grad(lambda q, k, v: attend(q, k, v, pos, seg)[0].astype(jnp.float32).sum(),
+                        argnums=(0, 1, 2))(q, k, v)
     with capture_triton_ir() as ttirs:
         jax.jit(grads if backward else attend).trace(*args).lower(lowering_platforms=("cuda",))
     cfg = default_config(dk ** -0.5, shared=shared, **block_sizes)
