@@ -82,8 +82,8 @@ class Backend:
     def dense_attention(self, q, k, v, segment_ids, sm_scale: float):
         """Causal, document-masked MHA: q/k [B, S, H, Dk], v [B, S, H, Dv] -> (out, lse [B, S, H]).
         "reference": ``ops.attention.dense_attention``; the Pallas kernels run splash attention on
-        TPU (``kernels/dense_attention_tpu.py``, S a multiple of 128) and the Triton forward on
-        CUDA/ROCm (``kernels/dense_attention_gpu.py``); everything else the flash form of
+        TPU (``kernels/dense_attention_tpu.py``, S a multiple of 128) and the Triton kernels on
+        CUDA/ROCm (``kernels/dense_attention_gpu.py``: forward and backward); everything else the flash form of
         ``kernels/dense_attention.py`` (online softmax over key blocks, causal block skipping,
         flash backward), which is also splash's backward (the GPU kernels have their own)."""
         if self.impl == "reference":
@@ -104,7 +104,7 @@ class Backend:
     def dense_attention_at(self, q, k, v, q_positions, q_segment_ids, k_segment_ids, sm_scale: float):
         """Dense attention of queries at row positions ``q_positions`` [S] against the whole row's
         keys (a context shard's); k/v per head [B, T, H, D] or shared [B, T, D] (MQA form). The
-        Triton forward on CUDA/ROCm for the Pallas kernels (``kernels/dense_attention_gpu.py``),
+        Triton kernels on CUDA/ROCm for the Pallas kernels (``kernels/dense_attention_gpu.py``),
         the flash kernel of ``kernels/dense_attention.py`` everywhere else (splash's static masks
         cannot take traced positions)."""
         args = (q, k, v, q_positions, q_segment_ids, k_segment_ids)
