@@ -5,8 +5,10 @@
 
 1. Checks at small shapes (values and gradients vs the pure-JAX references, -1 slots and rows
    with fewer than k candidates included): sparse MLA forward + backward and the head-summed
-   probabilities (dsa_train.kernels.sparse_attention_gpu), and the indexer top-k (Pallas-scored) vs
-   indexer_topk_reference.
+   probabilities (dsa_train.kernels.sparse_attention_gpu), the indexer top-k (Pallas-scored) vs
+   indexer_topk_reference, and the flash dense attention forward (dsa_train.kernels.dense_attention_gpu,
+   per-head and shared-key forms, two documents, a zig-zag shard's query positions) vs
+   ops.attention.dense_attention.
 2. Ceilings in the same run: a bf16 matmul (8192^3) and cuDNN flash attention
    (jax.nn.dot_product_attention, causal, 128 heads of 128 dims, L = 16K).
 3. Sparse MLA at L = 16K and 64K, H = 128, D = 576 / 512, top-k 2048, bf16: forward alone and
@@ -14,6 +16,13 @@
    --repeats timed runs after --warmup runs. FLOPs: forward 2 x L x topk x H x (576 + 512)
    (FlashMLA's convention); backward 2 x L x topk x H x (576 + 512 + 512 + 576 + 576) (recomputed
    QK^T, dO V^T, dS K for dq, dS^T Q and P^T dO for dkv).
+4. Dense attention at the same lengths, H = 128, causal, one document, bf16: the Triton kernels
+   against the pure-JAX flash kernel (dsa_train.kernels.dense_attention, what GPUs ran before), in
+   interleaved rounds (median of each, and their ratio): the forward in the per-head form
+   (192 / 128) and the shared-key form (576 / 512, the context-parallel path), the backward
+   (pullback with the residuals computed) in the per-head form. FLOPs: forward
+   2 x L^2 / 2 x H x (Dk + Dv); backward 2 x L^2 / 2 x H x (3 Dk + 2 Dv) (QK^T recomputed, dO V^T,
+   dS K, dS^T Q, P^T dO).
 
 The JSON (--out) is rewritten after every result, so a run cut off by its time limit keeps what it
 had; measurements that would start after --budget-s seconds are skipped and recorded as such.
@@ -37,21 +46,25 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dsa_train.kernels.backend import Backend  # noqa: E402
+from dsa_train.kernels.dense_attention import flash_attention  # noqa: E402
+from dsa_train.kernels.dense_attention_gpu import flash_attention_gpu  # noqa: E402
 from dsa_train.kernels.sparse_attention_gpu import (GpuKernelConfig, sparse_mla_attention_gpu,  # noqa: E402
                                                     sparse_mla_head_summed_probs_gpu)
-from dsa_train.ops.attention import NEG_INF, sparse_mla_attention_reference  # noqa: E402
+from dsa_train.ops.attention import NEG_INF, dense_attention, sparse_mla_attention_reference  # noqa: E402
 from dsa_train.ops.indexer import indexer_topk_reference  # noqa: E402
 
 D, V_DIM, HEADS, TOPK = 576, 512, 128, 2048
 FWD_DIMS = D + V_DIM
 BWD_DIMS = D + V_DIM + V_DIM + D + D
+DENSE_FORMS = {"per_head": (192, 128), "shared": (D, V_DIM)}  # (Dk, Dv)
 
 
 class Report:
     """The results dict, written to disk after every entry."""
 
     def __init__(self, path: str, meta: dict):
-        self.path, self.data, self.t0 = path, dict(meta=meta, checks={}, ceilings={}, sparse_mla={}), time.time()
+        self.path, self.data, self.t0 = path, dict(meta=meta, checks={}, ceilings={}, sparse_mla={},
+                                                           dense_attention={}), time.time()
         self.write()
 
     def add(self, section: str, key: str, value) -> None:
@@ -154,6 +167,77 @@ def check_topk(interpret: bool) -> dict:
     return dict(rows_equal=int(sum(same)), rows=len(same), ok=all(same))
 
 
+def check_dense_attention(interpret: bool) -> dict:
+    """Values and lse of the Triton forward vs the reference: the whole row (per-head form) and a
+    zig-zag shard's queries (chunks 0 and 3 of 4) against the row's keys (both forms)."""
+    rng = np.random.default_rng(2)
+    s, h, dk, dv = 48, 4, 48, 32
+    seg = jnp.asarray([[1] * 20 + [2] * 28])
+    shard = jnp.asarray(np.r_[0:12, 36:48], jnp.int32)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    q, k, v = normal(1, s, h, dk), normal(1, s, h, dk), normal(1, s, h, dv)
+    kv = normal(1, s, dk)
+    per_head = lambda x: jnp.broadcast_to(x[:, :, None], (1, s, h, x.shape[-1]))  # noqa: E731
+    cases = {
+        "per_head_row": ((q, k, v, jnp.arange(s), seg, seg), dense_attention(q, k, v, seg, 0.2)),
+        "per_head_zigzag": ((q[:, shard], k, v, shard, seg[:, shard], seg),
+                            [x[:, shard] for x in dense_attention(q, k, v, seg, 0.2)]),
+        "shared_zigzag": ((q[:, shard], kv, kv[..., :dv], shard, seg[:, shard], seg),
+                          [x[:, shard] for x in dense_attention(q, per_head(kv), per_head(kv[..., :dv]), seg, 0.2)]),
+    }
+    errors = {}
+    for name, (args, (ref_out, ref_lse)) in cases.items():
+        out, lse = jax.jit(lambda *a: flash_attention_gpu(*a, 0.2, interpret=interpret))(*args)
+        errors[name] = max(float(jnp.max(jnp.abs(out - ref_out))), float(jnp.max(jnp.abs(lse - ref_lse))))
+    tol = 1e-4 if interpret else 5e-2  # tf32 dots on a GPU
+    return dict(max_abs_error=errors, tolerance=tol, ok=all(e <= tol for e in errors.values()))
+
+
+def interleaved_medians_ms(fns: dict, args, warmup: int, repeats: int) -> dict:
+    """Median ms of each function, timed in alternating rounds (drift hits all of them alike)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(fn(*args))
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
+def measure_dense_attention(form: str, length: int, heads: int, interpret: bool, warmup: int, repeats: int) -> dict:
+    dk, dv = DENSE_FORMS[form]
+    kq, kk, kv_ = jax.random.split(jax.random.key(1), 3)
+    kv_shape = (1, length) if form == "shared" else (1, length, heads)
+    q = jax.random.normal(kq, (1, length, heads, dk), jnp.bfloat16)
+    k = jax.random.normal(kk, (*kv_shape, dk), jnp.bfloat16)
+    v = jax.random.normal(kv_, (*kv_shape, dv), jnp.bfloat16)
+    pos, seg = jnp.arange(length), jnp.zeros((1, length), jnp.int32)
+    scale = dk ** -0.5
+    fns = {"triton": jax.jit(lambda q, k, v: flash_attention_gpu(q, k, v, pos, seg, seg, scale, interpret=interpret)),
+           "jax_flash": jax.jit(lambda q, k, v: flash_attention(q, k, v, pos, seg, seg, scale))}
+    ms = interleaved_medians_ms(fns, (q, k, v), warmup, repeats)
+    pairs = length * length / 2 * heads  # causal: half the pairs
+    result = dict(length=length, heads=heads, dk=dk, dv=dv, triton_ms=ms["triton"], jax_flash_ms=ms["jax_flash"],
+                  triton_tflops=2 * pairs * (dk + dv) / ms["triton"] / 1e9,
+                  speedup_vs_jax_flash=ms["jax_flash"] / ms["triton"])
+    if form == "per_head":  # the shared-key form's backward is the JAX one on both paths
+        pullbacks = {}
+        for name, fn in (("triton", flash_attention_gpu), ("jax_flash", flash_attention)):
+            extra = dict(interpret=interpret) if name == "triton" else {}
+            attend = lambda q, k, v, fn=fn, extra=extra: fn(q, k, v, pos, seg, seg, scale, **extra)  # noqa: E731
+            (out, lse), pullback = jax.jit(lambda q, k, v, attend=attend: jax.vjp(attend, q, k, v))(q, k, v)
+            pullbacks[name] = jax.jit(lambda ct, pullback=pullback: pullback(ct))
+        cts = ((jax.random.normal(kq, out.shape, out.dtype), jnp.zeros_like(lse)),)
+        bwd = interleaved_medians_ms(pullbacks, cts, warmup, repeats)
+        result |= dict(triton_bwd_ms=bwd["triton"], jax_flash_bwd_ms=bwd["jax_flash"],
+                       triton_bwd_tflops=2 * pairs * (3 * dk + 2 * dv) / bwd["triton"] / 1e9,
+                       bwd_speedup_vs_jax_flash=bwd["jax_flash"] / bwd["triton"])
+    return result
+
+
 def measure_matmul(n: int, warmup: int, repeats: int) -> dict:
     a = jnp.ones((n, n), jnp.bfloat16)
     ms = timed_median_ms(jax.jit(lambda a, b: a @ b), (a, a), warmup, repeats)
@@ -224,12 +308,17 @@ def main(argv=None) -> int:
         report.add(section, key, result)
         return result
 
-    checks = [run("checks", "sparse_mla", check_sparse_mla, smoke), run("checks", "indexer_topk", check_topk, smoke)]
+    checks = [run("checks", "sparse_mla", check_sparse_mla, smoke), run("checks", "indexer_topk", check_topk, smoke),
+              run("checks", "dense_attention", check_dense_attention, smoke)]
     if not smoke:
         run("ceilings", "matmul_bf16", measure_matmul, 8192, warmup, repeats)
         run("ceilings", "cudnn_flash_attention", measure_cudnn_flash, 16384, warmup, repeats)
     for length in lengths:
         run("sparse_mla", f"L{length}", measure_sparse_mla, length, heads, topk, smoke, warmup, repeats)
+    for length in lengths:
+        for form in DENSE_FORMS:
+            run("dense_attention", f"{form}_L{length}", measure_dense_attention, form, length, heads, smoke, warmup,
+                repeats)
     ceiling = report.data["ceilings"].get("matmul_bf16", {}).get("tflops")
     for entry in report.data["sparse_mla"].values():
         if ceiling and "fwd_tflops" in entry:
@@ -237,7 +326,8 @@ def main(argv=None) -> int:
             entry["bwd_vs_matmul"] = entry["bwd_tflops"] / ceiling
     report.write()
     failed = [c for c in checks if not (c and c.get("ok"))]
-    errors = [k for s in ("ceilings", "sparse_mla") for k, v in report.data[s].items() if "error" in v]
+    errors = [k for s in ("ceilings", "sparse_mla", "dense_attention") for k, v in report.data[s].items()
+              if "error" in v]
     print(f"wrote {out}; checks {'passed' if not failed else 'FAILED'}"
           + (f"; errors in {', '.join(errors)}" if errors else ""))
     return 1 if failed or errors else 0

@@ -1,22 +1,26 @@
-"""Compiled code of the sparse MLA Pallas Triton kernels for sm_90a at the real shapes (H = 128,
-D = 576 / 512, K = 2048, bf16), built on CPU with the `triton` wheel and its ptxas (about 15 s).
+"""Compiled code of the Pallas Triton kernels for sm_90a, built on CPU with the `triton` wheel and
+its ptxas: the sparse MLA kernels at the real shapes (H = 128, D = 576 / 512, K = 2048, bf16; about
+15 s) and the dense attention kernels (H = 128; forward per head 192 / 128 and with shared keys
+576 / 512, the per-head backward's dQ and dK/dV kernels; bf16; about 15 s).
 
-Asserted for the forward, both backward kernels (dQ, dKV) and the head-summed probabilities: every
-dot is a wgmma (64-row tiles, no mma.sync), no register spills, and registers and shared memory fit
-one block of num_warps warps per SM.
+Asserted for the sparse forward, both sparse backward kernels (dQ, dKV), the head-summed
+probabilities, both dense forwards and both dense backward kernels: every dot is a wgmma (64-row tiles, no mma.sync), no
+register spills, and registers and shared memory fit one block of num_warps warps per SM.
 """
 
 import pytest
 
-from dsa_train.kernels.gpu_compiled_code import (REAL_SHAPES, SM90_MAX_REGISTERS, SM90_MAX_SHARED_BYTES,
+from dsa_train.kernels.gpu_compiled_code import (DENSE_SHAPES, REAL_SHAPES, SM90_MAX_REGISTERS,
+                                                 SM90_MAX_SHARED_BYTES, dense_attention_compiled,
                                                  sparse_mla_compiled)
 
-KERNELS = ["forward", "backward_dq", "backward_dkv", "head_summed_probs"]
+KERNELS = ["forward", "backward_dq", "backward_dkv", "head_summed_probs", "forward_per_head", "forward_shared",
+           "backward_dq_per_head", "backward_dkv_per_head"]
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    return sparse_mla_compiled(**REAL_SHAPES)
+    return sparse_mla_compiled(**REAL_SHAPES) | dense_attention_compiled(**DENSE_SHAPES)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

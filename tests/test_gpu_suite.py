@@ -23,9 +23,13 @@ def test_cpu_smoke_checks_and_measures(tmp_path):
     out = tmp_path / "suite.json"
     assert load_suite().main(["--cpu-smoke", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert data["checks"]["sparse_mla"]["ok"] and data["checks"]["indexer_topk"]["ok"]
+    assert all(data["checks"][name]["ok"] for name in ("sparse_mla", "indexer_topk", "dense_attention"))
     entry = data["sparse_mla"]["L32"]
     assert entry["fwd_ms"] > 0 and entry["bwd_ms"] > 0 and entry["fwd_tflops"] > 0
+    for form in ("per_head", "shared"):
+        entry = data["dense_attention"][f"{form}_L32"]
+        assert entry["triton_ms"] > 0 and entry["jax_flash_ms"] > 0 and entry["speedup_vs_jax_flash"] > 0
+    assert data["dense_attention"]["per_head_L32"]["triton_bwd_ms"] > 0
 
 
 def test_budget_skips_measurements(tmp_path):
@@ -34,7 +38,7 @@ def test_budget_skips_measurements(tmp_path):
     assert suite.main(["--cpu-smoke", "--out", str(out), "--budget-s", "-1"]) == 1  # checks skipped: not ok
     data = json.loads(out.read_text())
     assert all("skipped" in v for v in data["checks"].values())
-    assert "skipped" in data["sparse_mla"]["L32"]
+    assert "skipped" in data["sparse_mla"]["L32"] and "skipped" in data["dense_attention"]["per_head_L32"]
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="the refusal is for machines without a GPU")

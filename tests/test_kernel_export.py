@@ -7,7 +7,7 @@ are lowered with ``jax.export`` for ``cuda`` and for ``tpu`` (lowering only, not
 exported StableHLO is read for:
 - the Pallas custom calls (``__gpu$xla.gpu.triton`` / ``tpu_custom_call``), by kernel name: every
   layer calls the top-k and the sparse attention forward and backward kernels in the sparse step,
-  the dense indexer KL kernels in the warm-up;
+  the dense indexer KL kernels in the warm-up, and on CUDA the dense attention forward kernel;
 - the sparse step's array types: none scales with the sequence squared. The sequence length is
   5 x 1024 and no model dimension has the prime factor 5, so an array whose element count has 5^2
   among its factors has two sequence-sized axes (a [queries, keys] buffer, however reshaped).
@@ -184,6 +184,17 @@ WARMUP_CASES = [case if case[0] == 1 else pytest.param(*case, marks=pytest.mark.
 @pytest.mark.parametrize("context, platform", WARMUP_CASES)
 def test_warmup_step_runs_the_kernels(exports, context, platform, op):
     _expect_kernels(_case(exports, "warmup", context, platform), op, WARMUP_STEP_KERNELS)
+
+
+# CUDA only: on TPU the warm-up's attention is splash (one device) or the pure-JAX flash kernel
+# (context shards, whose traced query positions splash's static masks cannot take).
+CUDA_WARMUP_KERNELS = {"dense attention forward": (("dense_attention_forward",), 1)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("context", (1, 4))
+def test_cuda_warmup_step_runs_the_dense_attention_kernel(exports, context):
+    _expect_kernels(_case(exports, "warmup", context, "cuda"), "dense attention forward", CUDA_WARMUP_KERNELS)
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from dsa_train.kernels import indexer_kl, indexer_tiles
 from dsa_train.kernels.dense_attention import dense_attention_flash, flash_attention
+from dsa_train.kernels.dense_attention_gpu import dense_attention_gpu, flash_attention_gpu
 from dsa_train.kernels.dense_attention_tpu import dense_attention_splash
 from dsa_train.kernels.dense_indexer_kl import dense_kl_sum
 from dsa_train.kernels.indexer_topk import indexer_topk_kernel
@@ -80,27 +81,40 @@ class Backend:
 
     def dense_attention(self, q, k, v, segment_ids, sm_scale: float):
         """Causal, document-masked MHA: q/k [B, S, H, Dk], v [B, S, H, Dv] -> (out, lse [B, S, H]).
-        "reference": ``ops.attention.dense_attention``; on TPU the Pallas kernels run splash
-        attention (``kernels/dense_attention_tpu.py``, S a multiple of 128); everything else the
-        flash form of ``kernels/dense_attention.py`` (online softmax over key blocks, causal block
-        skipping, flash backward)."""
+        "reference": ``ops.attention.dense_attention``; the Pallas kernels run splash attention on
+        TPU (``kernels/dense_attention_tpu.py``, S a multiple of 128) and the Triton kernels on
+        CUDA/ROCm (``kernels/dense_attention_gpu.py``: forward and backward); everything else the flash form of
+        ``kernels/dense_attention.py`` (online softmax over key blocks, causal block skipping,
+        flash backward), which is also splash's backward (the GPU kernels have their own)."""
         if self.impl == "reference":
             return attention_ops.dense_attention(q, k, v, segment_ids, sm_scale)
         flash = lambda q, k, v, seg: dense_attention_flash(q, k, v, seg, sm_scale)  # noqa: E731
-        if q.shape[1] % 128 or k.ndim != 4:
-            return flash(q, k, v, segment_ids)
+        gpu = lambda q, k, v, seg: dense_attention_gpu(q, k, v, seg, sm_scale)  # noqa: E731
+        splash_fits = q.shape[1] % 128 == 0 and k.ndim == 4
         splash = lambda q, k, v, seg: dense_attention_splash(q, k, v, seg, sm_scale)  # noqa: E731
         if self.impl == "pallas":
-            return jax.lax.platform_dependent(q, k, v, segment_ids, tpu=splash, default=flash)
-        if self.impl in ("pallas_tpu", "pallas_tpu_interpret"):
+            return jax.lax.platform_dependent(q, k, v, segment_ids, tpu=splash if splash_fits else flash, cuda=gpu,
+                                              rocm=gpu, default=flash)
+        if self.impl in ("pallas_tpu", "pallas_tpu_interpret") and splash_fits:
             return dense_attention_splash(q, k, v, segment_ids, sm_scale, interpret=self.impl.endswith("interpret"))
+        if self.impl in ("pallas_gpu", "pallas_gpu_interpret"):
+            return dense_attention_gpu(q, k, v, segment_ids, sm_scale, interpret=self.impl.endswith("interpret"))
         return flash(q, k, v, segment_ids)
 
     def dense_attention_at(self, q, k, v, q_positions, q_segment_ids, k_segment_ids, sm_scale: float):
         """Dense attention of queries at row positions ``q_positions`` [S] against the whole row's
-        keys (a context shard's): the flash kernel for every impl (``kernels/dense_attention.py``);
-        k/v per head [B, T, H, D] or shared [B, T, D] (MQA form)."""
-        return flash_attention(q, k, v, q_positions, q_segment_ids, k_segment_ids, sm_scale)
+        keys (a context shard's); k/v per head [B, T, H, D] or shared [B, T, D] (MQA form). The
+        Triton kernels on CUDA/ROCm for the Pallas kernels (``kernels/dense_attention_gpu.py``),
+        the flash kernel of ``kernels/dense_attention.py`` everywhere else (splash's static masks
+        cannot take traced positions)."""
+        args = (q, k, v, q_positions, q_segment_ids, k_segment_ids)
+        flash = lambda *a: flash_attention(*a, sm_scale)  # noqa: E731
+        gpu = lambda *a: flash_attention_gpu(*a, sm_scale)  # noqa: E731
+        if self.impl == "pallas":
+            return jax.lax.platform_dependent(*args, cuda=gpu, rocm=gpu, default=flash)
+        if self.impl in ("pallas_gpu", "pallas_gpu_interpret"):
+            return flash_attention_gpu(*args, sm_scale, interpret=self.impl.endswith("interpret"))
+        return flash(*args)
 
     def indexer_kl_sum_at(self, q, kv, lse, q_idx, k_idx, w_idx, weights, q_positions, q_segment_ids,
                           k_segment_ids, sm_scale: float):

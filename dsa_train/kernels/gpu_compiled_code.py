@@ -1,4 +1,4 @@
-"""What the sparse MLA Pallas Triton kernels compile to on sm_90a, without a GPU.
+"""What the sparse MLA and dense attention Pallas Triton kernels compile to on sm_90a, without a GPU.
 
 Lowers the kernels for CUDA on any machine (jax.jit(...).trace(...).lower with the "cuda"
 platform), captures the Triton IR that Pallas hands to XLA, compiles it with the `triton` wheel
@@ -28,6 +28,9 @@ import jax.numpy as jnp
 SM90_MAX_REGISTERS = 255  # per thread
 SM90_MAX_SHARED_BYTES = 227 * 1024  # per block (opt-in maximum on H100/H200)
 REAL_SHAPES = dict(heads=128, dim=576, v_dim=512, topk=2048, kv_len=4096, queries=4)
+# Dense attention: the per-head form (192 = 128 nope + 64 rope, v 128) and the shared-key MQA form
+# (576 / 512) of the context-parallel path; the sequence length changes only the loop trip counts.
+DENSE_SHAPES = dict(heads=128, seq=4096, per_head=(192, 128), shared=(576, 512))
 
 
 @contextlib.contextmanager
@@ -114,6 +117,56 @@ def sparse_mla_compiled(heads=128, dim=576, v_dim=512, topk=2048, kv_len=4096, q
     )
 
 
+def dense_forward_compiled(form: str, heads: int, seq: int, dims: tuple[int, int], **block_sizes) -> dict:
+    """Figures of the GPU flash dense attention forward (kernels/dense_attention_gpu.py) at bf16 in
+    one form: "per_head" (k/v [B, T, H, D]) or "shared" (k/v [B, T, D], the MQA form)."""
+    return _dense_compiled(form, heads, seq, dims, backward=False, **block_sizes)["forward"]
+
+
+def dense_backward_compiled(heads: int, seq: int, dims: tuple[int, int], **block_sizes) -> dict:
+    """{"backward_dq" | "backward_dkv": figures} of the per-head form's backward kernels at bf16."""
+    figures = _dense_compiled("per_head", heads, seq, dims, backward=True, **block_sizes)
+    return {k: v for k, v in figures.items() if k != "forward"}
+
+
+def _dense_compiled(form: str, heads: int, seq: int, dims: tuple[int, int], backward: bool, **block_sizes) -> dict:
+    from dsa_train.kernels.dense_attention_gpu import default_config, flash_attention_gpu
+
+    dk, dv = dims
+    shared = form == "shared"
+    kv = (1, seq) if shared else (1, seq, heads)
+    args = (jax.ShapeDtypeStruct((1, seq, heads, dk), jnp.bfloat16), jax.ShapeDtypeStruct((*kv, dk), jnp.bfloat16),
+            jax.ShapeDtypeStruct((*kv, dv), jnp.bfloat16), jax.ShapeDtypeStruct((seq,), jnp.int32),
+            jax.ShapeDtypeStruct((1, seq), jnp.int32))
+
+    def attend(q, k, v, pos, seg):
+        return flash_attention_gpu(q, k, v, pos, seg, seg, dk ** -0.5, **block_sizes)
+
+    def grads(q, k, v, pos, seg):
+        return jax.grad(lambda q, k, v: attend(q, k, v, pos, seg)[0].astype(jnp.float32).sum(),
+                        argnums=(0, 1, 2))(q, k, v)
+    with capture_triton_ir() as ttirs:
+        jax.jit(grads if backward else attend).trace(*args).lower(lowering_platforms=("cuda",))
+    cfg = default_config(dk ** -0.5, shared=shared, **block_sizes)
+    blocks = dict(block_k=cfg.block_k, v_splits=cfg.v_splits)
+    blocks |= dict(block_h=cfg.block_h) if shared else dict(block_q=cfg.block_q)
+    figures = dict(forward=compile_ttir(ttirs[0], cfg.num_warps, cfg.num_stages) | blocks)
+    if backward:  # the VJP runs the forward kernel, then the dQ and the dK/dV kernels
+        figures["backward_dq"] = compile_ttir(ttirs[1], cfg.num_warps_bwd, cfg.num_stages_bwd) | dict(
+            block_q=cfg.block_q_dq, block_k=cfg.block_k_dq)
+        figures["backward_dkv"] = compile_ttir(ttirs[2], cfg.num_warps_bwd, cfg.num_stages_bwd) | dict(
+            block_k=cfg.block_k_dkv, block_q=cfg.block_q_dkv)
+    return figures
+
+
+def dense_attention_compiled(heads=128, seq=4096, per_head=(192, 128), shared=(576, 512)) -> dict:
+    """{"forward_per_head" | "forward_shared" | "backward_dq_per_head" | "backward_dkv_per_head":
+    figures} at the defaults."""
+    figures = {f"forward_{form}": dense_forward_compiled(form, heads, seq, dims)
+               for form, dims in (("per_head", per_head), ("shared", shared))}
+    return figures | {f"{kernel}_per_head": f for kernel, f in dense_backward_compiled(heads, seq, per_head).items()}
+
+
 # Alternatives to the defaults, one kernel each: (kernel, block sizes that differ from the defaults).
 # Compiled by the CLI next to the defaults, so the choice stays visible and re-checkable.
 CANDIDATES = [
@@ -139,6 +192,33 @@ def candidates_compiled(shapes: dict) -> list[dict]:
             for kernel, overrides in CANDIDATES]
 
 
+# The dense forward's alternatives: (form, block sizes that differ from that form's defaults).
+DENSE_CANDIDATES = [
+    ("per_head", dict(num_stages=3)),
+    ("per_head", dict(block_q=64, num_warps=4)),
+    ("shared", dict(block_k=32)),
+    ("shared", dict(block_k=32, v_splits=4)),
+]
+# The per-head backward's alternatives: (kernel, block sizes that differ from the defaults).
+DENSE_BACKWARD_CANDIDATES = [
+    ("backward_dq", dict(block_k_dq=64)),
+    ("backward_dkv", dict(block_q_dkv=64)),
+    ("backward_dkv", dict(block_q_dkv=16)),
+    ("backward_dq", dict(num_stages_bwd=3)),
+    ("backward_dkv", dict(num_warps_bwd=4)),
+]
+
+
+def dense_candidates_compiled(shapes: dict) -> list[dict]:
+    """Figures of each DENSE_CANDIDATES and DENSE_BACKWARD_CANDIDATES entry."""
+    forward = [dict(kernel=f"dense_forward_{form}", overrides=overrides)
+               | dense_forward_compiled(form, shapes["heads"], shapes["seq"], shapes[form], **overrides)
+               for form, overrides in DENSE_CANDIDATES]
+    return forward + [dict(kernel=f"dense_{kernel}_per_head", overrides=overrides)
+                      | dense_backward_compiled(shapes["heads"], shapes["seq"], shapes["per_head"], **overrides)[kernel]
+                      for kernel, overrides in DENSE_BACKWARD_CANDIDATES]
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -152,9 +232,10 @@ def main(argv=None) -> int:
         print("error: the `triton` package is needed (pip install 'dsa-train[test]')", file=sys.stderr)
         return 2
     result = dict(arch="sm_90a", triton=triton.__version__, jax=jax.__version__, shapes=REAL_SHAPES,
-                  dtype="bfloat16", sparse_mla=sparse_mla_compiled(**REAL_SHAPES))
+                  dtype="bfloat16", sparse_mla=sparse_mla_compiled(**REAL_SHAPES), dense_shapes=DENSE_SHAPES,
+                  dense_attention=dense_attention_compiled(**DENSE_SHAPES))
     if not args.defaults_only:
-        result["candidates"] = candidates_compiled(REAL_SHAPES)
+        result["candidates"] = candidates_compiled(REAL_SHAPES) + dense_candidates_compiled(DENSE_SHAPES)
     text = json.dumps(result, indent=1)
     with open(args.out, "w") as f:
         f.write(text + "\n")
