@@ -17,10 +17,15 @@ target in each of the three kernels. "pallas_gpu" / "pallas_tpu" force a variant
 run them in the Pallas interpreter (CPU tests). Pass 1 (`attention_lse_streaming`) streams the
 main attention's per-head log-sum-exp when the caller has none.
 
-Sparse stage: per query block, gather the selected main keys and indexer keys (O(bq K D)), form the
-target from the sparse attention's own lse, and save dKL/dI [B, S, K] (O(S K)) for the backward,
-which recomputes the indexer logits at the selected keys and scatter-adds dk. All impls use this
-streaming JAX version (the gather dominates; no Pallas kernel yet).
+Sparse stage: "streaming" / "blocked": per query block, gather the selected main keys and indexer
+keys (O(bq K D)), form the target from the sparse attention's own lse, and save dKL/dI [B, S, K]
+(O(S K)) for the backward, which recomputes the indexer logits at the selected keys and
+scatter-adds dk. The Pallas names run the Pallas kernels, Triton on GPU
+(`sparse_indexer_kl_gpu`, the target from `sparse_attention_gpu.sparse_mla_head_summed_probs_gpu`)
+and Mosaic on TPU (`sparse_indexer_kl_tpu`), chosen per lowering platform for "pallas": the target
+p [B, S, K] once (the only pass over the 576-dim main keys), the forward statistics (KL_t, lse_I,
+psum), and a backward that recomputes the indexer logits and reads p, lse_I and psum (saved:
+O(S K)); FLOPs, bytes and the dk scheme in those modules.
 """
 
 from __future__ import annotations

@@ -42,8 +42,12 @@ NEG = -jnp.inf
 
 @dataclasses.dataclass(frozen=True)
 class GpuKlConfig:
+    # From the sm_90a compiled code (bench/results/gpu_compiled.json): with 64 slots per step both
+    # kernels' dots are wgmma and nothing spills; the backward holds dq [Hi, Di] and dk [block_k, Di]
+    # fp32 tiles, 252 registers a thread at 4 warps, 208 at 8.
     block_k: int = 64  # slots per step
-    num_warps: int = 4
+    num_warps: int = 4  # forward
+    num_warps_bwd: int = 8
     num_stages: int = 2
     interpret: bool = False
 
@@ -175,7 +179,7 @@ def sparse_kl_grads_gpu(q_idx, k_idx, w_idx, indices, p, lse_i, psum, g, *, inte
         out_shape=[jax.ShapeDtypeStruct((b, s, hp, dp), F32), jax.ShapeDtypeStruct((b, s, hp), F32),
                    jax.ShapeDtypeStruct(dk0.shape, F32)],
         input_output_aliases={8: 2},
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages),
         interpret=cfg.interpret,
         name="sparse_indexer_kl_backward",
     )(qp, kp, wp, idxp, tiles.pad_to(p.astype(F32), 2, kpad), lse_i, psum, g.astype(F32), dk0)
