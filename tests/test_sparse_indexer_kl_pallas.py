@@ -55,7 +55,7 @@ def _check(got, want, rtol=2e-5, atol=2e-6):
 
 @pytest.mark.parametrize("impl", ["pallas_gpu_interpret", "pallas_tpu_interpret", "pallas_interpret"])
 def test_backend_sparse_kl_matches_reference(impl):
-    case = _case(21, 8, seed=1)
+    case = _case(16, 8, seed=1)
     q, kv, indices, lse, q_idx, k_idx, w_idx, seg = case
     f = lambda a, b, c: Backend(impl).sparse_indexer_kl_loss(q, kv, indices, lse, SCALE, a, b, c, seg)  # noqa: E731
     _check(jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q_idx, k_idx, w_idx), _reference(*case))
@@ -80,10 +80,11 @@ def _kernel_loss(variant: str, case, blocks: dict):
 
 @pytest.mark.parametrize("variant, blocks", [
     ("triton", dict(block_k=16)),  # K = 40: three slot blocks, the last partly padded
-    ("tpu", dict(block_k=16, block_q=8, tile_t=16)),  # three slot blocks, two dk tiles, padded queries
+    # three slot blocks, three dk tiles, padded queries
+    pytest.param("tpu", dict(block_k=8, block_q=8, tile_t=8), marks=pytest.mark.slow),
 ])
 def test_kernels_with_small_blocks_match_reference(variant, blocks):
-    case = _case(37, 40, seed=2)
+    case = _case(37, 40, seed=2) if variant == "triton" else _case(21, 20, seed=2)
     _check(_kernel_loss(variant, case, blocks), _reference(*case))
 
 
@@ -96,9 +97,10 @@ def test_target_kernels_match_reference():
     np.testing.assert_allclose(tpu, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_tpu_kernels_take_bf16_keys():
     """bf16 rows travel packed two per 32-bit word: same loss as the reference on the same bf16 data."""
-    case = list(_case(21, 8, seed=4))
+    case = list(_case(13, 8, seed=4))
     for i in (0, 1, 4, 5):  # q, kv, q_idx, k_idx
         case[i] = case[i].astype(jnp.bfloat16)
     q, kv, indices, lse, q_idx, k_idx, w_idx, seg = case
@@ -110,3 +112,62 @@ def test_tpu_kernels_take_bf16_keys():
     for a, b in zip(got[1], want[1]):
         assert a.dtype == jnp.bfloat16 or a.dtype == b.dtype
         np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=5e-2, atol=5e-3)
+
+
+_CONTEXT_PARALLEL_KL = """
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+import jax.numpy as jnp
+import numpy as np
+from dsa_train.config import MeshConfig
+from dsa_train.kernels.backend import Backend
+from dsa_train.ops.attention import sparse_mla_attention_reference
+from dsa_train.ops.indexer import indexer_topk_reference
+from dsa_train.parallel import activate, make_mesh, sequence_order
+from dsa_train.parallel import context_parallel as cp
+
+s, topk, scale = 32, 6, 0.2
+rng = np.random.default_rng(0)
+normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))
+q, kv, qi, ki, wi = normal(2, s, 4, 24), normal(2, s, 24), normal(2, s, 4, 16), normal(2, s, 16), normal(2, s, 4)
+seg = np.ones((2, s), np.int32); seg[:, 13:] = 2; seg[1, -6:] = 0
+seg = jnp.asarray(seg)
+idx = indexer_topk_reference(qi, ki, wi, topk, seg)
+_, lse = sparse_mla_attention_reference(q, kv, idx, scale, 16)
+
+def value_and_grads(ops, q, kv, idx, lse, qi, ki, wi, seg):
+    f = lambda a, b, c: ops.sparse_indexer_kl_loss(q, kv, idx, lse, scale, a, b, c, seg)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(qi, ki, wi)
+
+want = value_and_grads(Backend("reference"), q, kv, idx, lse, qi, ki, wi, seg)
+out = {}
+for order in ("contiguous", "zigzag"):
+    with activate(make_mesh(MeshConfig(data=1, context=4))):
+        with cp.laid_out(order, s) as lay:
+            ops = cp.sequence_ops(Backend(sys.argv[1]))
+            value, grads = value_and_grads(ops, *(lay(x) for x in (q, kv, idx, lse, qi, ki, wi, seg)))
+    if order == "zigzag":
+        grads = [sequence_order.from_zigzag(g, 4) for g in grads]
+    close = [np.allclose(a, b, rtol=2e-5, atol=2e-6) for a, b in zip((value, *grads), (want[0], *want[1]))]
+    out[order] = all(close) and type(ops).__name__ == "ContextParallelOps"
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("impl", ["pallas_gpu_interpret", pytest.param("pallas_tpu_interpret", marks=pytest.mark.slow)])
+def test_context_parallel_sparse_kl_equals_one_device(impl):
+    """mesh.context = 4, contiguous and zig-zag: each shard runs the Pallas kernels on its queries
+    against the gathered keys; loss and indexer gradients equal one device's reference."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", _CONTEXT_PARALLEL_KL, impl], env=env, capture_output=True,
+                          text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert json.loads(lines[-1][len("RESULT "):]) == {"contiguous": True, "zigzag": True}

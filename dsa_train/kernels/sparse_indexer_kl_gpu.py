@@ -44,7 +44,7 @@ NEG = -jnp.inf
 class GpuKlConfig:
     # From the sm_90a compiled code (bench/results/gpu_compiled.json): with 64 slots per step both
     # kernels' dots are wgmma and nothing spills; the backward holds dq [Hi, Di] and dk [block_k, Di]
-    # fp32 tiles, 252 registers a thread at 4 warps, 208 at 8.
+    # fp32 tiles, 252 registers a thread at 4 warps, 206 at 8.
     block_k: int = 64  # slots per step
     num_warps: int = 4  # forward
     num_warps_bwd: int = 8
@@ -127,7 +127,7 @@ def _backward_kernel(qi_ref, ki_ref, w_ref, idx_ref, p_ref, lse_ref, psum_ref, g
         return dq + plgpu.dot(dz.astype(keys.dtype), keys), dw + jnp.sum(ds[None, :] * relu_z, axis=1)
 
     dq, dw = jax.lax.fori_loop(0, num_k_blocks, body, (jnp.zeros(q.shape, F32), jnp.zeros(w.shape, F32)))
-    dq_ref[...] = dq * scale
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
     dw_ref[...] = dw
 
 
@@ -176,12 +176,11 @@ def sparse_kl_grads_gpu(q_idx, k_idx, w_idx, indices, p, lse_i, psum, g, *, inte
         grid=(s, b),
         in_specs=[query(hp, dp), keys, query(hp), query(kpad), query(kpad), scalar, scalar, scalar, whole_dk],
         out_specs=[query(hp, dp), query(hp), whole_dk],
-        out_shape=[jax.ShapeDtypeStruct((b, s, hp, dp), F32), jax.ShapeDtypeStruct((b, s, hp), F32),
+        out_shape=[jax.ShapeDtypeStruct((b, s, hp, dp), q_idx.dtype), jax.ShapeDtypeStruct((b, s, hp), F32),
                    jax.ShapeDtypeStruct(dk0.shape, F32)],
         input_output_aliases={8: 2},
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages),
         interpret=cfg.interpret,
         name="sparse_indexer_kl_backward",
     )(qp, kp, wp, idxp, tiles.pad_to(p.astype(F32), 2, kpad), lse_i, psum, g.astype(F32), dk0)
-    return (dq[:, :, :hi, :di].astype(q_idx.dtype), dk[:, :t, :di].astype(k_idx.dtype),
-            dw[:, :, :hi].astype(w_idx.dtype))
+    return dq[:, :, :hi, :di], dk[:, :t, :di].astype(k_idx.dtype), dw[:, :, :hi].astype(w_idx.dtype)

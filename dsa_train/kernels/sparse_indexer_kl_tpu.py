@@ -250,7 +250,7 @@ def _dq_dw_kernel(idx_smem, idx_vmem, p_ref, qi_ref, w_ref, lse_ref, psum_ref, g
 
         @pl.when(blk == num_blocks - 1)
         def _finish():
-            dq_ref[qi] = dq_acc[...] * scale
+            dq_ref[qi] = (dq_acc[...] * scale).astype(dq_ref.dtype)
             dw_ref[row, :] = _column_to_row(dw_acc[...])
 
     _gather_pipeline(ki_hbm, buf, sem, b, block_q * num_blocks, _query_block_rows(idx_smem, block_k, num_blocks),
@@ -374,7 +374,7 @@ def sparse_kl_grads_tpu(q_idx, k_idx, w_idx, indices, p, lse_i, psum, g, *, inte
             per_q(num_blocks, block_k), per_q(hi, di), per_q(hi), per_q(1), per_q(1), per_q(1),
             pl.BlockSpec(memory_space=pl.ANY)],
         out_specs=[per_q(hi, di), per_q(hi)],
-        out_shape=[jax.ShapeDtypeStruct((b, sp, hi, di), F32), jax.ShapeDtypeStruct((b, sp, hi), F32)],
+        out_shape=[jax.ShapeDtypeStruct((b, sp, hi, di), q_idx.dtype), jax.ShapeDtypeStruct((b, sp, hi), F32)],
         scratch_shapes=_scratch(block_k, src) + [pltpu.VMEM((hi, di), F32), pltpu.VMEM((hi, 1), F32)],
         compiler_params=_compiler_params(("parallel", "parallel")),
         interpret=_interpret_arg(cfg.interpret),
@@ -419,4 +419,4 @@ def sparse_kl_grads_tpu(q_idx, k_idx, w_idx, indices, p, lse_i, psum, g, *, inte
         interpret=_interpret_arg(cfg.interpret),
         name="sparse_indexer_kl_backward_dk",
     )(first, last, sorted_idx, _slot_blocks(sorted_p, block_k), qp, wp, *scalars, src)
-    return dq[:, :s].astype(q_idx.dtype), dk[:, :t].astype(k_idx.dtype), dw[:, :s].astype(w_idx.dtype)
+    return dq[:, :s], dk[:, :t].astype(k_idx.dtype), dw[:, :s].astype(w_idx.dtype)
