@@ -103,6 +103,22 @@ def _indexer_scores(q, w_col, keys, valid, scale: float):
     return z, jnp.where(valid, score, NEG)
 
 
+def _nbytes(*arrays) -> int:
+    return sum(x.size * x.dtype.itemsize for x in arrays)
+
+
+def _cost(pairs: int, flops_per_pair: int, row_bytes: int, extra_bytes: int, transcendentals_per_pair: int = 1):
+    """What XLA's cost analysis should count for one kernel (it cannot look inside Mosaic): per
+    (query, slot) as executed, the matmul FLOPs, one gathered row and its index (SMEM and VMEM
+    copies) and one fp32 p value; plus the per-query blocks and outputs in extra_bytes."""
+    return pl.CostEstimate(flops=pairs * flops_per_pair, transcendentals=pairs * transcendentals_per_pair,
+                           bytes_accessed=pairs * (row_bytes + 12) + extra_bytes)
+
+
+def _row_bytes(src) -> int:
+    return src.shape[-1] * src.dtype.itemsize
+
+
 # ---- target ----------------------------------------------------------------------------------------
 
 def _target_kernel(idx_smem, idx_vmem, q_ref, lse_ref, kv_hbm, p_ref, buf, sem, *, sm_scale: float,
@@ -140,6 +156,7 @@ def head_mean_probs_tpu(q, kv, indices, lse, *, sm_scale: float, interpret: bool
         out_shape=jax.ShapeDtypeStruct((b, sp, num_blocks, block_k), F32),
         scratch_shapes=_scratch(block_k, src),
         compiler_params=_compiler_params(("parallel", "parallel")),
+        cost_estimate=_cost(b * sp * kp, 2 * h * d, _row_bytes(src), _nbytes(qp, lsep), transcendentals_per_pair=h),
         interpret=_interpret_arg(cfg.interpret),
         name="sparse_indexer_kl_target",
     )(idxp, _slot_blocks(idxp, block_k), qp, lsep, src)
@@ -209,6 +226,7 @@ def sparse_kl_stats_tpu(q_idx, k_idx, w_idx, indices, p, *, interpret: bool = Fa
         out_shape=[column] * 3,
         scratch_shapes=_scratch(block_k, src) + [pltpu.VMEM((1, 1), F32) for _ in range(5)],
         compiler_params=_compiler_params(("parallel", "parallel")),
+        cost_estimate=_cost(b * sp * kp, 2 * hi * di, _row_bytes(src), _nbytes(qp, wp) + 3 * b * sp * 4),
         interpret=_interpret_arg(cfg.interpret),
         name="sparse_indexer_kl_forward",
     )(idxp, _slot_blocks(idxp, block_k), _slot_blocks(pp, block_k), qp, wp, src)
@@ -377,6 +395,7 @@ def sparse_kl_grads_tpu(q_idx, k_idx, w_idx, indices, p, lse_i, psum, g, *, inte
         out_shape=[jax.ShapeDtypeStruct((b, sp, hi, di), q_idx.dtype), jax.ShapeDtypeStruct((b, sp, hi), F32)],
         scratch_shapes=_scratch(block_k, src) + [pltpu.VMEM((hi, di), F32), pltpu.VMEM((hi, 1), F32)],
         compiler_params=_compiler_params(("parallel", "parallel")),
+        cost_estimate=_cost(b * sp * kp, 4 * hi * di, _row_bytes(src), 2 * _nbytes(qp) + 2 * _nbytes(wp, *scalars)),
         interpret=_interpret_arg(cfg.interpret),
         name="sparse_indexer_kl_backward_dq_dw",
     )(idxp, _slot_blocks(idxp, block_k), _slot_blocks(pp, block_k), qp, wp, *scalars, src)
@@ -416,6 +435,10 @@ def sparse_kl_grads_tpu(q_idx, k_idx, w_idx, indices, p, lse_i, psum, g, *, inte
         ),
         out_shape=jax.ShapeDtypeStruct((b, num_tiles * tile_t, di), F32),
         compiler_params=_compiler_params(("parallel", "parallel", "arbitrary")),
+        # q_idx is re-read per tile that holds a query's keys: counted for half the tiles (causal
+        # indices), an assumption.
+        cost_estimate=_cost(b * sp * kp, 4 * hi * di, _row_bytes(src),
+                            max(1, (num_tiles + 1) // 2) * _nbytes(qp, wp) + b * num_tiles * tile_t * di * 4),
         interpret=_interpret_arg(cfg.interpret),
         name="sparse_indexer_kl_backward_dk",
     )(first, last, sorted_idx, _slot_blocks(sorted_p, block_k), qp, wp, *scalars, src)
