@@ -1,6 +1,6 @@
 """The sparse indexer KL's indexer side as Pallas kernels for GPU (Triton lowering).
 
-Math per query t and selected slot k (key s = indices[t, k], -1 = unused; see `sparse_indexer_kl`):
+Math per query t and selected slot k (key s = indices[t, k], -1 = unused; the loss: `indexer_kl`):
   z_j = Di^-0.5 q_idx_j(t) . k_idx(s),  I(t, k) = sum_j w_j(t) relu(z_j)
   forward:  online lse_I(t), sum p log p, sum p I, sum p over the slots -> KL_t, lse_I(t), psum(t)
   backward: dI = g_t (psum_t exp(I - lse_I) - p);  dz_j = dI w_j [z_j > 0]
@@ -20,7 +20,9 @@ interpret mode does with repeats.
 
 Per (query, slot), Hi = 64, Di = 128, bf16: forward 2 Hi Di FLOPs (16K) and one gathered row
 (256 bytes) + the index and p (8 bytes); backward 6 Hi Di FLOPs (49K: z, dq, dk) and the same
-reads, plus an fp32 atomic add of a Di row (512 bytes of read-modify-write in L2/HBM).
+reads, plus an fp32 atomic add of a Di row (512 bytes of read-modify-write in L2/HBM). The target
+(H = 128, D = 576) costs 2 H D FLOPs (147K) per pair and one gathered 576-dim row (1152 bytes) +
+4 bytes of p, once per step: it is the largest part, and the backward does not recompute it.
 """
 
 from __future__ import annotations
