@@ -12,7 +12,7 @@ import pytest
 
 from dsa_train.kernels.gpu_compiled_code import (DENSE_SHAPES, REAL_SHAPES, SM90_MAX_REGISTERS,
                                                  SM90_MAX_SHARED_BYTES, dense_attention_compiled,
-                                                 sparse_mla_compiled)
+                                                 sparse_indexer_kl_compiled, sparse_mla_compiled)
 
 KERNELS = ["forward", "backward_dq", "backward_dkv", "head_summed_probs", "forward_per_head", "forward_shared",
            "backward_dq_per_head", "backward_dkv_per_head"]
@@ -39,3 +39,18 @@ def test_dots_are_wgmma(compiled, kernel):
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_no_spills(compiled, kernel):
     assert compiled[kernel]["spill_store_bytes"] == 0
+
+
+@pytest.fixture(scope="module")
+def compiled_kl():
+    return sparse_indexer_kl_compiled(topk=REAL_SHAPES["topk"], kv_len=REAL_SHAPES["kv_len"])
+
+
+@pytest.mark.parametrize("kernel", ["forward", "backward"])
+def test_sparse_indexer_kl_kernels_compile_to_wgmma_without_spills(compiled_kl, kernel):
+    """The sparse indexer KL's Triton kernels (Hi = 64, Di = 128, K = 2048): the same criteria."""
+    figures = compiled_kl[kernel]
+    assert figures["wgmma"] > 0 and figures["mma_sync"] == 0
+    assert figures["spill_store_bytes"] == 0
+    assert figures["registers"] * figures["num_warps"] * 32 <= 65536
+    assert 0 < figures["shared_bytes"] <= SM90_MAX_SHARED_BYTES

@@ -6,8 +6,9 @@ A reduced config with the real attention shapes (128 heads, 576 = 512 + 64 laten
 are lowered with ``jax.export`` for ``cuda`` and for ``tpu`` (lowering only, nothing compiled). The
 exported StableHLO is read for:
 - the Pallas custom calls (``__gpu$xla.gpu.triton`` / ``tpu_custom_call``), by kernel name: every
-  layer calls the top-k and the sparse attention forward and backward kernels in the sparse step,
-  the dense indexer KL kernels in the warm-up, and on CUDA the dense attention forward kernel;
+  layer calls the top-k, the sparse attention forward and backward and the sparse indexer KL
+  forward and backward kernels in the sparse step, the dense indexer KL kernels in the warm-up, and
+  on CUDA the dense attention forward kernel;
 - the sparse step's array types: none scales with the sequence squared. The sequence length is
   5 x 1024 and no model dimension has the prime factor 5, so an array whose element count has 5^2
   among its factors has two sequence-sized axes (a [queries, keys] buffer, however reshaped).
@@ -48,6 +49,8 @@ SPARSE_STEP_KERNELS = {
     "indexer top-k": (("indexer_score_tiles", "indexer_topk"), 1),
     "sparse attention forward": (("sparse_mla_forward",), 1),
     "sparse attention backward": (("sparse_mla_backward",), 1),
+    "sparse indexer KL forward": (("sparse_indexer_kl_forward",), 1),
+    "sparse indexer KL backward": (("sparse_indexer_kl_backward",), 1),
 }
 WARMUP_STEP_KERNELS = {
     # the KL's forward and its backward (the target is detached: no main-attention backward)
@@ -143,7 +146,10 @@ def _main() -> dict:
 
 @pytest.fixture(scope="module")
 def exports() -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    # A script's sys.path starts at its own folder (tests/): name the checkout so that the exports are
+    # of this tree's code, not of whichever copy of the package is installed.
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", PYTHONPATH=path)
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=1800)

@@ -171,7 +171,9 @@ class Backend:
                                                  lse=lse)
 
     def sparse_indexer_kl_loss(self, q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids):
-        """Sparse-stage loss over the selected keys, see ``ops.losses.sparse_indexer_kl_loss``."""
+        """Sparse-stage loss over the selected keys, see ``ops.losses.sparse_indexer_kl_loss``; the
+        Pallas kernels (``kernels/sparse_indexer_kl_gpu.py``, ``_tpu.py``) for the Pallas names, the
+        streaming JAX form for "blocked"."""
         if self.impl == "reference":
             return losses.sparse_indexer_kl_loss(q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids)
         return indexer_kl.sparse_indexer_kl_loss_kernel(q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx,

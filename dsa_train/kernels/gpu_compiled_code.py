@@ -1,4 +1,4 @@
-"""What the sparse MLA and dense attention Pallas Triton kernels compile to on sm_90a, without a GPU.
+"""What the sparse MLA, sparse indexer KL and dense attention Pallas Triton kernels compile to on sm_90a, without a GPU.
 
 Lowers the kernels for CUDA on any machine (jax.jit(...).trace(...).lower with the "cuda"
 platform), captures the Triton IR that Pallas hands to XLA, compiles it with the `triton` wheel
@@ -167,6 +167,25 @@ def dense_attention_compiled(heads=128, seq=4096, per_head=(192, 128), shared=(5
     return figures | {f"{kernel}_per_head": f for kernel, f in dense_backward_compiled(heads, seq, per_head).items()}
 
 
+def sparse_indexer_kl_compiled(idx_heads=64, idx_dim=128, topk=2048, kv_len=4096, queries=4) -> dict:
+    """{"forward" | "backward": figures} of the sparse indexer KL's Triton kernels
+    (kernels/sparse_indexer_kl_gpu.py) at bf16 for these shapes, with their default blocks."""
+    from dsa_train.kernels import sparse_indexer_kl_gpu as kl_gpu
+
+    spec = jax.ShapeDtypeStruct
+    args = (spec((1, queries, idx_heads, idx_dim), jnp.bfloat16), spec((1, kv_len, idx_dim), jnp.bfloat16),
+            spec((1, queries, idx_heads), jnp.float32), spec((1, queries, topk), jnp.int32),
+            spec((1, queries, topk), jnp.float32))
+    row = spec((1, queries), jnp.float32)
+    with capture_triton_ir() as forward_ir:
+        jax.jit(kl_gpu.sparse_kl_stats_gpu).trace(*args).lower(lowering_platforms=("cuda",))
+    with capture_triton_ir() as backward_ir:
+        jax.jit(kl_gpu.sparse_kl_grads_gpu).trace(*args, row, row, row).lower(lowering_platforms=("cuda",))
+    cfg = kl_gpu.GpuKlConfig()
+    return dict(forward=compile_ttir(forward_ir[0], cfg.num_warps, cfg.num_stages) | dict(block_k=cfg.block_k),
+                backward=compile_ttir(backward_ir[0], cfg.num_warps_bwd, cfg.num_stages) | dict(block_k=cfg.block_k))
+
+
 # Alternatives to the defaults, one kernel each: (kernel, block sizes that differ from the defaults).
 # Compiled by the CLI next to the defaults, so the choice stays visible and re-checkable.
 CANDIDATES = [
@@ -233,7 +252,9 @@ def main(argv=None) -> int:
         return 2
     result = dict(arch="sm_90a", triton=triton.__version__, jax=jax.__version__, shapes=REAL_SHAPES,
                   dtype="bfloat16", sparse_mla=sparse_mla_compiled(**REAL_SHAPES), dense_shapes=DENSE_SHAPES,
-                  dense_attention=dense_attention_compiled(**DENSE_SHAPES))
+                  dense_attention=dense_attention_compiled(**DENSE_SHAPES),
+                  sparse_indexer_kl=sparse_indexer_kl_compiled(topk=REAL_SHAPES["topk"], kv_len=REAL_SHAPES["kv_len"],
+                                                               queries=REAL_SHAPES["queries"]))
     if not args.defaults_only:
         result["candidates"] = candidates_compiled(REAL_SHAPES) + dense_candidates_compiled(DENSE_SHAPES)
     text = json.dumps(result, indent=1)

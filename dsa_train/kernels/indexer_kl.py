@@ -17,10 +17,15 @@ target in each of the three kernels. "pallas_gpu" / "pallas_tpu" force a variant
 run them in the Pallas interpreter (CPU tests). Pass 1 (`attention_lse_streaming`) streams the
 main attention's per-head log-sum-exp when the caller has none.
 
-Sparse stage: per query block, gather the selected main keys and indexer keys (O(bq K D)), form the
-target from the sparse attention's own lse, and save dKL/dI [B, S, K] (O(S K)) for the backward,
-which recomputes the indexer logits at the selected keys and scatter-adds dk. All impls use this
-streaming JAX version (the gather dominates; no Pallas kernel yet).
+Sparse stage: "streaming" / "blocked": per query block, gather the selected main keys and indexer
+keys (O(bq K D)), form the target from the sparse attention's own lse, and save dKL/dI [B, S, K]
+(O(S K)) for the backward, which recomputes the indexer logits at the selected keys and
+scatter-adds dk. The Pallas names run the Pallas kernels, Triton on GPU
+(`sparse_indexer_kl_gpu`, the target from `sparse_attention_gpu.sparse_mla_head_summed_probs_gpu`)
+and Mosaic on TPU (`sparse_indexer_kl_tpu`), chosen per lowering platform for "pallas": the target
+p [B, S, K] once (the only pass over the 576-dim main keys), the forward statistics (KL_t, lse_I,
+psum), and a backward that recomputes the indexer logits and reads p, lse_I and psum (saved:
+O(S K)); FLOPs, bytes and the dk scheme in those modules.
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dsa_train.kernels import dense_indexer_kl
+from dsa_train.kernels import dense_indexer_kl, sparse_attention_gpu
 from dsa_train.kernels import indexer_kl_pallas as kl_pallas
 from dsa_train.kernels import indexer_tiles as tiles
+from dsa_train.kernels import sparse_indexer_kl_gpu as sparse_kl_gpu
+from dsa_train.kernels import sparse_indexer_kl_tpu as sparse_kl_tpu
 
 F32 = jnp.float32
 NEG = -jnp.inf
@@ -302,6 +309,71 @@ def sparse_indexer_kl_loss_streaming(q, kv, indices, lse, sm_scale, q_idx, k_idx
     return _sparse_kl(cfg, q_idx, k_idx, w_idx, sg(q), sg(kv), indices, sg(lse).astype(F32), segment_ids)
 
 
+# ---- sparse stage, Pallas -----------------------------------------------------------------------------
+
+class _SparsePallasConfig(NamedTuple):
+    sm_scale: float
+    impl: tiles.Impl
+
+
+def _sparse_by_variant(impl: tiles.Impl, gpu_fn, tpu_fn, *args):
+    """Run a kernel as the resolved variant, or per lowering platform (Triton on CUDA/ROCm, Mosaic
+    on TPU, the Triton kernels interpreted elsewhere) when none is forced."""
+    if impl.variant == "tpu":
+        return tpu_fn(*args, interpret=impl.interpret)
+    if impl.variant == "triton" or impl.interpret:
+        return gpu_fn(*args, interpret=impl.interpret)
+    return tiles.pallas_platform_dispatch(partial(gpu_fn, interpret=False), partial(tpu_fn, interpret=False),
+                                          partial(gpu_fn, interpret=True), *args)
+
+
+def _head_mean_probs_gpu(q, kv, indices, lse, *, sm_scale: float, interpret: bool):
+    d = q.shape[-1]
+    # The Triton kernel splits D into two power-of-two parts (576 = 512 + 64); any split is exact.
+    split = 1 << (d.bit_length() - 1)
+    probs = sparse_attention_gpu.sparse_mla_head_summed_probs_gpu(q, kv, indices, lse, sm_scale, split,
+                                                                  interpret=interpret)
+    return probs * (1.0 / q.shape[2])
+
+
+def _sparse_pallas_forward(cfg: _SparsePallasConfig, q_idx, k_idx, w_idx, q, kv, indices, lse, segment_ids):
+    p = _sparse_by_variant(cfg.impl, partial(_head_mean_probs_gpu, sm_scale=cfg.sm_scale),
+                           partial(sparse_kl_tpu.head_mean_probs_tpu, sm_scale=cfg.sm_scale), q, kv, indices, lse)
+    kl, lse_i, psum = _sparse_by_variant(cfg.impl, sparse_kl_gpu.sparse_kl_stats_gpu, sparse_kl_tpu.sparse_kl_stats_tpu,
+                                         q_idx, k_idx, w_idx, indices, p)
+    return _weighted_mean(kl, segment_ids), (q_idx, k_idx, w_idx, indices, p, lse_i, psum, segment_ids)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sparse_kl_pallas(cfg, q_idx, k_idx, w_idx, q, kv, indices, lse, segment_ids):
+    return _sparse_pallas_forward(cfg, q_idx, k_idx, w_idx, q, kv, indices, lse, segment_ids)[0]
+
+
+def _sparse_kl_pallas_bwd(cfg, res, ct):
+    q_idx, k_idx, w_idx, indices, p, lse_i, psum, segment_ids = res
+    dq, dk, dw = _sparse_by_variant(cfg.impl, sparse_kl_gpu.sparse_kl_grads_gpu, sparse_kl_tpu.sparse_kl_grads_tpu,
+                                    q_idx, k_idx, w_idx, indices, p, lse_i, psum, _query_weights(ct, segment_ids))
+    return dq, dk, dw, None, None, None, None, None  # None: zero cotangents for the main model's inputs
+
+
+_sparse_kl_pallas.defvjp(_sparse_pallas_forward, _sparse_kl_pallas_bwd)
+
+
+def sparse_indexer_kl_loss_pallas(q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids, *,
+                                  impl: str = "pallas"):
+    """The sparse-stage KL through the Pallas kernels (`sparse_indexer_kl_gpu` / `_tpu`); `impl` a
+    Pallas name of `indexer_tiles.IMPLS`. Keys are only read at `indices` (T may exceed S)."""
+    chosen = tiles.resolve(impl)
+    if chosen.kind != "pallas":
+        raise ValueError(f"sparse_indexer_kl_loss_pallas needs a Pallas impl, got {impl!r}")
+    if kv.shape[1] != k_idx.shape[1]:
+        raise ValueError(f"kv and k_idx need the same keys, got {kv.shape[1]} and {k_idx.shape[1]}")
+    sg = jax.lax.stop_gradient
+    cfg = _SparsePallasConfig(float(sm_scale), chosen)
+    return _sparse_kl_pallas(cfg, q_idx, k_idx, w_idx, sg(q), sg(kv), indices.astype(jnp.int32),
+                             sg(lse).astype(F32), segment_ids)
+
+
 # ---- entry points used by dsa_train.ops.losses ------------------------------------------------------
 
 def indexer_kl_loss_kernel(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, impl: str, lse=None):
@@ -310,6 +382,9 @@ def indexer_kl_loss_kernel(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, im
 
 
 def sparse_indexer_kl_loss_kernel(q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids, impl: str):
-    """Sparse-stage KL; every impl runs the streaming JAX version (see the module docstring)."""
-    tiles.resolve(impl)
-    return sparse_indexer_kl_loss_streaming(q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids)
+    """Sparse-stage KL; impl: any name in `indexer_tiles.IMPLS`: "streaming" / "blocked" run the
+    streaming JAX version, the Pallas names the Pallas kernels (see the module docstring)."""
+    chosen = tiles.resolve(impl)
+    if chosen.kind != "pallas":
+        return sparse_indexer_kl_loss_streaming(q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids)
+    return sparse_indexer_kl_loss_pallas(q, kv, indices, lse, sm_scale, q_idx, k_idx, w_idx, segment_ids, impl=impl)
