@@ -1,11 +1,16 @@
-"""End to end: `dsa-train demo` (the README's retrieval table). Seeded, so the run is deterministic
-on one machine; 64 needles per depth, so one needle is 1.6 points.
+"""End to end: `dsa-train demo` (the README's retrieval table) against the acceptance of the demo:
+dense base >= 90 % at every depth; sparse within 2 points of the dense base at every depth;
+captured mass >= 0.9 (at the scored query) on the layers that retrieve; controls (a) and (b)
+<= 30 % where the local window does not reach the needle.
 
-Asserted: the target figures that the demo meets (dense base >= 90 % at every depth, the local
-window <= 30 % where it does not reach the needle, captured mass >= 0.9 on at least one layer), and
-bounds on the ones it does not meet yet (the README says by how much): sparse mode >= 80 % at every
-depth, and at least 40 points above the untrained indexers beyond the window (that control's
-expected accuracy is ~26 %: a random top-64 of ~415 candidates holds the needle ~15 % of the time)."""
+Seeded, so the run is deterministic on one machine; another CPU may round differently and flip a
+needle. Tolerances are the bars themselves: 64 needles per depth, so one needle is 1.6 points and
+the 2-point bar allows one lost needle per depth (measured: none lost). Measured beyond the window:
+control (a) 12-28 % (~19 % expected: a random top-32 of ~415 candidates holds the needle ~8 % of
+the time, the rest is guessed at 12.5 %), control (b) 12-25 %; their 30 % bar is 2 and 5 points
+above the worst depth, about one to three needles: the least robust of the checks.
+
+Opt-in (DSA_DEMO_TEST=1): it trains four stages, about 10 minutes of CPU time."""
 
 import os
 
@@ -16,19 +21,19 @@ from dsa_train.demo import run_demo
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("DSA_DEMO_TEST") != "1",
-                    reason="about 15 minutes on 2 cores: run with DSA_DEMO_TEST=1")
-def test_demo_sparse_keeps_most_of_the_dense_base_retrieval_and_the_controls_do_not(tmp_path):
+                    reason="about 10 minutes of CPU time: run with DSA_DEMO_TEST=1")
+def test_demo_sparse_keeps_the_dense_base_retrieval_and_the_controls_do_not(tmp_path):
     summary = run_demo(tmp_path / "demo")
     a, acc, far = summary["acceptance"], summary["answer_accuracy_by_depth"], summary["beyond_window"]
     assert summary["trials_per_depth"] == 64 and sum(far) == 6
     assert a["dense_base_min_accuracy"] >= 0.9, acc
-    assert a["sparse_captured_mass_max_layer"] >= 0.9, summary["captured_mass_by_layer"]
+    assert a["sparse_max_drop_vs_dense"] <= 0.02, acc
+    # The retrieving layer is found (not assumed) and its indexer selects what its attention reads.
+    assert summary["retrieving_layers"], summary["retrieval_by_layer"]
+    assert a["sparse_captured_mass_min_retrieving_layer"] >= 0.9, summary["retrieval_by_layer"]
+    assert a["control_a_max_accuracy_beyond_window"] <= 0.3, acc
     assert a["control_b_max_accuracy_beyond_window"] <= 0.3, acc
     # The local window does answer where it reaches the needle (the control is not broken).
     local = acc["control b: local window (dense base)"]
     assert min(x for x, f in zip(local, far) if not f) >= 0.9, acc
-    sparse, untrained = acc["sparse (sparse)"], acc["control a: untrained indexer (dense base, sparse)"]
-    assert min(sparse) >= 0.8, acc
-    assert all(s - u >= 0.4 for s, u, f in zip(sparse, untrained, far) if f), acc
-    assert a["control_a_max_accuracy_beyond_window"] <= 0.4, acc
     assert (tmp_path / "demo" / "eval" / "report.md").exists()

@@ -50,7 +50,8 @@ def numpy_row_stats(q, kv, qi, ki, wi, seg, topk, recent, sink, w_uv, w_o):
     q, kv, qi, ki, wi = (x.astype(np.float64) for x in (q, kv, qi, ki, wi))
     pos = np.asarray(document_positions(jnp.asarray(seg)))
     out = {k: np.zeros((B, S)) for k in ("captured_mass", "k50", "k90", "k99", "kl", "kl_uniform", "recent_share",
-                                         "sink_share", "candidates", "out_err2", "out_norm2")}
+                                         "sink_share", "candidates", "out_err2", "out_norm2",
+                                         "top_key", "top_share")}
     for b in range(B):
         for t in range(S):
             cand = np.array([s for s in range(S) if seg[b, s] == seg[b, t] and s <= t])
@@ -68,6 +69,7 @@ def numpy_row_stats(q, kv, qi, ki, wi, seg, topk, recent, sink, w_uv, w_o):
             plogp = np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0))
             out["kl"][b, t] = plogp - np.sum(p * log_q)
             out["kl_uniform"][b, t] = plogp + np.log(len(cand))
+            out["top_key"][b, t], out["top_share"][b, t] = cand[np.argmax(p)], p.max()
             out["recent_share"][b, t] = np.mean(t - sel < recent)
             out["sink_share"][b, t] = np.mean(pos[b, sel] < sink)
             dense = probs_h @ kv[b, cand, :C]  # [H, C]
@@ -101,9 +103,9 @@ def test_row_stats_match_numpy(topk, block_q):
     got = jax.device_get(got)
     valid = seg != 0
     np.testing.assert_array_equal(got["valid"], valid.astype(np.float32))
-    for name in ("candidates", "k50", "k90", "k99", "recent_share", "sink_share"):
+    for name in ("candidates", "k50", "k90", "k99", "recent_share", "sink_share", "top_key"):
         np.testing.assert_allclose(got[name][valid], ref[name][valid], rtol=0, atol=1e-6, err_msg=name)
-    for name in ("captured_mass", "kl", "kl_uniform"):
+    for name in ("captured_mass", "kl", "kl_uniform", "top_share"):
         np.testing.assert_allclose(got[name][valid], ref[name][valid], rtol=1e-4, atol=1e-5, err_msg=name)
     for name in ("out_err2", "out_norm2"):
         np.testing.assert_allclose(got[name][valid], ref[name][valid], rtol=1e-3, atol=1e-4, err_msg=name)

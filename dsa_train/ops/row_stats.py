@@ -11,6 +11,8 @@ the indexer's selection S_t is its top-k among the causal same-document candidat
 - k50 / k90 / k99: fewest keys (best first by p_t) holding 50 / 90 / 99 % of p_t,
 - kl: KL(p_t || softmax(indexer scores over the candidates)); kl_uniform: KL(p_t || uniform),
   so that 1 - sum(kl) / sum(kl_uniform) is the "KL captured" figure,
+- top_key / top_share: the candidate with the largest p_t (its index in the sequence) and its share,
+  which says where a layer looks (a layer that retrieves puts most of p_t on the one far key),
 - recent_share / sink_share: share of S_t within the last `recent_window` tokens (distance
   t - s < recent_window) / among the first `sink_tokens` tokens of the document,
 - out_err2 / out_norm2 (when a sparse attention output is given): squared L2 norm of the layer's
@@ -31,7 +33,7 @@ from dsa_train.ops.losses import head_probs, kl_from_target
 from dsa_train.ops.masks import causal_document_mask
 
 ROW_METRICS = ("valid", "candidates", "captured_mass", "k50", "k90", "k99", "kl", "kl_uniform",
-               "recent_share", "sink_share")
+               "top_key", "top_share", "recent_share", "sink_share")
 OUTPUT_METRICS = ("out_err2", "out_norm2")
 MASS_LEVELS = {"k50": 0.5, "k90": 0.9, "k99": 0.99}
 
@@ -71,6 +73,8 @@ def _block_stats(q_b, kv, sm_scale, qi_b, k_idx, wi_b, seg_q, segment_ids, key_p
     stats = {"valid": (seg_q != 0).astype(jnp.float32), "candidates": candidates.astype(jnp.float32)}
     stats["captured_mass"] = jnp.where(selected, jnp.take_along_axis(target, top_idx, -1), 0.0).sum(-1)
 
+    stats["top_key"] = jnp.argmax(target, -1).astype(jnp.float32)
+    stats["top_share"] = target.max(-1)
     cumulative = jnp.cumsum(-jnp.sort(-target, axis=-1), axis=-1)
     for name, level in MASS_LEVELS.items():
         # Rounding can leave the total a hair under 1: never report more keys than candidates.
