@@ -10,9 +10,7 @@ control (a) 12-28 % (~19 % expected: a random top-32 of ~415 candidates holds th
 the time, the rest is guessed at 12.5 %), control (b) 12-25 %; their 30 % bar is 2 and 5 points
 above the worst depth, about one to three needles: the least robust of the checks.
 
-Opt-in (DSA_DEMO_TEST=1): it trains four stages, about 10 minutes of CPU time."""
-
-import os
+Slow (it trains four stages, about 10 minutes of CPU time); it runs with the rest of the suite."""
 
 import pytest
 
@@ -20,8 +18,6 @@ from dsa_train.demo import run_demo
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("DSA_DEMO_TEST") != "1",
-                    reason="about 10 minutes of CPU time: run with DSA_DEMO_TEST=1")
 def test_demo_sparse_keeps_the_dense_base_retrieval_and_the_controls_do_not(tmp_path):
     summary = run_demo(tmp_path / "demo")
     a, acc, far = summary["acceptance"], summary["answer_accuracy_by_depth"], summary["beyond_window"]
