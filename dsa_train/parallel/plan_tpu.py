@@ -124,26 +124,11 @@ def layer_stacks(model_config) -> dict[str, int]:
 
 def compile_step(config, mesh, rules):
     """Lower + compile the sharded train step from abstract arrays (nothing is allocated)."""
-    import jax
-    import numpy as np
-
-    from dsa_train.data.batch import BATCH_DTYPES, BATCH_KEYS
+    from dsa_train.parallel.plan import abstract_train_step
     from dsa_train.parallel.scope import activate
-    from dsa_train.parallel.sharding import batch_sharding
-    from dsa_train.parallel.state import abstract_train_state, jit_train_step, model_graphdef
-    from dsa_train.train import step as step_lib
-    from dsa_train.train.optim import make_optimizer
 
     t = config.train
-    opt = {g: make_optimizer(getattr(t, g), t.steps) for g in step_lib.GROUPS}
-    txs, scheds = {g: o[0] for g, o in opt.items()}, {g: o[1] for g, o in opt.items()}
-    abstract, shardings = abstract_train_state(config, txs, mesh, rules)
-    mode = step_lib.forward_mode(config)
-    step = jit_train_step(step_lib.make_train_step(model_graphdef(config), config, txs, scheds, mode), shardings,
-                          mesh, rules, t.batch_size, t.seq_len)
-    bsh = batch_sharding(mesh, rules, t.batch_size, t.seq_len)
-    batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), np.dtype(BATCH_DTYPES[k]), sharding=bsh)
-             for k in BATCH_KEYS}
+    step, abstract, batch = abstract_train_step(config, mesh, rules)
     start = time.perf_counter()
     with activate(mesh, rules, remat=t.remat, expert_capacity=config.mesh.expert_capacity):
         lowered = step.lower(abstract, batch)
