@@ -122,3 +122,71 @@ def test_bad_target_is_one_line_error(capsys):
     assert main(["plan", "configs/tiny.yaml", "--target", "tpu-v7", "--mesh", "data=1,fsdp=2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--target 'tpu-v7'" in err[0]
+
+
+
+def _causal_loop_program() -> str:
+    """A loop whose trip count is data-dependent and clipped to 8 (the causal key-block skip's
+    form) with a 64 x 64 matmul per iteration, and one more matmul outside it."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    def f(x, n, y):
+        out = lax.fori_loop(0, jnp.clip(n // 2 + 1, 0, 8), lambda i, acc: acc + jnp.tanh(acc @ x), x)
+        return out, y @ y
+
+    return jax.jit(f).lower(jnp.ones((64, 64)), 3, jnp.ones((32, 32))).compile().as_text()
+
+
+def test_walker_counts_data_dependent_loops_at_the_causal_mean():
+    text = _causal_loop_program()
+    mm, outside = 2 * 64 ** 3, 2 * 32 ** 3
+    once = hlo_costs.Program(text)
+    assert once.costs().flops == mm + outside and len(once.unknown_trip_counts) == 1
+    causal = hlo_costs.Program(text, causal_loops=True)
+    assert causal.costs().flops == 4.5 * mm + outside  # (8 + 1) / 2 iterations
+    assert [b for b, _ in causal.dynamic_loops] == [8] and not causal.unknown_trip_counts
+
+
+# Two matmuls, as a TPU module prints their call stacks: frame 3 (kernel.py, called from model.py)
+# and frame 2 (model.py); the fused dot has no frame of its own and takes its fusion's.
+SOURCE_HLO = """HloModule jit_g, is_scheduled=true
+
+FileNames
+1 "/src/model.py"
+2 "/src/kernel.py"
+
+FunctionNames
+1 "layer"
+2 "kernel"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=10 end_line=10 column=1 end_column=1}
+2 {file_name_id=2 function_name_id=2 line=20 end_line=20 column=1 end_column=1}
+
+StackFrames
+1 {file_location_id=1 parent_frame_id=1}
+2 {file_location_id=2 parent_frame_id=2}
+
+%fused (param_0: bf16[256,256]) -> bf16[256,256] {
+  %param_0 = bf16[256,256]{1,0} parameter(0)
+  ROOT %convolution.3 = bf16[256,256]{1,0} convolution(%param_0, %param_0), dim_labels=bf_io->bf
+}
+
+ENTRY %main (x.1: bf16[256,256]) -> (bf16[256,256], bf16[256,256]) {
+  %x.1 = bf16[256,256]{1,0} parameter(0)
+  %k = bf16[256,256]{1,0} fusion(%x.1), kind=kOutput, calls=%fused, metadata={op_name="a" stack_frame_id=2}
+  %m = bf16[256,256]{1,0} dot(%x.1, %x.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="b" stack_frame_id=1}
+  ROOT %t = (bf16[256,256]{1,0}, bf16[256,256]{1,0}) tuple(%k, %m)
+}
+"""
+
+
+def test_walker_charges_one_source_file():
+    assert hlo_costs.stack_frame_files(SOURCE_HLO) == {1: ["/src/model.py"], 2: ["/src/kernel.py", "/src/model.py"]}
+    mm, array = 2 * 256 ** 3, 256 * 256 * 2
+    kernel = hlo_costs.program_costs(SOURCE_HLO, source="kernel.py")
+    assert kernel["flops"] == mm and kernel["bytes_accessed"] == 2 * array
+    assert hlo_costs.program_costs(SOURCE_HLO, source="model.py")["flops"] == 2 * mm
+    assert hlo_costs.program_costs(SOURCE_HLO, source="other.py")["flops"] == 0

@@ -154,14 +154,14 @@ def measure(compiled, stacks: dict[str, int]) -> dict:
     except Exception:  # cost analysis is backend-dependent
         pass
     text = compiled.as_text()
-    prog = Program(text)
+    prog = Program(text, causal_loops=True)
     total = prog.costs()
     trips = [t for t, _ in prog.loops]
     per_layer, ambiguous = {}, []
     for name, size in stacks.items():
         if size not in trips:
             continue  # the stack's loop was unrolled (a stack of one) or is not a loop
-        plus = Program(text, trip_extra={size: 1}).costs()
+        plus = Program(text, trip_extra={size: 1}, causal_loops=True).costs()
         # A loop is told from the layer stacks by its trip count only: an inner loop with the
         # same count would be counted in (the loops are listed in the report).
         per_layer[name] = {"layers": size, "flops": plus.flops - total.flops, "bytes_accessed": plus.bytes - total.bytes,
@@ -174,7 +174,7 @@ def measure(compiled, stacks: dict[str, int]) -> dict:
             "walked": {"flops": total.flops, "bytes_accessed": total.bytes, "wire_bytes": total.wire_bytes,
                        "collectives": total.collectives},
             "per_layer": per_layer, "ambiguous_layers": ambiguous, "loops": sorted(set(prog.loops)),
-            "unknown_trip_counts": prog.unknown_trip_counts}
+            "unknown_trip_counts": prog.unknown_trip_counts, "dynamic_loops": sorted(set(prog.dynamic_loops))}
 
 
 def step_time(walked: dict, chip: Chip) -> dict:
@@ -308,6 +308,10 @@ def format_tpu_stage(stage: str, cfg, chip: Chip, topology: str, m: dict) -> lis
     if m["ambiguous_layers"]:
         lines.append("Per-layer figures of " + ", ".join(m["ambiguous_layers"]) + " are ambiguous: the stacks "
                      "have the same length (compile a depth cut with different stack lengths).")
+    if m.get("dynamic_loops"):
+        bounds = ", ".join(str(b) for b in sorted({b for b, _ in m["dynamic_loops"]}))
+        lines.append(f"{len(m['dynamic_loops'])} data-dependent loop(s) (causal key-block skipping; static bounds "
+                     f"{bounds}) counted at (bound + 1) / 2 iterations.")
     if m["unknown_trip_counts"]:
         lines.append(f"{len(m['unknown_trip_counts'])} loop(s) with unreadable trip counts counted once.")
     lines.append("")
@@ -322,6 +326,9 @@ def assumptions(chip: Chip) -> list[str]:
         "bandwidth (no efficiency factor); elementwise work is counted in bytes, not FLOPs; each collective is a "
         f"ring over one torus axis ({ici_axis_bw(chip) / 1e9:.0f} GB/s per chip: two links, one direction each) "
         "with (g-1)/g of the buffer crossing it (twice for all-reduce); a Pallas kernel moves at least its operands "
-        "and outputs (or the bytes it declares); a loop's trip count is the bound of its condition; the lower bound "
+        "and outputs (or the bytes it declares); a loop's trip count is the bound of its condition, a data-dependent "
+        "loop whose limit is clipped to a constant N (the causal skip of key blocks past a query block) runs "
+        "(N + 1) / 2 times, the mean over a causal row's query blocks (context shards hold balanced zig-zag "
+        "chunks); the lower bound "
         f"overlaps compute, HBM and ICI perfectly, the upper bound not at all; {HEADROOM:.0%} of HBM is usable.",
     ]
