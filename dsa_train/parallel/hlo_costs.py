@@ -307,9 +307,12 @@ class Program:
             return min(bounds) if bounds else None
         if x.opcode == "clamp" and len(x.operands) == 3:
             return self._constant_bound(comp, x.operands[2], step, fused_from)
-        if x.opcode == "dynamic-update-slice" and len(x.operands) > 1:  # a buffer of stacked limits
-            bounds = [self._constant_bound(comp, o, step, fused_from) for o in x.operands[:2]]
-            return max(bounds) if None not in bounds else None
+        if x.opcode == "dynamic-update-slice" and len(x.operands) > 1:
+            # A buffer of per-block limits a scan stacks: bounded by what is written into it (its
+            # initial contents, often an uninitialized allocation, are overwritten slot by slot).
+            update = self._constant_bound(comp, x.operands[1], step, fused_from)
+            initial = self._constant_bound(comp, x.operands[0], step, fused_from)
+            return update if initial is None else (max(update, initial) if update is not None else None)
         if x.opcode == "fusion":
             callee = (_called(x.attrs, "calls") or [""])[0]
             body = self.comps.get(callee, [])
@@ -326,18 +329,24 @@ class Program:
             k = int(m.group(1))
             if src.opcode == "tuple" and k < len(src.operands):
                 return self._constant_bound(comp, src.operands[k], step, fused_from)
-            if src.opcode == "while":  # what the loop's body leaves at that index
-                body = (_called(src.attrs, "body") or [""])[0]
-                root = self.comps.get(body, [None])[-1]
-                if root is not None and root.opcode == "tuple" and k < len(root.operands):
-                    return self._constant_bound(body, root.operands[k], step)
-                return None
+            if src.opcode in ("while", "call"):
+                return self._output_bound(src, k, step)
             if src.opcode == "parameter" and comp in self._loop_callers:  # a loop body's carried value
                 caller, loop = self._loop_callers[comp]
                 init = self._shapes[caller].get(loop.operands[0]) if loop.operands else None
                 if init is not None and init.opcode == "tuple" and k < len(init.operands):
                     return self._constant_bound(caller, init.operands[k], step)
         return None
+
+    def _output_bound(self, ins: Instr, k: int, depth: int) -> int | None:
+        """A constant bound of element k of what a ``while`` (its body) or a ``call`` returns."""
+        callee = (_called(ins.attrs, "body" if ins.opcode == "while" else "to_apply") or [""])[0]
+        root = self.comps.get(callee, [None])[-1]
+        if root is None or depth < 0:
+            return None
+        if root.opcode == "tuple":
+            return self._constant_bound(callee, root.operands[k], depth - 1) if k < len(root.operands) else None
+        return self._output_bound(root, k, depth - 1) if root.opcode in ("while", "call") else None
 
     def _from_source(self, ins: Instr) -> bool:
         if self.source is None:
