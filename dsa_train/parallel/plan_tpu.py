@@ -139,8 +139,6 @@ def compile_step(config, mesh, rules):
 
 def measure(compiled, stacks: dict[str, int]) -> dict:
     """Memory, XLA's cost analysis, the walked costs and the per-layer marginal costs."""
-    from dsa_train.parallel.hlo_costs import Program
-
     ma = compiled.memory_analysis()
     memory = {"argument": ma.argument_size_in_bytes, "output": ma.output_size_in_bytes,
               "alias": ma.alias_size_in_bytes, "temp": ma.temp_size_in_bytes,
@@ -153,7 +151,14 @@ def measure(compiled, stacks: dict[str, int]) -> dict:
         xla = {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
     except Exception:  # cost analysis is backend-dependent
         pass
-    text = compiled.as_text()
+    return {"memory": memory, "xla_cost_analysis": xla, **walk(compiled.as_text(), stacks)}
+
+
+def walk(text: str, stacks: dict[str, int]) -> dict:
+    """The walked costs of an optimized module (``compiled.as_text()``, or the same module as XLA
+    dumps it) and the per-layer marginal costs of its scanned stacks."""
+    from dsa_train.parallel.hlo_costs import Program
+
     prog = Program(text, causal_loops=True)
     total = prog.costs()
     trips = [t for t, _ in prog.loops]
@@ -170,8 +175,7 @@ def measure(compiled, stacks: dict[str, int]) -> dict:
                                                for q in v} for k, v in plus.collectives.items()}}
         if list(stacks.values()).count(size) > 1:
             ambiguous.append(name)
-    return {"memory": memory, "xla_cost_analysis": xla,
-            "walked": {"flops": total.flops, "bytes_accessed": total.bytes, "wire_bytes": total.wire_bytes,
+    return {"walked": {"flops": total.flops, "bytes_accessed": total.bytes, "wire_bytes": total.wire_bytes,
                        "collectives": total.collectives},
             "per_layer": per_layer, "ambiguous_layers": ambiguous, "loops": sorted(set(prog.loops)),
             "unknown_trip_counts": prog.unknown_trip_counts, "dynamic_loops": sorted(set(prog.dynamic_loops))}
@@ -216,17 +220,23 @@ def plan_tpu_stage(cfg, rules, chip: Chip, topology: str, full_stacks: dict[str,
     m.update(timing)
     m["mesh_note"] = note
     m["stacks"] = stacks
-    m["time"] = step_time(m["walked"], chip)
-    full = extrapolate(m, stacks, full_stacks) if full_stacks != stacks else dict(
-        (k, m["walked"][k]) for k in ("flops", "bytes_accessed", "wire_bytes"))
-    m["full_depth"] = full
     m["full_stacks"] = full_stacks
-    m["full_time"] = step_time(full, chip) if full else None
+    add_step_times(m, chip)
     m["fits"] = m["memory"]["peak"] <= HEADROOM * chip.hbm
     if full_config is not None and full_stacks != stacks:
         m["full_memory"] = extrapolate_memory(m["memory"]["peak"], cfg, full_config, mesh, rules)
         m["fits"] = m["full_memory"]["peak"] <= HEADROOM * chip.hbm
     return m
+
+
+def add_step_times(m: dict, chip: Chip) -> None:
+    """Step time on the compiled depth, and the walked totals and step time at the full depth."""
+    stacks, full_stacks = m["stacks"], m["full_stacks"]
+    m["time"] = step_time(m["walked"], chip)
+    full = extrapolate(m, stacks, full_stacks) if full_stacks != stacks else dict(
+        (k, m["walked"][k]) for k in ("flops", "bytes_accessed", "wire_bytes"))
+    m["full_depth"] = full
+    m["full_time"] = step_time(full, chip) if full else None
 
 
 def extrapolate_memory(peak: float, cut_cfg, full_cfg, mesh, rules) -> dict:
