@@ -203,7 +203,8 @@ ENTRY %main (x.1: bf16[256,256]) -> (bf16[256,256], bf16[256,256]) {
 
 
 def test_walker_charges_one_source_file():
-    assert hlo_costs.stack_frame_files(SOURCE_HLO) == {1: ["/src/model.py"], 2: ["/src/kernel.py", "/src/model.py"]}
+    frames = hlo_costs.stack_frame_files(SOURCE_HLO)
+    assert frames == {1: ["/src/model.py"], 2: ["/src/kernel.py", "/src/model.py"]}
     mm, array = 2 * 256 ** 3, 256 * 256 * 2
     kernel = hlo_costs.program_costs(SOURCE_HLO, source="kernel.py")
     assert kernel["flops"] == mm and kernel["bytes_accessed"] == 2 * array
