@@ -210,3 +210,34 @@ def test_walker_charges_one_source_file():
     assert kernel["flops"] == mm and kernel["bytes_accessed"] == 2 * array
     assert hlo_costs.program_costs(SOURCE_HLO, source="model.py")["flops"] == 2 * mm
     assert hlo_costs.program_costs(SOURCE_HLO, source="other.py")["flops"] == 0
+
+
+# A fusion that reads 8 rows of a 1024-row operand through a nested fusion's dynamic-slice (the
+# form XLA gives a key block taken from the gathered keys inside the score fusion).
+NESTED_SLICE_HLO = """HloModule jit_h, is_scheduled=true
+
+%inner (p0: bf16[1024,256], p1: s32[]) -> bf16[8,256] {
+  %p0 = bf16[1024,256]{1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %c0 = s32[] constant(0)
+  ROOT %ds = bf16[8,256]{1,0} dynamic-slice(%p0, %p1, %c0), dynamic_slice_sizes={8,256}
+}
+
+%outer (q0: bf16[1024,256], q1: s32[]) -> bf16[8,256] {
+  %q0 = bf16[1024,256]{1,0} parameter(0)
+  %q1 = s32[] parameter(1)
+  %f = bf16[8,256]{1,0} fusion(%q0, %q1), kind=kLoop, calls=%inner
+  ROOT %n = bf16[8,256]{1,0} negate(%f)
+}
+
+ENTRY %main (x: bf16[1024,256], i: s32[]) -> bf16[8,256] {
+  %x = bf16[1024,256]{1,0} parameter(0)
+  %i = s32[] parameter(1)
+  ROOT %o = bf16[8,256]{1,0} fusion(%x, %i), kind=kLoop, calls=%outer
+}
+"""
+
+
+def test_walker_counts_a_slice_taken_in_a_nested_fusion_as_the_slice():
+    block = 8 * 256 * 2
+    assert hlo_costs.program_costs(NESTED_SLICE_HLO)["bytes_accessed"] == block + 4 + block  # read, index, write

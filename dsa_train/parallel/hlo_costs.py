@@ -488,6 +488,28 @@ class Program:
             return 2 * operands[1] + sum(operands[2:])
         return ins.out_bytes + sum(operands)
 
+    def _sliced_read(self, comp: str, name: str, uses: list[tuple[Instr, int]], depth: int) -> float | None:
+        """Bytes a fused computation reads of its parameter ``name`` when every use only slices it
+        (also through a nested fusion that only slices its own parameter); None: it reads it whole."""
+        if not uses or depth < 0:
+            return None
+        total = 0.0
+        for u, pos in uses:
+            if u.opcode in _SLICING and pos == 0:
+                total += u.out_bytes
+                continue
+            if u.opcode != "fusion":
+                return None
+            inner = (_called(u.attrs, "calls") or [""])[0]
+            body = self.comps.get(inner, [])
+            param = next((i.name for i in body if i.opcode == "parameter" and i.args.strip() == str(pos)), None)
+            inner_uses = [(i, k) for i in body for k, o in enumerate(i.operands) if o == param]
+            read = self._sliced_read(inner, param, inner_uses, depth - 1) if param else None
+            if read is None:
+                return None
+            total += read
+        return total
+
     def _fusion_bytes(self, comp: str, ins: Instr, callee: str | None) -> float:
         operands = self._operand_bytes(comp, ins)
         body = self.comps.get(callee or "", [])
@@ -507,10 +529,8 @@ class Program:
             uses = users.get(name, [])
             if name in in_place:
                 continue
-            if uses and all(u.opcode in _SLICING and pos == 0 for u, pos in uses):
-                total += sum(u.out_bytes for u, _ in uses)
-            else:
-                total += size
+            sliced = self._sliced_read(callee, name, uses, 3)
+            total += size if sliced is None else min(sliced, size)
         for r in roots:
             if r.opcode == "dynamic-update-slice" and len(r.operands) > 1:
                 upd = next((i for i in body if i.name == r.operands[1]), None)
