@@ -23,8 +23,9 @@ blocked attention). This module walks the program instead:
   Pallas kernel declares (``tpu_custom_call``);
 - bytes accessed: what every top-level instruction reads and writes at its boundary (a fusion's
   operands and outputs, not its insides), as XLA's cost analysis counts them: operands that a fusion
-  only slices count as the slices, an in-place ``dynamic-update-slice`` as the update; a Pallas
-  kernel counts its declared ``bytes_accessed`` (at least its operands and outputs);
+  only slices (itself or in a nested fusion) count as the slices, an in-place
+  ``dynamic-update-slice`` as the update; a Pallas kernel counts its declared ``bytes_accessed``
+  (at least its operands and outputs);
 - ``source``: only the instructions whose stack frames (the module's ``StackFrames`` table) pass
   through a file of that name are charged: the cost of one module's code in the compiled program;
 - collectives (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute): operand
