@@ -30,15 +30,10 @@ LAYOUTS = ("loop", "scan")
 
 def run_child(layout: str, depth: int, options: dict) -> dict:
     import jax
-    import numpy as np
 
     from dsa_train.config import load_config
-    from dsa_train.data.batch import BATCH_DTYPES, BATCH_KEYS
     from dsa_train.parallel import activate, make_mesh, resolve_rules
-    from dsa_train.parallel.sharding import batch_sharding
-    from dsa_train.parallel.state import abstract_train_state, jit_train_step, model_graphdef
-    from dsa_train.train import step as step_lib
-    from dsa_train.train.optim import make_optimizer
+    from dsa_train.parallel.plan import abstract_train_step
 
     cfg = load_config(REPO / "configs/tiny.yaml", [
         f"model.num_hidden_layers={depth}", "model.first_k_dense_replace=1", "model.kernels=reference",
@@ -48,15 +43,7 @@ def run_child(layout: str, depth: int, options: dict) -> dict:
     t = cfg.train
     mesh = make_mesh(cfg.mesh, jax.devices()[:1])
     rules = resolve_rules(cfg.mesh.rules)
-    opt = {g: make_optimizer(getattr(t, g), t.steps) for g in step_lib.GROUPS}
-    txs, scheds = {g: o[0] for g, o in opt.items()}, {g: o[1] for g, o in opt.items()}
-    abstract, shardings = abstract_train_state(cfg, txs, mesh, rules)
-    mode = step_lib.forward_mode(cfg)
-    step = jit_train_step(step_lib.make_train_step(model_graphdef(cfg), cfg, txs, scheds, mode), shardings,
-                          mesh, rules, t.batch_size, t.seq_len)
-    bsh = batch_sharding(mesh, rules, t.batch_size, t.seq_len)
-    batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), np.dtype(BATCH_DTYPES[k]), sharding=bsh)
-             for k in BATCH_KEYS}
+    step, abstract, batch = abstract_train_step(cfg, mesh, rules)
     with activate(mesh, rules, remat=t.remat):
         t0 = time.perf_counter()
         lowered = step.lower(abstract, batch)

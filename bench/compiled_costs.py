@@ -11,6 +11,10 @@ each scanned stack, and the step time built from them.
     python bench/compiled_costs.py --stages warmup --lengths 32768 --set model.num_nextn_predict_layers=0 \
         --out bench/results/plan_compiled_baseline.json --no-docs
 
+    # the costs of compiles already made, read again from the modules XLA dumped (XLA_FLAGS=
+    # --xla_dump_to=DIR --xla_dump_hlo_as_text) when the walker changed: memory stays as compiled
+    python bench/compiled_costs.py --rewalk old.json DIR/module_0000.jit_train_step.*.after_optimizations.txt ...
+
 Writes bench/results/compiled_costs.json and .md (or --out), and, unless --no-docs, the figures
 between the `compiled-plan` markers of docs/plan-671b.md and README.md. On 2 CPU cores each compile
 takes minutes (the JSON records lower and compile seconds); a compile that fails is recorded with
@@ -109,6 +113,22 @@ def replace_block(path: Path, body: str) -> bool:
     return True
 
 
+def rewalk(result_files: list[str], hlo_files: list[str]) -> list[dict]:
+    """The results of ``result_files`` (one compile each) with their walked costs, per-layer costs
+    and step times read again from the optimized modules XLA dumped for them."""
+    sys.path.insert(0, str(REPO))
+    from dsa_train.parallel import plan_tpu
+
+    results = []
+    for result_file, hlo in zip(result_files, hlo_files, strict=True):
+        for r in json.loads(Path(result_file).read_text())["results"]:
+            r.update(plan_tpu.walk(Path(hlo).read_text(), r["stacks"]))
+            plan_tpu.add_step_times(r, plan_tpu.TPU_CHIPS["v5p"])
+            r["walked_from"] = "the dumped optimized module"
+            results.append(r)
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
@@ -121,9 +141,16 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=3600, help="seconds per compile")
     p.add_argument("--out", default=str(REPO / "bench/results/compiled_costs.json"))
     p.add_argument("--no-docs", action="store_true", help="do not update docs/plan-671b.md and README.md")
+    p.add_argument("--rewalk", nargs="+", metavar="FILE",
+                   help="no compile: result JSON files then, in the same order, the optimized HLO each was dumped as")
     args = p.parse_args()
     results = []
-    for seq_len in args.lengths:
+    if args.rewalk:
+        half = len(args.rewalk) // 2
+        if len(args.rewalk) % 2:
+            p.error("--rewalk: as many HLO files as result files")
+        results = rewalk(args.rewalk[:half], args.rewalk[half:])
+    for seq_len in [] if args.rewalk else args.lengths:
         for stage in args.stages:
             target = "tpu-v5p"
             cut = None if args.depth_cut == "full" else args.depth_cut

@@ -253,11 +253,6 @@ def sparse_indexer_kl_loss(backend, q, kv, indices, lse, sm_scale, q_idx, k_idx,
 
 # ---- dense mode (the warm-up and the dense stage) ----------------------------------------------------
 
-# An upper bound of the fp32 tiles the dense kernels hold per shard and layer (a [1, 128, 128, 256]
-# score tile is 16 MiB; scores, probabilities and exponentials live together), as the planner charges it.
-SCORE_BUDGET = 1 << 27
-
-
 def dense_attention(backend, q, k, v, segment_ids, sm_scale: float):
     """Context-parallel dense attention: the backend's flash kernel (``Backend.dense_attention_at``) on each
     shard's queries, at their row positions, against keys and values all-gathered across ``context``;

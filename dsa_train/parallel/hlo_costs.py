@@ -11,6 +11,11 @@ blocked attention). This module walks the program instead:
   ``known_trip_count`` or, failing that, from the loop condition's ``compare(i, constant N)``
   (induction variables start at 0 in the loops JAX emits); a loop whose count cannot be read
   counts once and is listed in ``unknown_trip_counts``;
+- a data-dependent loop (``compare(i, n)``, n computed at run time, as the causal key-block skip
+  ``n = clip(last_position // block + 1, 0, N)`` of the dense kernels is): with ``causal_loops``,
+  where the limit's static bound N can be read (a ``minimum`` with a constant), it counts
+  ``(N + 1) / 2`` times, the mean over the query blocks of a causal row (listed in
+  ``dynamic_loops``); otherwise once, as an unknown trip count;
 - a ``conditional`` costs its most expensive branch; fusions, calls and async wrappers cost what
   they call;
 - FLOPs: ``2 x output elements x contracted size`` of every ``dot`` / ``convolution`` (elementwise
@@ -18,8 +23,11 @@ blocked attention). This module walks the program instead:
   Pallas kernel declares (``tpu_custom_call``);
 - bytes accessed: what every top-level instruction reads and writes at its boundary (a fusion's
   operands and outputs, not its insides), as XLA's cost analysis counts them: operands that a fusion
-  only slices count as the slices, an in-place ``dynamic-update-slice`` as the update; a Pallas
-  kernel counts its declared ``bytes_accessed`` (at least its operands and outputs);
+  only slices (itself or in a nested fusion) count as the slices, an in-place
+  ``dynamic-update-slice`` as the update; a Pallas kernel counts its declared ``bytes_accessed``
+  (at least its operands and outputs);
+- ``source``: only the instructions whose stack frames (the module's ``StackFrames`` table) pass
+  through a file of that name are charged: the cost of one module's code in the compiled program;
 - collectives (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute): operand
   bytes, group size from ``replica_groups``, and the bytes each device sends on the wire for a ring
   / pairwise implementation: all-gather and reduce-scatter ``(g-1)/g`` of the full buffer,
@@ -201,8 +209,14 @@ class Program:
     ``trip_extra`` runs every loop of a given trip count that many more times (the marginal cost of
     one more layer of a scanned stack)."""
 
-    def __init__(self, text: str, count_loops: bool = True, trip_extra: dict[int, int] | None = None):
+    def __init__(self, text: str, count_loops: bool = True, trip_extra: dict[int, int] | None = None,
+                 causal_loops: bool = False, source: str | None = None):
         self.comps, self.entry = parse_module(text)
+        self.causal_loops = causal_loops
+        self.dynamic_loops: list[tuple[int, str]] = []  # (static bound, body) of data-dependent loops
+        self._frame_files = stack_frame_files(text) if source else {}
+        self.source = source
+        self._in_source: dict[int, bool] = {}
         m = re.search(r"num_partitions=(\d+)", text)
         self.num_partitions = int(m.group(1)) if m else 1
         self.count_loops = count_loops
@@ -211,6 +225,9 @@ class Program:
         self.unknown_trip_counts: list[str] = []
         self._memo: dict[str, Costs] = {}
         self._shapes = {c: {i.name: i for i in ins} for c, ins in self.comps.items()}
+        # loop body -> (computation, while instruction) that runs it: where a carried value starts
+        self._loop_callers = {body: (c, i) for c, ins in self.comps.items() for i in ins if i.opcode == "while"
+                              for body in _called(i.attrs, "body")[:1]}
 
     def costs(self, comp: str | None = None) -> Costs:
         comp = comp or self.entry
@@ -246,6 +263,103 @@ class Program:
         positive = [v for v in values if v > 0]
         return max(positive) if (compares and positive) else None
 
+    def dynamic_bound(self, comp: str, ins: Instr) -> int | None:
+        """The static bound N of a ``while`` whose condition is ``compare(i, n)`` with n a loop
+        operand computed as ``minimum(constant N, ...)`` where the loop starts (None: not that form)."""
+        cond = (_called(ins.attrs, "condition") or [None])[0]
+        body = self.comps.get(cond or "", [])
+        if not body:
+            return None
+        root, limit_name = body[-1], None
+        if root.opcode == "fusion":  # a wrapped compare (CPU): its operands are the fusion's
+            fused = self.comps.get((_called(root.attrs, "calls") or [""])[0], [])
+            params = {i.name: int(i.args) for i in fused if i.opcode == "parameter" and i.args.strip().isdigit()}
+            if fused and fused[-1].opcode == "compare" and "direction=LT" in fused[-1].attrs:
+                k = params.get(fused[-1].operands[1]) if len(fused[-1].operands) == 2 else None
+                limit_name = root.operands[k] if k is not None and k < len(root.operands) else None
+        elif root.opcode == "compare" and len(root.operands) == 2 and "direction=LT" in root.attrs:
+            limit_name = root.operands[1]
+        index = {i.name: int(m.group(1)) for i in body if i.opcode == "get-tuple-element"
+                 for m in [re.search(r"index=(\d+)", i.attrs)] if m}
+        limit = index.get(limit_name)
+        init = self._shapes[comp].get(ins.operands[0]) if ins.operands else None
+        if limit is None or init is None or init.opcode != "tuple" or limit >= len(init.operands):
+            return None
+        bound = self._constant_bound(comp, init.operands[limit], 24)
+        return bound if bound is not None and bound > 0 else None
+
+    def _constant_bound(self, comp: str, name: str, depth: int, fused_from: tuple | None = None) -> int | None:
+        """A constant upper bound of the value ``name`` of ``comp``: through copies, slices and
+        broadcasts, a ``minimum`` / ``clamp`` with a constant, into fusions, and from a loop body's
+        parameter to what the loop was started with (per-block limits computed before the loop).
+        ``fused_from``: (caller computation, fusion instruction) when ``comp`` is a fused computation."""
+        x = self._shapes.get(comp, {}).get(name)
+        if x is None or depth < 0:
+            return None
+        step = depth - 1
+        if x.opcode == "constant":
+            values = [int(v) for v in re.findall(r"-?\d+", x.args)] if re.fullmatch(r"[\s\d,{}\-]+", x.args) else []
+            return max(values) if values else None
+        if x.opcode in ("copy", "copy-start", "copy-done", "bitcast", "convert", "reshape", "broadcast", "slice",
+                        "dynamic-slice", "transpose") and x.operands:
+            return self._constant_bound(comp, x.operands[0], step, fused_from)
+        if x.opcode == "minimum":
+            bounds = [b for b in (self._constant_bound(comp, o, step, fused_from) for o in x.operands) if b is not None]
+            return min(bounds) if bounds else None
+        if x.opcode == "clamp" and len(x.operands) == 3:
+            return self._constant_bound(comp, x.operands[2], step, fused_from)
+        if x.opcode == "dynamic-update-slice" and len(x.operands) > 1:
+            # A buffer of per-block limits a scan stacks: bounded by what is written into it (its
+            # initial contents, often an uninitialized allocation, are overwritten slot by slot).
+            update = self._constant_bound(comp, x.operands[1], step, fused_from)
+            initial = self._constant_bound(comp, x.operands[0], step, fused_from)
+            return update if initial is None else (max(update, initial) if update is not None else None)
+        if x.opcode == "fusion":
+            callee = (_called(x.attrs, "calls") or [""])[0]
+            body = self.comps.get(callee, [])
+            return self._constant_bound(callee, body[-1].name, step, (comp, x)) if body else None
+        if x.opcode == "parameter" and fused_from is not None and x.args.strip().isdigit():
+            caller, fusion = fused_from
+            k = int(x.args)
+            return self._constant_bound(caller, fusion.operands[k], step) if k < len(fusion.operands) else None
+        if x.opcode == "get-tuple-element" and x.operands:
+            src = self._shapes[comp].get(x.operands[0])
+            m = re.search(r"index=(\d+)", x.attrs)
+            if src is None or m is None:
+                return None
+            k = int(m.group(1))
+            if src.opcode == "tuple" and k < len(src.operands):
+                return self._constant_bound(comp, src.operands[k], step, fused_from)
+            if src.opcode in ("while", "call"):
+                return self._output_bound(src, k, step)
+            if src.opcode == "parameter" and comp in self._loop_callers:  # a loop body's carried value
+                caller, loop = self._loop_callers[comp]
+                init = self._shapes[caller].get(loop.operands[0]) if loop.operands else None
+                if init is not None and init.opcode == "tuple" and k < len(init.operands):
+                    return self._constant_bound(caller, init.operands[k], step)
+        return None
+
+    def _output_bound(self, ins: Instr, k: int, depth: int) -> int | None:
+        """A constant bound of element k of what a ``while`` (its body) or a ``call`` returns."""
+        callee = (_called(ins.attrs, "body" if ins.opcode == "while" else "to_apply") or [""])[0]
+        root = self.comps.get(callee, [None])[-1]
+        if root is None or depth < 0:
+            return None
+        if root.opcode == "tuple":
+            return self._constant_bound(callee, root.operands[k], depth - 1) if k < len(root.operands) else None
+        return self._output_bound(root, k, depth - 1) if root.opcode in ("while", "call") else None
+
+    def _from_source(self, ins: Instr) -> bool:
+        if self.source is None:
+            return True
+        m = re.search(r"stack_frame_id=(\d+)", ins.attrs)
+        if not m:
+            return False
+        frame = int(m.group(1))
+        if frame not in self._in_source:
+            self._in_source[frame] = any(f.endswith(self.source) for f in self._frame_files.get(frame, ()))
+        return self._in_source[frame]
+
     def _operand_bytes(self, comp: str, ins: Instr) -> list[float]:
         table = self._shapes[comp]
         return [table[o].out_bytes if o in table else 0.0 for o in ins.operands]
@@ -256,7 +370,11 @@ class Program:
         if op == "while":
             trip = self.trip_count(ins) if self.count_loops else 1
             body = (_called(ins.attrs, "body") or [None])[0]
-            if trip is None:
+            bound = self.dynamic_bound(comp, ins) if trip is None and self.causal_loops else None
+            if bound is not None:
+                self.dynamic_loops.append((bound, body or ins.name))
+                trip = (bound + 1) / 2
+            elif trip is None:
                 self.unknown_trip_counts.append(body or ins.name)
                 trip = 1
             self.loops.append((trip, body))
@@ -278,6 +396,13 @@ class Program:
                 c.add(self.costs(callee))
             return c
         if op.endswith("-done") or op.endswith("-update") or op in _FREE:
+            return c
+        if op == "fusion" and self.source is not None:  # the fused dots carry their own frames
+            callee = (_called(ins.attrs, "calls") or [None])[0]
+            c.flops += self._fused_flops(callee, ins) if callee else 0.0
+            c.bytes += self._fusion_bytes(comp, ins, callee) if self._from_source(ins) else 0.0
+            return c
+        if not self._from_source(ins):
             return c
         kind = op[:-len("-start")] if op.endswith("-start") else op
         kind = "all-to-all" if kind == "ragged-all-to-all" else kind
@@ -312,8 +437,12 @@ class Program:
         c.bytes += self._plain_bytes(comp, ins)
         return c
 
-    def _dot_flops(self, comp: str, ins: Instr) -> float:
+    def _dot_flops(self, comp: str, ins: Instr, owner: Instr | None = None) -> float:
+        """``owner``: the fusion a fused dot sits in, whose frame stands for a dot printed without one."""
         if ins.opcode not in ("dot", "convolution"):
+            return 0.0
+        if self.source is not None and not self._from_source(
+                ins if owner is None or "stack_frame_id=" in ins.attrs else owner):
             return 0.0
         out = shape_dims(ins.type_text)
         if not out or len(ins.operands) < 2:
@@ -343,13 +472,13 @@ class Program:
                     k *= math.ceil(int(w) / int(d)) / int(w)
         return 2.0 * n_out * k
 
-    def _fused_flops(self, callee: str) -> float:
+    def _fused_flops(self, callee: str, owner: Instr | None = None) -> float:
         total = 0.0
         for i in self.comps.get(callee, []):
             if i.opcode == "fusion":
-                total += self._fused_flops((_called(i.attrs, "calls") or [""])[0])
+                total += self._fused_flops((_called(i.attrs, "calls") or [""])[0], owner)
             else:
-                total += self._dot_flops(callee, i)
+                total += self._dot_flops(callee, i, owner)
         return total
 
     def _plain_bytes(self, comp: str, ins: Instr) -> float:
@@ -359,6 +488,28 @@ class Program:
         if ins.opcode == "dynamic-update-slice" and len(operands) > 1:
             return 2 * operands[1] + sum(operands[2:])
         return ins.out_bytes + sum(operands)
+
+    def _sliced_read(self, comp: str, name: str, uses: list[tuple[Instr, int]], depth: int) -> float | None:
+        """Bytes a fused computation reads of its parameter ``name`` when every use only slices it
+        (also through a nested fusion that only slices its own parameter); None: it reads it whole."""
+        if not uses or depth < 0:
+            return None
+        total = 0.0
+        for u, pos in uses:
+            if u.opcode in _SLICING and pos == 0:
+                total += u.out_bytes
+                continue
+            if u.opcode != "fusion":
+                return None
+            inner = (_called(u.attrs, "calls") or [""])[0]
+            body = self.comps.get(inner, [])
+            param = next((i.name for i in body if i.opcode == "parameter" and i.args.strip() == str(pos)), None)
+            inner_uses = [(i, k) for i in body for k, o in enumerate(i.operands) if o == param]
+            read = self._sliced_read(inner, param, inner_uses, depth - 1) if param else None
+            if read is None:
+                return None
+            total += read
+        return total
 
     def _fusion_bytes(self, comp: str, ins: Instr, callee: str | None) -> float:
         operands = self._operand_bytes(comp, ins)
@@ -379,10 +530,8 @@ class Program:
             uses = users.get(name, [])
             if name in in_place:
                 continue
-            if uses and all(u.opcode in _SLICING and pos == 0 for u, pos in uses):
-                total += sum(u.out_bytes for u, _ in uses)
-            else:
-                total += size
+            sliced = self._sliced_read(callee, name, uses, 3)
+            total += size if sliced is None else min(sliced, size)
         for r in roots:
             if r.opcode == "dynamic-update-slice" and len(r.operands) > 1:
                 upd = next((i for i in body if i.name == r.operands[1]), None)
@@ -392,16 +541,45 @@ class Program:
         return total
 
 
-def program_costs(text: str, count_loops: bool = True) -> dict:
+def stack_frame_files(text: str) -> dict[int, list[str]]:
+    """Stack frame id -> the files of its call stack, innermost first, from the module's
+    ``FileNames`` / ``FileLocations`` / ``StackFrames`` tables (a frame printed ``parent_frame_id=p``
+    has frame p - 1 as its caller, 0 for none)."""
+    def table(name: str) -> str:
+        m = re.search(r"^" + name + r"\n(.*?)(?:\n\n|\Z)", text, re.S | re.M)
+        return m.group(1) if m else ""
+
+    files = {int(a): b for a, b in re.findall(r'^(\d+) "([^"]*)"$', table("FileNames"), re.M)}
+    locations = {int(a): int(b) for a, b in re.findall(r"^(\d+) \{file_name_id=(\d+)\b", table("FileLocations"), re.M)}
+    frames = {int(a): (int(b), int(c)) for a, b, c in
+              re.findall(r"^(\d+) \{file_location_id=(\d+) parent_frame_id=(\d+)\}", table("StackFrames"), re.M)}
+    out: dict[int, list[str]] = {}
+    for frame in frames:
+        chain, f = [], frame
+        while f in frames and len(chain) < len(frames):
+            location, parent = frames[f]
+            chain.append(files.get(locations.get(location, -1), ""))
+            f = parent - 1
+        out[frame] = chain
+    return out
+
+
+def program_costs(text: str, count_loops: bool = True, causal_loops: bool = False, source: str | None = None) -> dict:
     """The walked costs of a compiled module as plain numbers (see the module docstring)."""
-    prog = Program(text, count_loops)
+    prog = Program(text, count_loops, causal_loops=causal_loops, source=source)
     c = prog.costs()
     return {"flops": c.flops, "bytes_accessed": c.bytes, "collectives": c.collectives,
             "collective_wire_bytes": c.wire_bytes, "loops": sorted(set(prog.loops)),
+            "dynamic_loops": sorted(set(prog.dynamic_loops)),
             "unknown_trip_counts": prog.unknown_trip_counts, "num_partitions": prog.num_partitions}
 
 
-if __name__ == "__main__":  # python -m dsa_train.parallel.hlo_costs program.hlo.txt
-    import sys
+if __name__ == "__main__":  # python -m dsa_train.parallel.hlo_costs program.hlo.txt [--causal] [--source FILE]
+    import argparse
 
-    print(json.dumps(program_costs(open(sys.argv[1]).read()), indent=1))
+    ap = argparse.ArgumentParser(description="walked costs of an optimized HLO module (XLA's text dump)")
+    ap.add_argument("hlo")
+    ap.add_argument("--causal", action="store_true", help="data-dependent causal loops at (bound + 1) / 2")
+    ap.add_argument("--source", help="charge only instructions whose stack frames pass through this file")
+    a = ap.parse_args()
+    print(json.dumps(program_costs(open(a.hlo).read(), causal_loops=a.causal, source=a.source), indent=1))

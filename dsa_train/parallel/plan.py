@@ -267,6 +267,11 @@ def _one_layer(m, loc: Local, stage: str, remat: str, layer_max: float) -> float
     return layer_max + kl_copies
 
 
+# An upper bound of the fp32 tiles the dense kernels hold per shard and layer (a [1, 128, 128, 256]
+# score tile is 16 MiB; scores, probabilities and exponentials live together).
+SCORE_BUDGET = 1 << 27
+
+
 def _attention_transient(m, loc: Local, stage: str, c: int) -> float:
     """Working set of the attention kernels for one layer (query-blocked implementations)."""
     h = _div(m.num_attention_heads, loc.tp)
@@ -275,8 +280,6 @@ def _attention_transient(m, loc: Local, stage: str, c: int) -> float:
         if loc.ctx > 1:
             # Context-parallel dense attention / KL: query blocks of at most SCORE_BUDGET bytes of
             # fp32 scores each (scores, probabilities, mask, exponentials live together).
-            from dsa_train.parallel.context_parallel import SCORE_BUDGET
-
             return 4 * min(SCORE_BUDGET, 4 * loc.rows * h * t * loc.seq)
         # Query-blocked dense attention (256 queries) and dense KL tiles: fp32 scores and probs.
         return 4 * 4 * 256 * h * t * loc.rows
@@ -416,13 +419,13 @@ def step_estimate(config, mesh, rules, device: Device, stage: str, batch: int, s
 # ----------------------------------------------------------------------------------------------
 
 
-def compile_memory(config, mesh, rules) -> dict:
-    """Lower + compile the sharded train step from abstract arrays; memory_analysis per device."""
+def abstract_train_step(config, mesh, rules):
+    """The sharded, jitted train step the trainer runs and abstract (state, batch) arguments for it:
+    nothing is allocated. Lower it under ``parallel.scope.activate(mesh, rules, ...)``."""
     import jax
     import numpy as np
 
     from dsa_train.data.batch import BATCH_DTYPES, BATCH_KEYS
-    from dsa_train.parallel.scope import activate
     from dsa_train.parallel.sharding import batch_sharding
     from dsa_train.parallel.state import abstract_train_state, jit_train_step, model_graphdef
     from dsa_train.train import step as step_lib
@@ -438,6 +441,15 @@ def compile_memory(config, mesh, rules) -> dict:
     bsh = batch_sharding(mesh, rules, t.batch_size, t.seq_len)
     batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), np.dtype(BATCH_DTYPES[k]), sharding=bsh)
              for k in BATCH_KEYS}
+    return step, abstract, batch
+
+
+def compile_memory(config, mesh, rules) -> dict:
+    """Lower + compile the sharded train step from abstract arrays; memory_analysis per device."""
+    from dsa_train.parallel.scope import activate
+
+    t = config.train
+    step, abstract, batch = abstract_train_step(config, mesh, rules)
     with activate(mesh, rules, remat=t.remat, expert_capacity=config.mesh.expert_capacity):
         compiled = step.lower(abstract, batch).compile()
     ma = compiled.memory_analysis()

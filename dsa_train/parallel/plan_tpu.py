@@ -124,26 +124,11 @@ def layer_stacks(model_config) -> dict[str, int]:
 
 def compile_step(config, mesh, rules):
     """Lower + compile the sharded train step from abstract arrays (nothing is allocated)."""
-    import jax
-    import numpy as np
-
-    from dsa_train.data.batch import BATCH_DTYPES, BATCH_KEYS
+    from dsa_train.parallel.plan import abstract_train_step
     from dsa_train.parallel.scope import activate
-    from dsa_train.parallel.sharding import batch_sharding
-    from dsa_train.parallel.state import abstract_train_state, jit_train_step, model_graphdef
-    from dsa_train.train import step as step_lib
-    from dsa_train.train.optim import make_optimizer
 
     t = config.train
-    opt = {g: make_optimizer(getattr(t, g), t.steps) for g in step_lib.GROUPS}
-    txs, scheds = {g: o[0] for g, o in opt.items()}, {g: o[1] for g, o in opt.items()}
-    abstract, shardings = abstract_train_state(config, txs, mesh, rules)
-    mode = step_lib.forward_mode(config)
-    step = jit_train_step(step_lib.make_train_step(model_graphdef(config), config, txs, scheds, mode), shardings,
-                          mesh, rules, t.batch_size, t.seq_len)
-    bsh = batch_sharding(mesh, rules, t.batch_size, t.seq_len)
-    batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), np.dtype(BATCH_DTYPES[k]), sharding=bsh)
-             for k in BATCH_KEYS}
+    step, abstract, batch = abstract_train_step(config, mesh, rules)
     start = time.perf_counter()
     with activate(mesh, rules, remat=t.remat, expert_capacity=config.mesh.expert_capacity):
         lowered = step.lower(abstract, batch)
@@ -154,8 +139,6 @@ def compile_step(config, mesh, rules):
 
 def measure(compiled, stacks: dict[str, int]) -> dict:
     """Memory, XLA's cost analysis, the walked costs and the per-layer marginal costs."""
-    from dsa_train.parallel.hlo_costs import Program
-
     ma = compiled.memory_analysis()
     memory = {"argument": ma.argument_size_in_bytes, "output": ma.output_size_in_bytes,
               "alias": ma.alias_size_in_bytes, "temp": ma.temp_size_in_bytes,
@@ -168,15 +151,22 @@ def measure(compiled, stacks: dict[str, int]) -> dict:
         xla = {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
     except Exception:  # cost analysis is backend-dependent
         pass
-    text = compiled.as_text()
-    prog = Program(text)
+    return {"memory": memory, "xla_cost_analysis": xla, **walk(compiled.as_text(), stacks)}
+
+
+def walk(text: str, stacks: dict[str, int]) -> dict:
+    """The walked costs of an optimized module (``compiled.as_text()``, or the same module as XLA
+    dumps it) and the per-layer marginal costs of its scanned stacks."""
+    from dsa_train.parallel.hlo_costs import Program
+
+    prog = Program(text, causal_loops=True)
     total = prog.costs()
     trips = [t for t, _ in prog.loops]
     per_layer, ambiguous = {}, []
     for name, size in stacks.items():
         if size not in trips:
             continue  # the stack's loop was unrolled (a stack of one) or is not a loop
-        plus = Program(text, trip_extra={size: 1}).costs()
+        plus = Program(text, trip_extra={size: 1}, causal_loops=True).costs()
         # A loop is told from the layer stacks by its trip count only: an inner loop with the
         # same count would be counted in (the loops are listed in the report).
         per_layer[name] = {"layers": size, "flops": plus.flops - total.flops, "bytes_accessed": plus.bytes - total.bytes,
@@ -185,11 +175,10 @@ def measure(compiled, stacks: dict[str, int]) -> dict:
                                                for q in v} for k, v in plus.collectives.items()}}
         if list(stacks.values()).count(size) > 1:
             ambiguous.append(name)
-    return {"memory": memory, "xla_cost_analysis": xla,
-            "walked": {"flops": total.flops, "bytes_accessed": total.bytes, "wire_bytes": total.wire_bytes,
+    return {"walked": {"flops": total.flops, "bytes_accessed": total.bytes, "wire_bytes": total.wire_bytes,
                        "collectives": total.collectives},
             "per_layer": per_layer, "ambiguous_layers": ambiguous, "loops": sorted(set(prog.loops)),
-            "unknown_trip_counts": prog.unknown_trip_counts}
+            "unknown_trip_counts": prog.unknown_trip_counts, "dynamic_loops": sorted(set(prog.dynamic_loops))}
 
 
 def step_time(walked: dict, chip: Chip) -> dict:
@@ -231,17 +220,23 @@ def plan_tpu_stage(cfg, rules, chip: Chip, topology: str, full_stacks: dict[str,
     m.update(timing)
     m["mesh_note"] = note
     m["stacks"] = stacks
-    m["time"] = step_time(m["walked"], chip)
-    full = extrapolate(m, stacks, full_stacks) if full_stacks != stacks else dict(
-        (k, m["walked"][k]) for k in ("flops", "bytes_accessed", "wire_bytes"))
-    m["full_depth"] = full
     m["full_stacks"] = full_stacks
-    m["full_time"] = step_time(full, chip) if full else None
+    add_step_times(m, chip)
     m["fits"] = m["memory"]["peak"] <= HEADROOM * chip.hbm
     if full_config is not None and full_stacks != stacks:
         m["full_memory"] = extrapolate_memory(m["memory"]["peak"], cfg, full_config, mesh, rules)
         m["fits"] = m["full_memory"]["peak"] <= HEADROOM * chip.hbm
     return m
+
+
+def add_step_times(m: dict, chip: Chip) -> None:
+    """Step time on the compiled depth, and the walked totals and step time at the full depth."""
+    stacks, full_stacks = m["stacks"], m["full_stacks"]
+    m["time"] = step_time(m["walked"], chip)
+    full = extrapolate(m, stacks, full_stacks) if full_stacks != stacks else dict(
+        (k, m["walked"][k]) for k in ("flops", "bytes_accessed", "wire_bytes"))
+    m["full_depth"] = full
+    m["full_time"] = step_time(full, chip) if full else None
 
 
 def extrapolate_memory(peak: float, cut_cfg, full_cfg, mesh, rules) -> dict:
@@ -323,6 +318,13 @@ def format_tpu_stage(stage: str, cfg, chip: Chip, topology: str, m: dict) -> lis
     if m["ambiguous_layers"]:
         lines.append("Per-layer figures of " + ", ".join(m["ambiguous_layers"]) + " are ambiguous: the stacks "
                      "have the same length (compile a depth cut with different stack lengths).")
+    if m.get("dynamic_loops"):
+        bounds = ", ".join(str(b) for b in sorted({b for b, _ in m["dynamic_loops"]}))
+        lines.append(f"{len(m['dynamic_loops'])} data-dependent loop(s) (causal key-block skipping; static bounds "
+                     f"{bounds}) counted at (bound + 1) / 2 iterations.")
+        if cfg.mesh.context > 1 and cfg.mesh.context_order == "contiguous":
+            lines.append("With mesh.context_order contiguous that is the mean context shard: the last one runs "
+                         "about twice the causal work (--set mesh.context_order=zigzag balances it).")
     if m["unknown_trip_counts"]:
         lines.append(f"{len(m['unknown_trip_counts'])} loop(s) with unreadable trip counts counted once.")
     lines.append("")
@@ -337,6 +339,9 @@ def assumptions(chip: Chip) -> list[str]:
         "bandwidth (no efficiency factor); elementwise work is counted in bytes, not FLOPs; each collective is a "
         f"ring over one torus axis ({ici_axis_bw(chip) / 1e9:.0f} GB/s per chip: two links, one direction each) "
         "with (g-1)/g of the buffer crossing it (twice for all-reduce); a Pallas kernel moves at least its operands "
-        "and outputs (or the bytes it declares); a loop's trip count is the bound of its condition; the lower bound "
+        "and outputs (or the bytes it declares); a loop's trip count is the bound of its condition, a data-dependent "
+        "loop whose limit is clipped to a constant N (the causal skip of key blocks past a query block) runs "
+        "(N + 1) / 2 times, the mean over a causal row's query blocks (context shards hold balanced zig-zag "
+        "chunks); the lower bound "
         f"overlaps compute, HBM and ICI perfectly, the upper bound not at all; {HEADROOM:.0%} of HBM is usable.",
     ]
