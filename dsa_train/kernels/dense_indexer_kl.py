@@ -32,14 +32,13 @@ Cost per visible (query, key) pair, H main heads of dim D, Hi indexer heads of d
          dw again (6 Hi Di + 4 Hi). In all 2 H D + 12 Hi Di + 8 Hi.
   DeepSeek-V3.2 (H 128, D 192 per head, Hi 64, Di 128): 147,968 FLOPs per pair with gradients
   (49,152 of them the target); in the MQA form under context parallelism (D 576): 246,272. The
-  three Pallas kernels (``indexer_kl_pallas``, MQA form) form the 576-dim target in each:
-  3 x 147,456 + 5 x 16,512 = 524,928.
+  Pallas form (``dense_indexer_kl_pallas``, the accelerators' path) has the same two passes.
   HBM bytes: each key block is read once per query block, each query block once per key block,
   so per pair (bytes per key) / block_q + (bytes per query) / block_k, with per key H D x 2 (bf16
   per-head main keys; 2 D shared) + Di x 2 (indexer key) in pass A and Di x 2 in pass B, and per
   query H D x 2 + H x 4 (lse) + Hi (Di x 2 + 4) in pass A, Hi (Di x 2 + 4) in pass B. At
-  block_q = 64, per-head V3.2 keys cost 49,408 / 64 = 772 bytes per pair in pass A: on a TPU the
-  tiles should be larger (see ``indexer_kl_pallas`` for the Mosaic version of the old scheme).
+  block_q = 64, per-head V3.2 keys cost 49,408 / 64 = 772 bytes per pair in pass A (the Pallas
+  form's TPU tiles are larger).
 """
 
 from __future__ import annotations
