@@ -31,7 +31,10 @@ both the causal future and earlier documents.
 
 Main keys per head ([B, T, H, D], D = qk_head_dim = 192, the single-device form) or shared ([B, T, D],
 D = 576, the MQA/latent form context parallelism gathers). Triton splits D into power-of-two pieces
-(192 -> 128 + 64, 576 -> 512 + 64); Mosaic takes it whole.
+(192 -> 128 + 64, 576 -> 512 + 64); Mosaic takes it whole. Triton's 8 warps and 1 stage come from
+the compiled code only (the `triton` wheel's ptxas for sm_90a, H 128, Hi 64 x 128, bf16; no GPU has
+run it): the forward with gradients spills 156 bytes per-head / 448 MQA at 255 registers, the
+backward none (at 4 warps and 2 stages: 844 and 112 bytes per-head).
 
 Cost per visible (query, key) pair (:func:`pair_flops`; a multiply-add counts 2, elementwise work
 not counted), H main heads of dim D, Hi indexer heads of dim Di:
@@ -66,6 +69,8 @@ F32 = jnp.float32
 NEG = -jnp.inf
 
 TRITON_BLOCKS = (32, 64)  # (block_q, block_k); first guesses, untuned
+# From the compiled code (sm_90a ptxas, V3.2 shapes, see the module docstring): 8 warps, 1 stage.
+TRITON_WARPS, TRITON_STAGES = 8, 1
 TPU_BLOCKS = (128, 128)
 INTERPRET_BLOCKS = (16, 16)
 TPU_VMEM_LIMIT = 64 * 2 ** 20  # a v5p TensorCore has 64 MiB
@@ -462,7 +467,8 @@ def _call(mode: str, ops: _Operands, d: _Dims, b: int, s: int, t: int, di: int, 
         return pl.pallas_call(
             kernel, out_shape=shapes, grid=(b, n_q), out_specs=out_specs, input_output_aliases=aliases,
             in_specs=q_specs + [any_spec] * (len(ops.k_side) + (mode != STATS)),
-            compiler_params=None if interpret else tiles.triton_params(), interpret=interpret, name=kernel_name,
+            compiler_params=None if interpret else tiles.triton_params(TRITON_WARPS, TRITON_STAGES),
+            interpret=interpret, name=kernel_name,
             cost_estimate=cost,
         )(*inputs)
     from jax.experimental.pallas import tpu as pltpu
