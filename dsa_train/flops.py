@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from flax import nnx
 
 from dsa_train.config import ModelConfig
-from dsa_train.kernels.dense_indexer_kl import pair_flops
+from dsa_train.kernels.dense_indexer_kl_pallas import pair_flops
 
 
 @dataclass(frozen=True)
@@ -132,10 +132,10 @@ def forward_flops_per_token(config: ModelConfig, seq_len: int, attention: str, w
 
 
 def dense_kl_flops_per_token(config: ModelConfig, seq_len: int, context_parallel: bool = False) -> float:
-    """The warm-up's dense indexer KL, forward and backward, per token as the kernel runs it
-    (``kernels/dense_indexer_kl.pair_flops`` per causal pair: the target once, in the per-head
-    qk_head_dim form, or the 576-dim MQA form under context parallelism, plus the indexer's two
-    passes, its recomputation included)."""
+    """The warm-up's dense indexer KL, forward and backward, per token as the accelerators' kernel
+    runs it (``kernels/dense_indexer_kl_pallas.pair_flops`` per causal pair: the target once, in
+    the per-head qk_head_dim form, or the 576-dim MQA form under context parallelism, plus the
+    indexer's two passes, its recomputation included)."""
     c = config
     head_dim = c.kv_lora_rank + c.qk_rope_head_dim if context_parallel else c.qk_head_dim
     per_pair = pair_flops(c.num_attention_heads, head_dim, c.index_n_heads, c.index_head_dim)

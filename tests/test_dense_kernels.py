@@ -183,18 +183,21 @@ def test_one_pass_kl_forms_the_target_once():
 
 
 def test_flops_count_the_warmup_kl_as_the_kernel_runs_it():
-    """flops.py's warm-up KL per token = the kernel's stated per-pair count over the causal pairs,
-    in the per-head form on one device and the MQA form under context parallelism."""
+    """flops.py's warm-up KL per token = the accelerators' (Pallas) kernel's stated per-pair count
+    over the causal pairs, in the per-head form on one device and the MQA form under context
+    parallelism."""
     from dsa_train.config import load_model_config
     from dsa_train.flops import dense_kl_flops_per_token
+    from dsa_train.kernels import dense_indexer_kl_pallas
 
     c = load_model_config("configs/deepseek-v3.2.yaml")
     pairs = (c.num_hidden_layers * (64 + 1) / 2)
-    per_head = dense_indexer_kl.pair_flops(c.num_attention_heads, c.qk_head_dim, c.index_n_heads, c.index_head_dim)
-    mqa = dense_indexer_kl.pair_flops(c.num_attention_heads, c.kv_lora_rank + c.qk_rope_head_dim, c.index_n_heads,
-                                      c.index_head_dim)
+    count = dense_indexer_kl_pallas.pair_flops
+    per_head = count(c.num_attention_heads, c.qk_head_dim, c.index_n_heads, c.index_head_dim)
+    mqa = count(c.num_attention_heads, c.kv_lora_rank + c.qk_rope_head_dim, c.index_n_heads, c.index_head_dim)
     assert dense_kl_flops_per_token(c, 64) == per_head * pairs
     assert dense_kl_flops_per_token(c, 64, context_parallel=True) == mqa * pairs
+    assert count(128, 192, 64, 128) == 2 * 128 * 192 + 14 * 64 * 128 + 8 * 64 == 164_352
     assert dense_indexer_kl.pair_flops(128, 192, 64, 128) == 2 * 128 * 192 + 12 * 64 * 128 + 8 * 64
 
 

@@ -54,7 +54,7 @@ SPARSE_STEP_KERNELS = {
 }
 WARMUP_STEP_KERNELS = {
     # the KL's forward and its backward (the target is detached: no main-attention backward)
-    "dense indexer KL": (("indexer_kl",), 2),
+    "dense indexer KL": (("dense_indexer_kl_forward", "dense_indexer_kl_backward"), 2),
 }
 
 
@@ -179,15 +179,9 @@ def test_sparse_step_runs_the_kernels(exports, context, platform, op):
     _expect_kernels(_case(exports, "sparse", context, platform), op, SPARSE_STEP_KERNELS)
 
 
-# Under context parallelism the dense KL runs the one-pass pure-JAX kernel on each shard
-# (kernels/dense_indexer_kl.py); its Pallas form does not exist yet.
-WARMUP_CASES = [case if case[0] == 1 else pytest.param(*case, marks=pytest.mark.xfail(
-    strict=True, reason="context-parallel dense KL has no Pallas kernel yet")) for case in CASES]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("op", list(WARMUP_STEP_KERNELS))
-@pytest.mark.parametrize("context, platform", WARMUP_CASES)
+@pytest.mark.parametrize("context, platform", CASES)
 def test_warmup_step_runs_the_kernels(exports, context, platform, op):
     _expect_kernels(_case(exports, "warmup", context, platform), op, WARMUP_STEP_KERNELS)
 

@@ -31,6 +31,7 @@ from dsa_train.kernels.dense_attention import dense_attention_flash, flash_atten
 from dsa_train.kernels.dense_attention_gpu import dense_attention_gpu, flash_attention_gpu
 from dsa_train.kernels.dense_attention_tpu import dense_attention_splash
 from dsa_train.kernels.dense_indexer_kl import dense_kl_sum
+from dsa_train.kernels.dense_indexer_kl_pallas import dense_kl_sum_pallas
 from dsa_train.kernels.indexer_topk import indexer_topk_kernel
 from dsa_train.kernels.sparse_attention_blocked import sparse_mla_attention_blocked
 from dsa_train.kernels.sparse_attention_gpu import sparse_mla_attention_gpu
@@ -119,10 +120,14 @@ class Backend:
     def indexer_kl_sum_at(self, q, kv, lse, q_idx, k_idx, w_idx, weights, q_positions, q_segment_ids,
                           k_segment_ids, sm_scale: float):
         """sum_t weights_t KL_t of the dense warm-up loss for queries at row positions ``q_positions``
-        against the whole row's keys (a context shard's): the one-pass kernel for every impl
-        (``kernels/dense_indexer_kl.py``); ``lse`` is the main attention's of these queries."""
-        return dense_kl_sum(q, kv, lse, q_idx, k_idx, w_idx, weights, q_positions, q_segment_ids, k_segment_ids,
-                            sm_scale=sm_scale)
+        against the whole row's keys (a context shard's), ``lse`` the main attention's of these
+        queries: the Pallas one-pass kernel for the Pallas impls (``kernels/dense_indexer_kl_pallas.py``),
+        its pure-JAX form otherwise (``kernels/dense_indexer_kl.py``)."""
+        args = (q, kv, lse, q_idx, k_idx, w_idx, weights, q_positions, q_segment_ids, k_segment_ids)
+        chosen = indexer_tiles.resolve("blocked" if self.impl == "reference" else self.impl)
+        if chosen.kind == "pallas":
+            return dense_kl_sum_pallas(*args, sm_scale=sm_scale, variant=chosen.variant, interpret=chosen.interpret)
+        return dense_kl_sum(*args, sm_scale=sm_scale)
 
     def indexer_topk(self, q, k, weights, topk: int, segment_ids, q_positions=None, k_segment_ids=None):
         """Lightning-indexer top-k -> indices [B, S, min(topk, T)] int32 (-1 = unused). Queries may be

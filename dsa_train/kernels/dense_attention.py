@@ -28,9 +28,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dsa_train.kernels import row_blocks as rb
+
 F32 = jnp.float32
 NEG_INF = -1e30
-KEY_PAD_SEGMENT = -2  # never equal to a query's segment id (padded queries get -1 and position -1)
 BLOCKS = (128, 256)  # (block_q, block_k)
 
 
@@ -40,50 +41,10 @@ class Cfg(NamedTuple):
     block_k: int
 
 
-def _pad(x, length, value=0):
-    extra = length - x.shape[1]
-    if extra == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[1] = (0, extra)
-    return jnp.pad(x, widths, constant_values=value)
-
-
-def _sl(x, start, size):
-    return jax.lax.dynamic_slice_in_dim(x, start, size, 1)
-
-
-def _round_up(x, m):
-    return -(-x // m) * m
-
-
 def _specs(shared: bool):
     """einsum specs for (scores, p @ v, ds @ k, ds^T @ q, p^T @ do)."""
     k = "btd" if shared else "bthd"
     return (f"bshd,{k}->bsht", f"bsht,{k}->bshd", f"bsht,{k}->bshd", f"bsht,bshd->{k}", f"bsht,bshd->{k}")
-
-
-class _Padded(NamedTuple):
-    n_q: int
-    n_k: int
-    q_pos: jnp.ndarray
-    q_seg: jnp.ndarray
-    k_seg: jnp.ndarray
-
-
-def _padded(cfg, q_pos, q_seg, k_seg):
-    lq, lk = _round_up(q_seg.shape[1], cfg.block_q), _round_up(k_seg.shape[1], cfg.block_k)
-    return _Padded(lq // cfg.block_q, lk // cfg.block_k, _pad(q_pos[None].astype(jnp.int32), lq, -1)[0],
-                   _pad(q_seg.astype(jnp.int32), lq, -1), _pad(k_seg.astype(jnp.int32), lk, KEY_PAD_SEGMENT))
-
-
-def _n_key_blocks(pad: _Padded, pos_b, block_k):
-    return jnp.clip(pos_b.max() // block_k + 1, 0, pad.n_k)
-
-
-def _visible(pad, pos_b, seg_b, ks, block_k):
-    k_pos = ks + jnp.arange(block_k)
-    return (seg_b[:, :, None] == _sl(pad.k_seg, ks, block_k)[:, None, :]) & (k_pos[None, None, :] <= pos_b[None, :, None])
 
 
 def _forward(cfg: Cfg, q, k, v, q_pos, q_seg, k_seg):
@@ -91,29 +52,29 @@ def _forward(cfg: Cfg, q, k, v, q_pos, q_seg, k_seg):
     shared = k.ndim == 3
     s_qk, s_pv = _specs(shared)[:2]
     bq, bk = cfg.block_q, cfg.block_k
-    pad = _padded(cfg, q_pos, q_seg, k_seg)
-    q_p, k_p, v_p = _pad(q, pad.n_q * bq), _pad(k, pad.n_k * bk), _pad(v, pad.n_k * bk)
+    pad = rb.layout(cfg.block_q, cfg.block_k, q_pos, q_seg, k_seg)
+    q_p, k_p, v_p = rb.pad_rows(q, pad.n_q * bq), rb.pad_rows(k, pad.n_k * bk), rb.pad_rows(v, pad.n_k * bk)
     dv = v.shape[-1]
 
     def per_query_block(qb):
-        q_b, seg_b = _sl(q_p, qb * bq, bq), _sl(pad.q_seg, qb * bq, bq)
+        q_b, seg_b = rb.block(q_p, qb * bq, bq), rb.block(pad.q_seg, qb * bq, bq)
         pos_b = jax.lax.dynamic_slice_in_dim(pad.q_pos, qb * bq, bq)
 
         def body(kj, carry):
             m, l, acc = carry
             ks = kj * bk
-            vis = _visible(pad, pos_b, seg_b, ks, bk)[:, :, None, :]
-            scores = jnp.einsum(s_qk, q_b, _sl(k_p, ks, bk), preferred_element_type=F32) * cfg.sm_scale
+            vis = rb.visible(pad, pos_b, seg_b, ks, bk)[:, :, None, :]
+            scores = jnp.einsum(s_qk, q_b, rb.block(k_p, ks, bk), preferred_element_type=F32) * cfg.sm_scale
             scores = jnp.where(vis, scores, NEG_INF)
             m_new = jnp.maximum(m, scores.max(-1))
             p = jnp.where(vis, jnp.exp(scores - m_new[..., None]), 0.0)
             alpha = jnp.exp(m - m_new)
-            acc = acc * alpha[..., None] + jnp.einsum(s_pv, p.astype(v.dtype), _sl(v_p, ks, bk),
+            acc = acc * alpha[..., None] + jnp.einsum(s_pv, p.astype(v.dtype), rb.block(v_p, ks, bk),
                                                       preferred_element_type=F32)
             return m_new, l * alpha + p.sum(-1), acc
 
         init = (jnp.full((b, bq, h), NEG_INF, F32), jnp.zeros((b, bq, h), F32), jnp.zeros((b, bq, h, dv), F32))
-        m, l, acc = jax.lax.fori_loop(0, _n_key_blocks(pad, pos_b, bk), body, init)
+        m, l, acc = jax.lax.fori_loop(0, rb.visible_key_blocks(pad, pos_b, bk), body, init)
         safe = jnp.where(l > 0, l, 1.0)
         return (acc / safe[..., None]).astype(q.dtype), jnp.where(l > 0, m + jnp.log(safe), NEG_INF)
 
@@ -128,23 +89,23 @@ def backward(cfg: Cfg, q, k, v, out, lse, d_out, q_pos, q_seg, k_seg):
     shared = k.ndim == 3
     s_qk, _, s_dq, s_dk, s_dv = _specs(shared)
     bq, bk = cfg.block_q, cfg.block_k
-    pad = _padded(cfg, q_pos, q_seg, k_seg)
+    pad = rb.layout(cfg.block_q, cfg.block_k, q_pos, q_seg, k_seg)
     lq, lk = pad.n_q * bq, pad.n_k * bk
     delta = (d_out.astype(F32) * out.astype(F32)).sum(-1)  # [B, S, H]
-    q_p, lse_p, do_p, delta_p = (_pad(x, lq) for x in (q, lse, d_out, delta))
-    k_p, v_p = _pad(k, lk), _pad(v, lk)
+    q_p, lse_p, do_p, delta_p = (rb.pad_rows(x, lq) for x in (q, lse, d_out, delta))
+    k_p, v_p = rb.pad_rows(k, lk), rb.pad_rows(v, lk)
     v_spec = "bshd,btd->bsht" if shared else "bshd,bthd->bsht"
 
     def per_query_block(carry, qb):
         dk, dv = carry
-        q_b, lse_b, do_b, delta_b, seg_b = (_sl(x, qb * bq, bq) for x in (q_p, lse_p, do_p, delta_p, pad.q_seg))
+        q_b, lse_b, do_b, delta_b, seg_b = (rb.block(x, qb * bq, bq) for x in (q_p, lse_p, do_p, delta_p, pad.q_seg))
         pos_b = jax.lax.dynamic_slice_in_dim(pad.q_pos, qb * bq, bq)
 
         def body(kj, carry):
             dq, dk, dv = carry
             ks = kj * bk
-            k_b, v_b = _sl(k_p, ks, bk), _sl(v_p, ks, bk)
-            vis = _visible(pad, pos_b, seg_b, ks, bk)[:, :, None, :]
+            k_b, v_b = rb.block(k_p, ks, bk), rb.block(v_p, ks, bk)
+            vis = rb.visible(pad, pos_b, seg_b, ks, bk)[:, :, None, :]
             scores = jnp.einsum(s_qk, q_b, k_b, preferred_element_type=F32) * cfg.sm_scale
             p = jnp.where(vis, jnp.exp(scores - lse_b[..., None]), 0.0)
             dp = jnp.einsum(v_spec, do_b, v_b, preferred_element_type=F32)
@@ -152,11 +113,11 @@ def backward(cfg: Cfg, q, k, v, out, lse, d_out, q_pos, q_seg, k_seg):
             dq = dq + jnp.einsum(s_dq, ds, k_b.astype(F32))
             dk_t = jnp.einsum(s_dk, ds, q_b.astype(F32))
             dv_t = jnp.einsum(s_dv, p, do_b.astype(F32))
-            dk = jax.lax.dynamic_update_slice_in_dim(dk, _sl(dk, ks, bk) + dk_t, ks, 1)
-            dv = jax.lax.dynamic_update_slice_in_dim(dv, _sl(dv, ks, bk) + dv_t, ks, 1)
+            dk = jax.lax.dynamic_update_slice_in_dim(dk, rb.block(dk, ks, bk) + dk_t, ks, 1)
+            dv = jax.lax.dynamic_update_slice_in_dim(dv, rb.block(dv, ks, bk) + dv_t, ks, 1)
             return dq, dk, dv
 
-        dq, dk, dv = jax.lax.fori_loop(0, _n_key_blocks(pad, pos_b, bk), body,
+        dq, dk, dv = jax.lax.fori_loop(0, rb.visible_key_blocks(pad, pos_b, bk), body,
                                        (jnp.zeros(q_b.shape, F32), dk, dv))
         return (dk, dv), dq
 

@@ -54,14 +54,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from dsa_train.kernels import dense_attention
+from dsa_train.kernels import dense_attention, row_blocks
+from dsa_train.kernels.padding import pad_to
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 MIN_DOT = 16  # smallest dimension Triton's tl.dot accepts
 MAX_PIECE = 128  # widest column piece of one dot
 NEG_INF = dense_attention.NEG_INF
-KEY_PAD_SEGMENT = dense_attention.KEY_PAD_SEGMENT
+KEY_PAD_SEGMENT = row_blocks.KEY_PAD_SEGMENT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,15 +111,6 @@ def _fit(n: int, block: int) -> int:
     return min(block, max(MIN_DOT, pl.next_power_of_2(max(n, 1))))
 
 
-def _pad_axis(x, axis: int, length: int, value=0):
-    extra = length - x.shape[axis]
-    if extra == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths, constant_values=value)
-
-
 def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, k_seg_ref, out_ref, lse_ref, *, scale2: float,
                     k_pieces, v_pieces, block_k: int, n_k_blocks: int):
     q_pos = q_pos_ref[...]
@@ -161,9 +153,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, k_seg_ref, out_re
 def _padded(q, k, v, q_pos, q_seg, k_seg, sp: int, tp: int, dkp: int, dvp: int):
     """Zero feature columns change no score; padded queries (segment -1, position -1) see no key
     and padded keys (segment KEY_PAD_SEGMENT) are seen by no query."""
-    return (_pad_axis(_pad_axis(q, 3, dkp), 1, sp), _pad_axis(_pad_axis(k, k.ndim - 1, dkp), 1, tp),
-            _pad_axis(_pad_axis(v, v.ndim - 1, dvp), 1, tp), _pad_axis(q_pos.astype(jnp.int32), 0, sp, -1),
-            _pad_axis(q_seg.astype(jnp.int32), 1, sp, -1), _pad_axis(k_seg.astype(jnp.int32), 1, tp, KEY_PAD_SEGMENT))
+    return (pad_to(pad_to(q, 3, dkp), 1, sp), pad_to(pad_to(k, k.ndim - 1, dkp), 1, tp),
+            pad_to(pad_to(v, v.ndim - 1, dvp), 1, tp), pad_to(q_pos.astype(jnp.int32), 0, sp, -1),
+            pad_to(q_seg.astype(jnp.int32), 1, sp, -1), pad_to(k_seg.astype(jnp.int32), 1, tp, KEY_PAD_SEGMENT))
 
 
 def _forward(cfg: DenseGpuConfig, q, k, v, q_pos, q_seg, k_seg):
@@ -222,7 +214,7 @@ def _call_shared(kernel, params, cfg, bq, q, k, v, q_pos, q_seg, k_seg, vs, dv_p
     tp = k.shape[1]
     bh = min(cfg.block_h, max(MIN_DOT, pl.next_power_of_2(h)))
     hp = _round_up(h, bh)
-    q = _pad_axis(q, 2, hp)
+    q = pad_to(q, 2, hp)
     qi = lambda i: sp - 1 - i  # noqa: E731  (latest queries first)
     out, lse = pl.pallas_call(
         kernel,
@@ -332,9 +324,9 @@ def _backward_per_head(cfg: DenseGpuConfig, q, k, v, out, lse, d_out, q_pos, q_s
     dkp, dvp = _round_up(dk, MIN_DOT), _round_up(dv, MIN_DOT)
     delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), d_out.astype(jnp.float32))
     # padded queries: lse = +big and delta = 0, so their probabilities and gradients are 0
-    lse_t = _pad_axis(jnp.swapaxes(lse, 1, 2), 2, sp, -NEG_INF)
-    delta = _pad_axis(delta, 2, sp)
-    d_out = _pad_axis(_pad_axis(d_out, 3, dvp), 1, sp)
+    lse_t = pad_to(jnp.swapaxes(lse, 1, 2), 2, sp, -NEG_INF)
+    delta = pad_to(delta, 2, sp)
+    d_out = pad_to(pad_to(d_out, 3, dvp), 1, sp)
     q, k, v, q_pos, q_seg, k_seg = _padded(q, k, v, q_pos, q_seg, k_seg, sp, tp, dkp, dvp)
     k_pieces, v_pieces = _pieces(dkp), _pieces(dvp)
     params = dict(compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd),

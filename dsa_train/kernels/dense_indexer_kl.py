@@ -32,14 +32,13 @@ Cost per visible (query, key) pair, H main heads of dim D, Hi indexer heads of d
          dw again (6 Hi Di + 4 Hi). In all 2 H D + 12 Hi Di + 8 Hi.
   DeepSeek-V3.2 (H 128, D 192 per head, Hi 64, Di 128): 147,968 FLOPs per pair with gradients
   (49,152 of them the target); in the MQA form under context parallelism (D 576): 246,272. The
-  three Pallas kernels (``indexer_kl_pallas``, MQA form) form the 576-dim target in each:
-  3 x 147,456 + 5 x 16,512 = 524,928.
+  Pallas form (``dense_indexer_kl_pallas``, the accelerators' path) has the same two passes.
   HBM bytes: each key block is read once per query block, each query block once per key block,
   so per pair (bytes per key) / block_q + (bytes per query) / block_k, with per key H D x 2 (bf16
   per-head main keys; 2 D shared) + Di x 2 (indexer key) in pass A and Di x 2 in pass B, and per
   query H D x 2 + H x 4 (lse) + Hi (Di x 2 + 4) in pass A, Hi (Di x 2 + 4) in pass B. At
-  block_q = 64, per-head V3.2 keys cost 49,408 / 64 = 772 bytes per pair in pass A: on a TPU the
-  tiles should be larger (see ``indexer_kl_pallas`` for the Mosaic version of the old scheme).
+  block_q = 64, per-head V3.2 keys cost 49,408 / 64 = 772 bytes per pair in pass A (the Pallas
+  form's TPU tiles are larger).
 """
 
 from __future__ import annotations
@@ -50,9 +49,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dsa_train.kernels import row_blocks as rb
+
 F32 = jnp.float32
 NEG = -jnp.inf
-KEY_PAD_SEGMENT = -2  # never equal to a query's segment id (padded queries get -1)
 
 BLOCKS = (64, 256)  # (block_q, block_k)
 
@@ -74,23 +74,6 @@ class _Blocks(NamedTuple):
 
 def _xlogy(p):
     return jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
-
-
-def _pad(x, length, value=0):
-    extra = length - x.shape[1]
-    if extra == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[1] = (0, extra)
-    return jnp.pad(x, widths, constant_values=value)
-
-
-def _sl(x, start, size):
-    return jax.lax.dynamic_slice_in_dim(x, start, size, 1)
-
-
-def _round_up(x, m):
-    return -(-x // m) * m
 
 
 def _target_tile(q_b, k_b, lse_b, vis, sm_scale):
@@ -117,56 +100,29 @@ def _indexer_grads(coef, z, qi_b, ki_b, w_b):
     return dq, dw, dk
 
 
-class _Layout(NamedTuple):
-    n_q: int
-    n_k: int
-    q_pos: jnp.ndarray  # [Lq] (padded queries: -1, they see nothing)
-    q_seg: jnp.ndarray  # [B, Lq]
-    k_pos: jnp.ndarray  # [Lk]
-    k_seg: jnp.ndarray  # [B, Lk]
-
-
-def _layout(cfg: _Blocks, q_pos, q_seg, k_seg):
-    s, t = q_seg.shape[1], k_seg.shape[1]
-    lq, lk = _round_up(s, cfg.block_q), _round_up(t, cfg.block_k)
-    return _Layout(lq // cfg.block_q, lk // cfg.block_k, _pad(q_pos[None].astype(jnp.int32), lq, -1)[0],
-                   _pad(q_seg.astype(jnp.int32), lq, -1), jnp.arange(lk, dtype=jnp.int32),
-                   _pad(k_seg.astype(jnp.int32), lk, KEY_PAD_SEGMENT))
-
-
-def _visible_key_blocks(lay: _Layout, q_pos_b, block_k: int):
-    """Key blocks 0 .. n-1 hold every key a query block can see (keys sit at their row positions)."""
-    return jnp.clip(q_pos_b.max() // block_k + 1, 0, lay.n_k)
-
-
-def _vis(lay, q_pos_b, q_seg_b, ks, block_k):
-    k_seg_b = _sl(lay.k_seg, ks, block_k)
-    k_pos_b = jax.lax.dynamic_slice_in_dim(lay.k_pos, ks, block_k)
-    return (q_seg_b[:, :, None] == k_seg_b[:, None, :]) & (k_pos_b[None, None, :] <= q_pos_b[None, :, None])
-
-
 def _pass_a(cfg: _Blocks, grads: bool, q, k, lse, q_idx, k_idx, w_idx, weights, q_pos, q_seg, k_seg):
     """-> (KL_t, lse_I(t), psum_t) [B, S] each, and with ``grads`` the target part of the gradient of
     sum_t weights_t KL_t: (dq [B, S, Hi, Di], dw [B, S, Hi], dk [B, T, Di]), all fp32."""
     b, s = q_seg.shape
     t = k_seg.shape[1]
     bq, bk = cfg.block_q, cfg.block_k
-    lay = _layout(cfg, q_pos, q_seg, k_seg)
+    lay = rb.layout(cfg.block_q, cfg.block_k, q_pos, q_seg, k_seg)
     lq, lk = lay.n_q * bq, lay.n_k * bk
-    q_p, lse_p, qi_p, w_p, wt_p = (_pad(x, lq) for x in (q, lse, q_idx, w_idx, weights))
-    k_p, ki_p = _pad(k, lk), _pad(k_idx, lk)
+    q_p, lse_p, qi_p, w_p, wt_p = (rb.pad_rows(x, lq) for x in (q, lse, q_idx, w_idx, weights))
+    k_p, ki_p = rb.pad_rows(k, lk), rb.pad_rows(k_idx, lk)
     hi, di = q_idx.shape[2], q_idx.shape[3]
 
     def per_query_block(dk, qb):
-        q_b, lse_b, qi_b, w_b, wt_b, seg_b = (_sl(x, qb * bq, bq) for x in (q_p, lse_p, qi_p, w_p, wt_p, lay.q_seg))
+        q_b, lse_b, qi_b, w_b, wt_b, seg_b = (rb.block(x, qb * bq, bq)
+                                              for x in (q_p, lse_p, qi_p, w_p, wt_p, lay.q_seg))
         pos_b = jax.lax.dynamic_slice_in_dim(lay.q_pos, qb * bq, bq)
 
         def body(kj, carry):
             (m, l, plogp, p_dot_i, psum), (dq, dw, dk) = carry
             ks = kj * bk
-            vis = _vis(lay, pos_b, seg_b, ks, bk)
-            ki_b = _sl(ki_p, ks, bk)
-            p = _target_tile(q_b, _sl(k_p, ks, bk), lse_b, vis, cfg.sm_scale)
+            vis = rb.visible(lay, pos_b, seg_b, ks, bk)
+            ki_b = rb.block(ki_p, ks, bk)
+            p = _target_tile(q_b, rb.block(k_p, ks, bk), lse_b, vis, cfg.sm_scale)
             z, score = _indexer_tile(qi_b, ki_b, w_b, vis)
             m_new = jnp.maximum(m, score.max(-1))
             m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
@@ -175,7 +131,7 @@ def _pass_a(cfg: _Blocks, grads: bool, q, k, lse, q_idx, k_idx, w_idx, weights, 
                      psum + p.sum(-1))
             if grads:
                 gq, gw, gk = _indexer_grads(-p * wt_b[..., None], z, qi_b, ki_b, w_b)
-                dk = jax.lax.dynamic_update_slice_in_dim(dk, _sl(dk, ks, bk) + gk, ks, 1)
+                dk = jax.lax.dynamic_update_slice_in_dim(dk, rb.block(dk, ks, bk) + gk, ks, 1)
                 return stats, (dq + gq, dw + gw, dk)
             return stats, (dq, dw, dk)
 
@@ -183,7 +139,7 @@ def _pass_a(cfg: _Blocks, grads: bool, q, k, lse, q_idx, k_idx, w_idx, weights, 
         init = ((jnp.full((b, bq), NEG, F32), zeros, zeros, zeros, zeros),
                 (jnp.zeros((b, bq, hi, di) if grads else (), F32), jnp.zeros((b, bq, hi) if grads else (), F32), dk))
         (m, l, plogp, p_dot_i, psum), (dq, dw, dk) = jax.lax.fori_loop(
-            0, _visible_key_blocks(lay, pos_b, bk), body, init)
+            0, rb.visible_key_blocks(lay, pos_b, bk), body, init)
         lse_i = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
         return dk, ((plogp - p_dot_i + lse_i * psum, lse_i, psum), (dq, dw))
 
@@ -202,28 +158,28 @@ def _pass_b(cfg: _Blocks, q_idx, k_idx, w_idx, coef_q, lse_i, q_pos, q_seg, k_se
     b, s = q_seg.shape
     t = k_seg.shape[1]
     bq, bk = cfg.block_q, cfg.block_k
-    lay = _layout(cfg, q_pos, q_seg, k_seg)
+    lay = rb.layout(cfg.block_q, cfg.block_k, q_pos, q_seg, k_seg)
     lq, lk = lay.n_q * bq, lay.n_k * bk
-    qi_p, w_p, c_p, lse_p = (_pad(x, lq) for x in (q_idx, w_idx, coef_q, lse_i))
-    ki_p = _pad(k_idx, lk)
+    qi_p, w_p, c_p, lse_p = (rb.pad_rows(x, lq) for x in (q_idx, w_idx, coef_q, lse_i))
+    ki_p = rb.pad_rows(k_idx, lk)
     hi, di = q_idx.shape[2], q_idx.shape[3]
 
     def per_query_block(dk, qb):
-        qi_b, w_b, c_b, lse_b, seg_b = (_sl(x, qb * bq, bq) for x in (qi_p, w_p, c_p, lse_p, lay.q_seg))
+        qi_b, w_b, c_b, lse_b, seg_b = (rb.block(x, qb * bq, bq) for x in (qi_p, w_p, c_p, lse_p, lay.q_seg))
         pos_b = jax.lax.dynamic_slice_in_dim(lay.q_pos, qb * bq, bq)
 
         def body(kj, carry):
             dq, dw, dk = carry
             ks = kj * bk
-            vis = _vis(lay, pos_b, seg_b, ks, bk)
-            ki_b = _sl(ki_p, ks, bk)
+            vis = rb.visible(lay, pos_b, seg_b, ks, bk)
+            ki_b = rb.block(ki_p, ks, bk)
             z, score = _indexer_tile(qi_b, ki_b, w_b, vis)
             soft = jnp.where(vis, jnp.exp(score - lse_b[..., None]), 0.0)
             gq, gw, gk = _indexer_grads(soft * c_b[..., None], z, qi_b, ki_b, w_b)
-            return dq + gq, dw + gw, jax.lax.dynamic_update_slice_in_dim(dk, _sl(dk, ks, bk) + gk, ks, 1)
+            return dq + gq, dw + gw, jax.lax.dynamic_update_slice_in_dim(dk, rb.block(dk, ks, bk) + gk, ks, 1)
 
         init = (jnp.zeros((b, bq, hi, di), F32), jnp.zeros((b, bq, hi), F32), dk)
-        dq, dw, dk = jax.lax.fori_loop(0, _visible_key_blocks(lay, pos_b, bk), body, init)
+        dq, dw, dk = jax.lax.fori_loop(0, rb.visible_key_blocks(lay, pos_b, bk), body, init)
         return dk, (dq, dw)
 
     dk, (dq, dw) = jax.lax.scan(per_query_block, jnp.zeros((b, lk, di), F32), jnp.arange(lay.n_q))

@@ -6,15 +6,13 @@ probabilities (a stop-gradient target), over the causal same-document keys (dens
 selected keys (sparse). Gradients reach only the indexer inputs q_idx, k_idx, w_idx; q, kv, lse get
 zero cotangents.
 
-Dense warm-up: "streaming" (also "blocked", and every impl given per-head keys or query
-positions) runs `dense_indexer_kl`: the target formed once per (query, key) pair from the main
-attention's lse, fused with the indexer softmax; its gradient's target part accumulated in the same
-pass, the softmax part in an indexer-only backward pass (FLOPs and bytes per pair in that module).
-"pallas" = the Pallas kernels (`indexer_kl_pallas`, MQA form, self-attention only) for the forward
-statistics and both backward kernels (dq/dw query-major, dk key-major) and pass 1 (when no lse is
-given), Triton on GPU and Mosaic on TPU, chosen per lowering platform; they recompute the 576-dim
-target in each of the three kernels. "pallas_gpu" / "pallas_tpu" force a variant; "..._interpret"
-run them in the Pallas interpreter (CPU tests). Pass 1 (`attention_lse_streaming`) streams the
+Dense warm-up: the target formed once per (query, key) pair from the main attention's lse, fused
+with the indexer softmax; its gradient's target part accumulated in the same pass, the softmax part
+in an indexer-only backward pass (FLOPs and bytes per pair in those modules). "streaming" (also
+"blocked") runs the pure-JAX form (`dense_indexer_kl`); "pallas" its Pallas form
+(`dense_indexer_kl_pallas`), Triton on GPU and Mosaic on TPU, chosen per lowering platform;
+"pallas_gpu" / "pallas_tpu" force a variant; "..._interpret" run them in the Pallas interpreter
+(CPU tests). Keys per head or in the MQA form, for either. `attention_lse_streaming` streams the
 main attention's per-head log-sum-exp when the caller has none.
 
 Sparse stage: "streaming" / "blocked": per query block, gather the selected main keys and indexer
@@ -36,8 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dsa_train.kernels import dense_indexer_kl, sparse_attention_gpu
-from dsa_train.kernels import indexer_kl_pallas as kl_pallas
+from dsa_train.kernels import dense_indexer_kl, dense_indexer_kl_pallas, sparse_attention_gpu
 from dsa_train.kernels import indexer_tiles as tiles
 from dsa_train.kernels import sparse_indexer_kl_gpu as sparse_kl_gpu
 from dsa_train.kernels import sparse_indexer_kl_tpu as sparse_kl_tpu
@@ -136,72 +133,30 @@ def attention_lse_streaming(q, kv, sm_scale: float, segment_ids, block_q: int = 
     return jnp.moveaxis(lse, 0, 1).reshape(b, length, h)[:, :s]
 
 
-# ---- the differentiable dense loss -----------------------------------------------------------------
-
-class _DenseConfig(NamedTuple):
-    sm_scale: float
-    impl: tiles.Impl
-
-
-def _dense_stats(cfg: _DenseConfig, q, kv, lse, q_idx, k_idx, w_idx, segment_ids):
-    args = (q, kv, lse, q_idx, k_idx, w_idx, segment_ids)
-    return kl_pallas.by_variant(kl_pallas.dense_stats, *args, sm_scale=cfg.sm_scale, variant=cfg.impl.variant,
-                                interpret=cfg.impl.interpret)
-
-
-def _dense_grads(cfg: _DenseConfig, *args):
-    return kl_pallas.by_variant(kl_pallas.dense_grads, *args, sm_scale=cfg.sm_scale, variant=cfg.impl.variant,
-                                interpret=cfg.impl.interpret)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dense_kl(cfg, q_idx, k_idx, w_idx, q, kv, lse, segment_ids):
-    kl, _, _ = _dense_stats(cfg, q, kv, lse, q_idx, k_idx, w_idx, segment_ids)
-    return _weighted_mean(kl, segment_ids)
-
-
-def _dense_kl_fwd(cfg, q_idx, k_idx, w_idx, q, kv, lse, segment_ids):
-    kl, lse_i, psum = _dense_stats(cfg, q, kv, lse, q_idx, k_idx, w_idx, segment_ids)
-    return _weighted_mean(kl, segment_ids), (q_idx, k_idx, w_idx, q, kv, lse, segment_ids, lse_i, psum)
-
-
-def _dense_kl_bwd(cfg, res, ct):
-    q_idx, k_idx, w_idx, q, kv, lse, segment_ids, lse_i, psum = res
-    dq, dk, dw = _dense_grads(cfg, q, kv, lse, q_idx, k_idx, w_idx, segment_ids, lse_i, psum,
-                              _query_weights(ct, segment_ids))
-    return dq, dk, dw, None, None, None, None  # None: zero cotangents for the main model's inputs
-
-
-_dense_kl.defvjp(_dense_kl_fwd, _dense_kl_bwd)
-
+# ---- the dense loss ---------------------------------------------------------------------------------
 
 def dense_indexer_kl_loss(q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, lse=None, *,
                           impl: str = "streaming", block_q: int = STREAMING_BLOCKS[0],
                           block_k: int = STREAMING_BLOCKS[1]):
     """Dense warm-up KL without an S x T buffer. kv [B, T, D] (MQA form) or [B, T, H, D] (per-head
     form, q the matching per-head queries). `lse` [B, S, H]: the main attention's per-head
-    log-sum-exp if already known (pass 1 is skipped). `impl` (see `indexer_tiles.IMPLS`): "streaming"
-    runs the one-pass target (`dense_indexer_kl`); a Pallas variant runs the Pallas kernels on the
-    MQA form (the per-head form always takes the one-pass path). block_q/block_k size the pure-JAX
-    loops (the Pallas tiles are per variant, `indexer_kl_pallas`)."""
+    log-sum-exp if already known (else streamed first). `impl` (see `indexer_tiles.IMPLS`):
+    "streaming" runs the pure-JAX one-pass kernel (`dense_indexer_kl`, tiles block_q x block_k), a
+    Pallas impl its Pallas form (`dense_indexer_kl_pallas`, tiles per variant)."""
     chosen = tiles.resolve(impl)
     tiles.check_self_attention(q.shape[1], kv.shape[1])
     block_q, block_k = _blocks_for(q.shape[1], block_q, block_k)
     sg = jax.lax.stop_gradient
     q, kv = sg(q), sg(kv)
-    pallas = chosen.kind == "pallas" and kv.ndim == 3
-    if lse is None and pallas:
-        lse = kl_pallas.by_variant(kl_pallas.attention_lse, q, kv, segment_ids, sm_scale=float(sm_scale),
-                                   variant=chosen.variant, interpret=chosen.interpret)
-    elif lse is None:
+    if lse is None:
         lse = attention_lse_streaming(q, kv, sm_scale, segment_ids, block_q, block_k)
-    lse = sg(lse).astype(F32)
-    if pallas:
-        return _dense_kl(_DenseConfig(float(sm_scale), chosen), q_idx, k_idx, w_idx, q, kv, lse, segment_ids)
     valid = (segment_ids != 0).astype(F32)
-    total = dense_indexer_kl.dense_kl_sum(q, kv, lse, q_idx, k_idx, w_idx, valid, jnp.arange(q.shape[1]),
-                                          segment_ids, segment_ids, sm_scale=sm_scale, block_q=block_q,
-                                          block_k=block_k)
+    args = (q, kv, sg(lse).astype(F32), q_idx, k_idx, w_idx, valid, jnp.arange(q.shape[1]), segment_ids, segment_ids)
+    if chosen.kind == "pallas":
+        total = dense_indexer_kl_pallas.dense_kl_sum_pallas(*args, sm_scale=sm_scale, variant=chosen.variant,
+                                                            interpret=chosen.interpret)
+    else:
+        total = dense_indexer_kl.dense_kl_sum(*args, sm_scale=sm_scale, block_q=block_q, block_k=block_k)
     return total / jnp.maximum(valid.sum(), 1.0)
 
 

@@ -36,7 +36,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dsa_train.kernels import indexer_tiles as tiles
-from dsa_train.kernels.sparse_attention_gpu import _gather_rows, _pad_axis, _pow2
+from dsa_train.kernels.padding import pad_to_multiple
+from dsa_train.kernels.sparse_attention_gpu import _gather_rows, _pow2
 
 F32 = jnp.float32
 NEG = -jnp.inf
@@ -62,7 +63,7 @@ def _prepared(q_idx, k_idx, w_idx, indices, block_k: int):
     qp = tiles.pad_to(tiles.pad_to(q_idx, 2, hp), 3, dp)
     kp = tiles.pad_to(k_idx, 2, dp)
     wp = tiles.pad_to(w_idx.astype(F32), 2, hp)
-    idxp = _pad_axis(indices.astype(jnp.int32), 2, block_k, -1)
+    idxp = pad_to_multiple(indices.astype(jnp.int32), 2, block_k, -1)
     return qp, kp, wp, idxp
 
 

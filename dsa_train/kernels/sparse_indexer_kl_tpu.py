@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from dsa_train.kernels.padding import pad_to_multiple
 from dsa_train.kernels.sparse_attention_tpu import (
     SUBLANES,
     _column_to_row,
@@ -53,7 +54,6 @@ from dsa_train.kernels.sparse_attention_tpu import (
     _gather_pipeline,
     _gather_source,
     _interpret_arg,
-    _pad_to,
     _per_query,
     _query_block_rows,
     _query_specs,
@@ -78,8 +78,8 @@ class TpuKlConfig:
 def _padded(indices, cfg: TpuKlConfig, *per_query):
     """Slots padded to the slot block (-1), queries to block_q (-1 slots, zeros elsewhere)."""
     block_k = _slot_block(indices.shape[-1], cfg.block_k)
-    idxp = _pad_to(_pad_to(indices.astype(jnp.int32), 2, block_k, -1), 1, cfg.block_q, -1)
-    return block_k, idxp, [_pad_to(x, 1, cfg.block_q, 0) for x in per_query]
+    idxp = pad_to_multiple(pad_to_multiple(indices.astype(jnp.int32), 2, block_k, -1), 1, cfg.block_q, -1)
+    return block_k, idxp, [pad_to_multiple(x, 1, cfg.block_q, 0) for x in per_query]
 
 
 def _slot_blocks(x, block_k: int):
@@ -213,7 +213,7 @@ def sparse_kl_stats_tpu(q_idx, k_idx, w_idx, indices, p, *, interpret: bool = Fa
     block_k, idxp, (qp, wp, pp) = _padded(indices, cfg, q_idx, w_idx.astype(F32), p.astype(F32))
     sp, kp = idxp.shape[1], idxp.shape[2]
     num_blocks = kp // block_k
-    pp = _pad_to(pp, 2, block_k, 0.0)
+    pp = pad_to_multiple(pp, 2, block_k, 0.0)
     src = _gather_source(k_idx)
     column = jax.ShapeDtypeStruct((b, sp, 1), F32)
     outs = pl.pallas_call(
@@ -380,7 +380,7 @@ def sparse_kl_grads_tpu(q_idx, k_idx, w_idx, indices, p, lse_i, psum, g, *, inte
     block_k, idxp, (qp, wp, pp, *scalars) = _padded(indices, cfg, q_idx, w_idx.astype(F32), p.astype(F32), *scalars)
     sp, kp = idxp.shape[1], idxp.shape[2]
     num_blocks = kp // block_k
-    pp = _pad_to(pp, 2, block_k, 0.0)
+    pp = pad_to_multiple(pp, 2, block_k, 0.0)
     src = _gather_source(k_idx)
     scale = di ** -0.5
     per_q = functools.partial(_per_query, cfg.block_q)

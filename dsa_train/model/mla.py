@@ -119,9 +119,9 @@ class MLA(nnx.Module):
                                  jnp.broadcast_to(k_pe[:, :, None, :], (b, s, h, c.qk_rope_head_dim))], -1)
             q_heads = jnp.concatenate([q_nope, q_pe], -1)
             out, lse = ops.dense_attention(q_heads, k, kv[..., c.qk_nope_head_dim:], segment_ids, self.sm_scale)
-            # The one-pass KL forms its target from the per-head keys the attention just used (192-dim
-            # per head instead of the 576-dim absorbed form); the Pallas KL kernels take the MQA form.
-            kl_q, kl_kv = (q_heads, k) if self.backend.impl in ("blocked", "streaming") else (q_mqa, kv_mqa)
+            # The one-pass KL kernels form their target from the per-head keys the attention just used
+            # (192-dim per head instead of the 576-dim absorbed form); the reference takes the MQA form.
+            kl_q, kl_kv = (q_mqa, kv_mqa) if self.backend.impl == "reference" else (q_heads, k)
         else:
             # Selection is discrete: no gradient flows through it (and the streaming top-k's loop
             # need not be linearized).

@@ -15,8 +15,9 @@ per-token keys across ``context``:
 
 Dense mode (warm-up, dense stage) likewise, in MLA's MQA form: dense attention runs the flash
 kernel on local queries against the gathered latent keys (heads stay sharded over ``tensor``), and
-the dense KL runs the one-pass kernel against the gathered latent and indexer keys, with the lse
-of that attention; never the per-head K/V of the whole row.
+the dense KL runs the backend's one-pass kernel (the Pallas one for the Pallas impls) on the local
+queries at their row positions against the gathered latent and indexer keys, with the lse of that
+attention; never the per-head K/V of the whole row.
 
 The gradient of an all-gather is a reduce-scatter, so key gradients land back on their owners.
 
@@ -285,7 +286,8 @@ def dense_attention(backend, q, k, v, segment_ids, sm_scale: float):
 
 def indexer_kl_loss(backend, q, kv, sm_scale, q_idx, k_idx, w_idx, segment_ids, lse):
     """Context-parallel dense warm-up KL (global mean over valid queries): the backend's one-pass
-    kernel (``Backend.indexer_kl_sum_at``) on each shard's queries at their row positions, against the
+    kernel (``Backend.indexer_kl_sum_at``, Pallas for the Pallas impls) on each shard's queries at
+    their row positions (the kernel's masks and key-block skipping take them), against the
     gathered latent keys (576-dim, MQA form) and indexer keys (128-dim); the target is normalized
     with the main attention's ``lse`` [B, S, H] of the same queries. The shards' weighted sums and
     counts are summed outside ``shard_map``; key gradients return to their owners through the
