@@ -267,6 +267,14 @@ class RunCheckpointer:
     background while training continues (``async_save``). Call ``wait()`` before reading a
     checkpoint back and ``close()`` (or use it as a context manager) before exiting, so the last
     save is complete. All processes of a multi-host job must call the same methods in the same order.
+
+    Host memory: the train state is written uncompressed (compression buffered the encoded chunks,
+    a second copy for the whole save) and restored a bounded group at a time
+    (:func:`model_io.restore_in_groups`). An asynchronous save holds a snapshot of the state until
+    it is written: on an accelerator, host memory for this process's shards; on a host whose
+    devices are its CPUs the snapshot aliases the state's buffers instead, so the step that runs
+    while it is written cannot donate them and holds the state twice until the write ends
+    (``checkpoint.async_save: false`` writes before the next step).
     """
 
     def __init__(self, run_dir: str | Path, ckpt_config: CheckpointConfig, config_dict: Mapping):
@@ -287,9 +295,11 @@ class RunCheckpointer:
         )
         # Registering the handlers up front lets a fresh manager read metadata before any save.
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-        state_handler = ocp.handlers.StandardCheckpointHandler()
-        registry.add(TRAIN_STATE, ocp.args.StandardSave, state_handler)
-        registry.add(TRAIN_STATE, ocp.args.StandardRestore, state_handler)
+        # Uncompressed: compressing buffers every encoded chunk until it is written, a second
+        # copy of the state on the host for the whole save (weights and moments barely compress).
+        state_handler = ocp.PyTreeCheckpointHandler(use_compression=False)
+        registry.add(TRAIN_STATE, ocp.args.PyTreeSave, state_handler)
+        registry.add(TRAIN_STATE, ocp.args.PyTreeRestore, state_handler)
         for item in (DATA_STATE, CONFIG):
             json_handler = ocp.handlers.JsonCheckpointHandler()
             registry.add(item, ocp.args.JsonSave, json_handler)
@@ -332,7 +342,7 @@ class RunCheckpointer:
         self._manager.save(
             step,
             args=ocp.args.Composite(**{
-                TRAIN_STATE: ocp.args.StandardSave(train_state),
+                TRAIN_STATE: ocp.args.PyTreeSave(train_state),
                 DATA_STATE: ocp.args.JsonSave(data),
                 CONFIG: ocp.args.JsonSave(self.config_dict),
             }),
