@@ -136,3 +136,25 @@ def test_a_run_checkpoint_without_mtp_initializes_the_mtp_layer(tmp_path):
             np.testing.assert_array_equal(value, saved[key], err_msg=key)
         else:
             np.testing.assert_allclose(value, fresh[key], rtol=1e-5, atol=1e-8, err_msg=key)
+
+
+@pytest.mark.slow
+def test_a_warmup_run_starts_from_a_dense_model_without_indexers(dense_source, tmp_path, caplog):
+    """Through the trainer: the warm-up trains the generated indexers of a model that had none;
+    the frozen main model is the source's, bitwise."""
+    from dsa_train.checkpoint.manager import MODEL_KEY, RunCheckpointer
+    from dsa_train.train.trainer import train
+
+    path, saved = dense_source
+    config = load_config(TINY, ["train.stage=warmup", "train.steps=1", "train.batch_size=2", "train.seq_len=32",
+                                "data.source=synthetic", f"train.run_dir={tmp_path / 'run'}",
+                                f"checkpoint.init_from={path}"])
+    with caplog.at_level(logging.WARNING):
+        train(config, console=False)
+    assert any("lacks" in r.getMessage() and "self_attn/indexer" in r.getMessage() for r in caplog.records)
+    with RunCheckpointer(tmp_path / "run", config.checkpoint, {}) as ck:
+        model = _flat(ck.restore().train_state[MODEL_KEY])
+    assert {k for k in model if "indexer" in k.split("/")} and model.keys() - {k for k in model if "indexer" in k} \
+        == saved.keys()
+    for key, value in saved.items():
+        np.testing.assert_array_equal(model[key], value, err_msg=key)

@@ -21,7 +21,10 @@ host array before writing and compression buffers the encoded chunks: both would
 model in memory.) Restoring places each array directly with the requested dtype and sharding,
 streaming through a bounded host staging area (:func:`bounded_restore`): Orbax's default lets
 every array's read be in flight at once, which holds the whole model on the host a second time
-while it is placed on the devices.
+while it is placed on the devices. A whole train state (resume) is read a bounded group of arrays
+at a time (:func:`restore_in_groups`). A new stage may start from a source that lacks whole
+lightning indexers or MTP layers: :func:`restore_or_initialize` generates exactly those
+(:func:`initializable_group` states the rule) and refuses any other difference.
 """
 
 from __future__ import annotations
@@ -134,10 +137,11 @@ def bounded_restore(restore: Callable[[dict], T], abstract: Any) -> T:
 
 
 def _local_bytes(x) -> int:
-    """Bytes of the abstract array ``x`` that this process reads (its addressable shards)."""
+    """Bytes of the abstract array ``x`` that one process reads (its devices' shards), the same
+    figure on every process: they must all cut the restore into the same groups."""
     sharding = getattr(x, "sharding", None)
-    devices = len(getattr(sharding, "addressable_devices", ())) or 1
-    return _shard_bytes(x) * devices
+    devices = len(getattr(sharding, "device_set", ())) or 1
+    return _shard_bytes(x) * max(1, devices // jax.process_count())
 
 
 def restore_in_groups(path: str | Path, abstract: Any) -> Any:
@@ -503,11 +507,15 @@ def _saved_in_wanted_layout(saved: Mapping[str, tuple], wanted: Mapping[str, tup
     if wanted_layout == layer_layout.PER_LAYER_LAYOUT:
         return layer_layout.to_per_layer(dict(saved), layer_layout.stacks_of(saved), take=lambda s, j: s[1:])
     stacks = layer_layout.stacks_of(wanted)
+    held = {layer for layers in stacks.values() for layer in layers}
     out, by_name = {}, {}
     for key, shape in saved.items():
-        by_name.setdefault(_stacked_name(key, stacks) if layer_layout._layer_of(key) is not None else key,
-                           {})[key] = shape
-    for name, part in by_name.items():
+        layer = layer_layout._layer_of(key)
+        if layer is None or layer not in held:  # outside the layers, or a layer the model lacks
+            out[key] = shape
+        else:
+            by_name.setdefault(_stacked_name(key, stacks), {})[key] = shape
+    for part in by_name.values():
         try:
             out.update(layer_layout.to_stacked(dict(part), stacks, stack=lambda xs: (len(xs), *xs[0])))
         except KeyError:
@@ -536,7 +544,8 @@ def missing_groups(saved: Mapping[str, tuple], wanted: Mapping[str, tuple]) -> t
                         "missing; they are initialized)")
     partial = [g for g in groups if any(k.startswith(g + "/") for k in present)]
     if partial:
-        problems.append("partly in the checkpoint: " + ", ".join(f"{g} lacks {_first(groups[g], 2)}" for g in partial[:3]))
+        problems.append("partly in the checkpoint: "
+                        + ", ".join(f"{g} lacks {_first(groups[g], 2)}" for g in partial[:3]))
     return groups, problems
 
 
@@ -556,7 +565,9 @@ def restore_or_initialize(abstract: Any, saved: Mapping[str, tuple], restore: Ca
     and named in one log line. Without ``init_missing`` (eval, export) every parameter must be in
     the checkpoint. Anything else that differs raises ``fail(line)``."""
     flat = {path_key(p): x for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
-    groups, problems = ({}, []) if init_missing is None else missing_groups(saved, {k: tuple(x.shape) for k, x in flat.items()})
+    groups, problems = {}, []
+    if init_missing is not None:
+        groups, problems = missing_groups(saved, {k: tuple(x.shape) for k, x in flat.items()})
     if problems:
         raise fail(f"{where} does not match the model being restored; " + "; ".join(problems))
     if not groups:
