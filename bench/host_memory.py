@@ -10,9 +10,10 @@ stack, 16 MiB): streaming means peak RSS stays near a constant plus a few larges
 import and export. Train-start on a CPU host also holds the train state itself (the CPU
 device's memory is host memory): "start" is the peak from process start until the state is
 built (before the first step), reported as (peak - RSS before the checkpoint is read) / state
-bytes; the bound is one copy plus the restore staging (dsa_train.checkpoint.model_io) and, for
-the stacked layout, the largest stacked parameter, i.e. never two copies. "run" adds the first
-step and its checkpoint save.
+bytes; the bound is one copy plus the restore staging (dsa_train.checkpoint.model_io: 256 MiB of
+reads in flight, a resume reads a group of at most 256 MiB of arrays at a time) and the largest
+array (for init_from into the stacked layout, the largest stacked parameter, converted while it is
+read), i.e. never two copies. "run" adds the first step and its checkpoint save.
 
 CPU:  python bench/host_memory.py --depths 4 16 48
 Writes bench/results/host_memory.json and host_memory.md.
@@ -168,7 +169,7 @@ def child(args) -> None:
     elif args.child == "train":
         marks = train_start(_train_overrides(args.depth, args.dst, 1, init_from=args.src), args.start_only)
     else:  # resume the run "train" wrote (its step 1)
-        marks = train_start(_train_overrides(args.depth, args.dst, 2))
+        marks = train_start(_train_overrides(args.depth, args.dst, 2), args.start_only)
     done.set()
     sampler.join()
     print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -190,7 +191,8 @@ def main() -> None:
     p.add_argument("--src")
     p.add_argument("--dst")
     p.add_argument("--depth", type=int)
-    p.add_argument("--start-only", action="store_true", help="with --child train: stop once the state is built")
+    p.add_argument("--start-only", action="store_true",
+                   help="with --child train / resume: stop once the state is built")
     p.add_argument("--read-budget", default="2GB", help="with --child export: the exporter's read budget")
     p.add_argument("--workdir", help="scratch directory (default: a temporary one)")
     args = p.parse_args()

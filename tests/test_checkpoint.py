@@ -81,6 +81,24 @@ def test_roundtrip_is_bitwise_with_data_and_config(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "7" / "train_state").is_dir()
 
 
+def test_a_restore_in_many_groups_is_bitwise(tmp_path, monkeypatch):
+    """The train state is read a bounded group of arrays at a time (here one array a group): the
+    same tree, named tuples and dtypes included, bit for bit."""
+    from dsa_train.checkpoint import model_io
+
+    state = make_state()
+    with checkpointer(tmp_path) as ck:
+        ck.save(7, state, force=True)
+        ck.wait()
+        calls = []
+        monkeypatch.setattr(model_io, "RESTORE_STAGING_BYTES", 1)
+        monkeypatch.setattr(model_io, "bounded_restore", lambda read, abstract: calls.append(read) or read({}))
+        restored = ck.restore(abstract_train_state=abstract_tree(state))
+    assert len(calls) == len(jax.tree.leaves(state))
+    assert_trees_equal(restored.train_state, state)
+    assert isinstance(restored.train_state["opt"][0], Moments)
+
+
 def test_synchronous_save_and_reopen(tmp_path):
     state = make_state()
     with checkpointer(tmp_path, async_save=False) as ck:

@@ -43,7 +43,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Callable, Literal, Mapping, Optional
 
 import jax
 import numpy as np
@@ -267,6 +267,14 @@ class RunCheckpointer:
     background while training continues (``async_save``). Call ``wait()`` before reading a
     checkpoint back and ``close()`` (or use it as a context manager) before exiting, so the last
     save is complete. All processes of a multi-host job must call the same methods in the same order.
+
+    Host memory: the train state is written uncompressed (compression buffered the encoded chunks,
+    a second copy for the whole save) and restored a bounded group at a time
+    (:func:`model_io.restore_in_groups`). An asynchronous save holds a snapshot of the state until
+    it is written: on an accelerator, host memory for this process's shards; on a host whose
+    devices are its CPUs the snapshot aliases the state's buffers instead, so the step that runs
+    while it is written cannot donate them and holds the state twice until the write ends
+    (``checkpoint.async_save: false`` writes before the next step).
     """
 
     def __init__(self, run_dir: str | Path, ckpt_config: CheckpointConfig, config_dict: Mapping):
@@ -287,9 +295,11 @@ class RunCheckpointer:
         )
         # Registering the handlers up front lets a fresh manager read metadata before any save.
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-        state_handler = ocp.handlers.StandardCheckpointHandler()
-        registry.add(TRAIN_STATE, ocp.args.StandardSave, state_handler)
-        registry.add(TRAIN_STATE, ocp.args.StandardRestore, state_handler)
+        # Uncompressed: compressing buffers every encoded chunk until it is written, a second
+        # copy of the state on the host for the whole save (weights and moments barely compress).
+        state_handler = ocp.PyTreeCheckpointHandler(use_compression=False)
+        registry.add(TRAIN_STATE, ocp.args.PyTreeSave, state_handler)
+        registry.add(TRAIN_STATE, ocp.args.PyTreeRestore, state_handler)
         for item in (DATA_STATE, CONFIG):
             json_handler = ocp.handlers.JsonCheckpointHandler()
             registry.add(item, ocp.args.JsonSave, json_handler)
@@ -332,7 +342,7 @@ class RunCheckpointer:
         self._manager.save(
             step,
             args=ocp.args.Composite(**{
-                TRAIN_STATE: ocp.args.StandardSave(train_state),
+                TRAIN_STATE: ocp.args.PyTreeSave(train_state),
                 DATA_STATE: ocp.args.JsonSave(data),
                 CONFIG: ocp.args.JsonSave(self.config_dict),
             }),
@@ -409,13 +419,9 @@ class RunCheckpointer:
                 else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_train_state)
             _compare_structure(_metadata_shapes(saved_tree), _flat_shapes(abstract_train_state),
                                f"checkpoint {self.directory / str(step)}")
-        # The train state through a bounded host staging area (model_io.bounded_restore), then the rest.
-        def read(options):
-            with ocp.Checkpointer(ocp.StandardCheckpointHandler(**options)) as checkpointer:
-                return checkpointer.restore(self.directory / str(step) / TRAIN_STATE,
-                                            args=ocp.args.StandardRestore(abstract_train_state))
-
-        train_state = model_io.bounded_restore(read, abstract_train_state)
+        # The train state a bounded group of arrays at a time, each read straight into its
+        # sharding (model_io.restore_in_groups: never a second copy on the host), then the rest.
+        train_state = model_io.restore_in_groups(self.directory / str(step) / TRAIN_STATE, abstract_train_state)
         out = self._manager.restore(step, args=ocp.args.Composite(**{
             DATA_STATE: ocp.args.JsonRestore(),
             CONFIG: ocp.args.JsonRestore(),
@@ -620,7 +626,8 @@ def quiet_orbax():
 
 @quiet_orbax()
 def load_model_for_init(path: str | Path, abstract_model_state: Any, *,
-                        model_config_dict: Optional[Mapping] = None) -> Any:
+                        model_config_dict: Optional[Mapping] = None,
+                        init_missing: Optional[Callable[[dict], dict]] = None) -> Any:
     """The model state a new stage starts from (fresh optimizer, step 0): only the model is read.
 
     ``path``: another run directory (its latest committed checkpoint), one of its step directories
@@ -631,6 +638,12 @@ def load_model_for_init(path: str | Path, abstract_model_state: Any, *,
     its tree and converted.
     ``model_config_dict``: the new stage's ``model`` config; if given, a source whose parameter
     shapes differ is refused with the differing fields named.
+    ``init_missing``: ``{key: ShapeDtypeStruct} -> {key: array}``, the new stage's initializers.
+    Given, the lightning indexers and MTP depths that the source lacks entirely are generated with
+    it (one log line names them; a source without indexers may then differ in the indexer's
+    config fields); any other missing parameter, or a group present in part, is refused
+    (:func:`dsa_train.checkpoint.model_io.initializable_group`). Not given (eval, export), every
+    parameter must be in the source.
     """
     path = run_path(path)
     if not path.exists():
@@ -638,12 +651,13 @@ def load_model_for_init(path: str | Path, abstract_model_state: Any, *,
     path = run_path(path, absolute=True)  # Orbax reads metadata only through absolute paths
     step_dir = _find_run_step(path)
     if step_dir is None:
-        return _load_converted_model(path, abstract_model_state, model_config_dict)
+        return _load_converted_model(path, abstract_model_state, model_config_dict, init_missing)
     if model_config_dict is not None:
         saved = _read_json_item(step_dir / CONFIG)
         if saved is not None:
             # A new stage may change the parameter dtype (arrays are cast), not the shapes.
-            keys = tuple(f"model.{f}" for f in SHAPE_FIELDS if f != "param_dtype")
+            fields = model_io.shape_fields_to_compare(saved.get("model", {}), SHAPE_FIELDS, init_missing is not None)
+            keys = tuple(f"model.{f}" for f in fields if f != "param_dtype")
             diffs = incompatible_fields({"model": saved.get("model", {})}, {"model": dict(model_config_dict)}, keys)
             if diffs:
                 raise ConfigError(f"checkpoint.init_from: {step_dir} has a different model ("
@@ -672,7 +686,8 @@ def load_model_for_init(path: str | Path, abstract_model_state: Any, *,
         return model_io.bounded_restore(read, target)
 
     # A run written with the other model.scan_layers is renamed while it is read.
-    restored = model_io.restore_in_saved_layout(abstract_model_state, saved, restore, check)
+    restored = model_io.restore_or_initialize(abstract_model_state, saved, restore, check, init_missing,
+                                              CheckpointError, f"checkpoint.init_from: {step_dir} model")
     log.info("initialized the model from %s", step_dir)
     return restored
 
@@ -689,12 +704,14 @@ def _read_json_item(item_dir: Path) -> Optional[dict]:
     return None
 
 
-def _load_converted_model(path: Path, abstract_model_state: Any, model_config_dict: Optional[Mapping]) -> Any:
+def _load_converted_model(path: Path, abstract_model_state: Any, model_config_dict: Optional[Mapping],
+                          init_missing: Optional[Callable[[dict], dict]] = None) -> Any:
     """A model directory written by ``dsa-train convert`` (``dsa_train.checkpoint.model_io``)."""
     if not model_io.is_model_dir(path):
         raise CheckpointError(f"checkpoint.init_from: {path} is neither a run directory with a committed "
                               "checkpoint nor a model directory written by `dsa-train convert`")
-    restored = model_io.load_model_state(path, abstract_model_state, model_config_dict=model_config_dict)
+    restored = model_io.load_model_state(path, abstract_model_state, model_config_dict=model_config_dict,
+                                         init_missing=init_missing)
     log.info("initialized the model from %s", path)
     return restored
 

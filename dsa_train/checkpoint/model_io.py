@@ -21,7 +21,10 @@ host array before writing and compression buffers the encoded chunks: both would
 model in memory.) Restoring places each array directly with the requested dtype and sharding,
 streaming through a bounded host staging area (:func:`bounded_restore`): Orbax's default lets
 every array's read be in flight at once, which holds the whole model on the host a second time
-while it is placed on the devices.
+while it is placed on the devices. A whole train state (resume) is read a bounded group of arrays
+at a time (:func:`restore_in_groups`). A new stage may start from a source that lacks whole
+lightning indexers or MTP layers: :func:`restore_or_initialize` generates exactly those
+(:func:`initializable_group` states the rule) and refuses any other difference.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import inspect
+import logging
 import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, TypeVar
@@ -99,6 +103,7 @@ def load_model_config(path: str | Path) -> ModelConfig:
 RESTORE_STAGING_BYTES = 256 * 2**20
 _OVER_BUDGET = re.compile(r"Requested more bytes than we reserved space for: (\d+)")
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def _shard_bytes(x) -> int:
@@ -129,6 +134,55 @@ def bounded_restore(restore: Callable[[dict], T], abstract: Any) -> T:
                 raise
             budget = 2 * int(m[1]) + 1
     return restore({})
+
+
+def _local_bytes(x) -> int:
+    """Bytes of the abstract array ``x`` that one process reads (its devices' shards), the same
+    figure on every process: they must all cut the restore into the same groups."""
+    sharding = getattr(x, "sharding", None)
+    devices = len(getattr(sharding, "device_set", ())) or 1
+    return _shard_bytes(x) * max(1, devices // jax.process_count())
+
+
+def restore_in_groups(path: str | Path, abstract: Any) -> Any:
+    """Restore the PyTree checkpoint at ``path`` into ``abstract`` (a pytree of ShapeDtypeStruct
+    with shardings, any containers, the saved structure) a group of leaves at a time, each group
+    at most RESTORE_STAGING_BYTES of this process's shards (or one leaf), the others skipped
+    (Orbax's PLACEHOLDER): a group is placed on the devices and the freed read buffers handed back
+    to the OS (:func:`release_freed_host_memory`) before the next is read. One Orbax call for the
+    whole tree keeps every freed read buffer in glibc's arenas until it returns: a second copy of
+    what was restored (the resume of a run measured ~1.9x its state so)."""
+    leaves, treedef = jax.tree_util.tree_flatten(abstract)
+    groups: list[list[int]] = [[]]
+    size = 0
+    for i, x in enumerate(leaves):
+        nbytes = _local_bytes(x)
+        if groups[-1] and size + nbytes > RESTORE_STAGING_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += nbytes
+    out = list(leaves)
+    path = run_path(path, absolute=True)
+    for group in groups:
+        chosen = set(group)
+        part = [x if i in chosen else ocp.PLACEHOLDER for i, x in enumerate(leaves)]
+        item = jax.tree_util.tree_unflatten(treedef, part)
+        args = jax.tree_util.tree_unflatten(treedef, [
+            ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=tuple(x.shape), dtype=x.dtype)
+            if i in chosen else ocp.PLACEHOLDER for i, x in enumerate(leaves)])
+
+        def read(options, item=item, args=args):
+            with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(**options)) as checkpointer:
+                return checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=args))
+
+        restored = jax.tree_util.tree_leaves(bounded_restore(read, [leaves[i] for i in group]),
+                                             is_leaf=lambda v: v is ocp.PLACEHOLDER)
+        for i in group:
+            out[i] = restored[i]
+        del restored
+        release_freed_host_memory()
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def release_freed_host_memory() -> None:
@@ -320,28 +374,45 @@ def _first(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def check_config_compatible(path: str | Path, model_config_dict: Mapping) -> None:
+# Fields that only size the lightning indexer: a source without indexers (use_indexer false) may
+# be initialized from into a model with them (the indexers are then generated).
+INDEXER_FIELDS = ("use_indexer", "index_n_heads", "index_head_dim")
+
+
+def shape_fields_to_compare(saved: Mapping, fields: tuple[str, ...], new_indexers_allowed: bool) -> tuple[str, ...]:
+    """``fields`` less the indexer's when ``saved`` (a model config) has no indexers and new ones
+    may be initialized."""
+    if new_indexers_allowed and saved.get("use_indexer") is False:
+        return tuple(f for f in fields if f not in INDEXER_FIELDS)
+    return fields
+
+
+def check_config_compatible(path: str | Path, model_config_dict: Mapping, new_indexers_allowed: bool = False) -> None:
     saved = to_dict(load_model_config(path))
-    diffs = [f"{k} {saved.get(k)!r} -> {model_config_dict.get(k)!r}" for k in SHAPE_FIELDS
+    fields = shape_fields_to_compare(saved, SHAPE_FIELDS, new_indexers_allowed)
+    diffs = [f"{k} {saved.get(k)!r} -> {model_config_dict.get(k)!r}" for k in fields
              if k in model_config_dict and saved.get(k) != model_config_dict.get(k)]
     if diffs:
         raise ConfigError(f"{path}: the model directory holds a different model ({'; '.join(diffs)})")
 
 
 def load_model_state(path: str | Path, abstract_model_state: Any, *,
-                     model_config_dict: Optional[Mapping] = None) -> Any:
+                     model_config_dict: Optional[Mapping] = None,
+                     init_missing: Optional[Callable[[dict], dict]] = None) -> Any:
     """Restore a model directory into ``abstract_model_state``: the pure-dict tree (int or str
     keys) of ``jax.ShapeDtypeStruct``; each array gets that dtype and, where given, sharding
     (default: the first device). Returns the same structure with jax arrays.
 
     Every path must be in the checkpoint with the same shape (else one line naming the first
-    differing paths); ``model_config_dict`` additionally names differing config fields.
+    differing paths); ``model_config_dict`` additionally names differing config fields. With
+    ``init_missing`` the indexers and MTP depths the directory lacks are generated instead
+    (:func:`restore_or_initialize`).
     """
     path = run_path(path)
     if not is_model_dir(path):
         raise ModelDirError(f"{path} is not a model directory (needs {CONFIG_FILE} and {PARAMS_DIR}/)")
     if model_config_dict is not None:
-        check_config_compatible(path, model_config_dict)
+        check_config_compatible(path, model_config_dict, new_indexers_allowed=init_missing is not None)
     abstract = _pure(abstract_model_state) if isinstance(abstract_model_state, nnx.State) else abstract_model_state
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None
@@ -365,7 +436,7 @@ def load_model_state(path: str | Path, abstract_model_state: Any, *,
 
         return bounded_restore(read, target)
 
-    return restore_in_saved_layout(abstract, saved, restore, check)
+    return restore_or_initialize(abstract, saved, restore, check, init_missing, ModelDirError, str(path))
 
 
 def restore_in_saved_layout(abstract: Any, saved: Mapping[str, tuple], restore: Callable[[dict], dict],
@@ -401,6 +472,113 @@ def restore_in_saved_layout(abstract: Any, saved: Mapping[str, tuple], restore: 
         del part
         release_freed_host_memory()
     leaves = [out.pop(k) for k in flat]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), leaves)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters a checkpoint may lack (checkpoint.init_from)
+# ----------------------------------------------------------------------------------------------
+
+MTP_PREFIX = "mtp"
+
+
+def initializable_group(key: str) -> Optional[str]:
+    """The group a parameter that a checkpoint lacks is initialized with, or None when it must be
+    in the checkpoint. Only parameters that a source model can legitimately not have may be
+    missing: a lightning indexer (a V3 / V3.1 or dense-stage checkpoint has none; the group is one
+    layer's indexer, ``.../self_attn/indexer``) and a multi-token-prediction depth (a checkpoint
+    written without MTP; the group is ``mtp/<d>``, its indexer alone ``mtp/<d>/self_attn/indexer``).
+    Anything else (an attention or expert weight, a norm, the embedding) missing means the wrong
+    or a damaged checkpoint: training it from random would look like a run and be none."""
+    parts = key.split("/")
+    if "indexer" in parts:  # checked first: an MTP depth's indexer is a group of its own
+        return "/".join(parts[:parts.index("indexer") + 1])
+    if len(parts) > 2 and parts[0] == MTP_PREFIX and parts[1].isdigit():
+        return "/".join(parts[:2])
+    return None
+
+
+def _saved_in_wanted_layout(saved: Mapping[str, tuple], wanted: Mapping[str, tuple]) -> dict[str, tuple]:
+    """The checkpoint's {key: shape} under the decoder-layer names of ``wanted``. A per-layer
+    parameter present in some layers only is left per layer (it then matches no wanted key)."""
+    saved_layout, wanted_layout = layer_layout.layout_of(saved), layer_layout.layout_of(wanted)
+    if not saved_layout or not wanted_layout or saved_layout == wanted_layout:
+        return dict(saved)
+    if wanted_layout == layer_layout.PER_LAYER_LAYOUT:
+        return layer_layout.to_per_layer(dict(saved), layer_layout.stacks_of(saved), take=lambda s, j: s[1:])
+    stacks = layer_layout.stacks_of(wanted)
+    held = {layer for layers in stacks.values() for layer in layers}
+    out, by_name = {}, {}
+    for key, shape in saved.items():
+        layer = layer_layout._layer_of(key)
+        if layer is None or layer not in held:  # outside the layers, or a layer the model lacks
+            out[key] = shape
+        else:
+            by_name.setdefault(_stacked_name(key, stacks), {})[key] = shape
+    for part in by_name.values():
+        try:
+            out.update(layer_layout.to_stacked(dict(part), stacks, stack=lambda xs: (len(xs), *xs[0])))
+        except KeyError:
+            out.update(part)  # partial or out-of-range layers: reported as a mismatch
+    return out
+
+
+def missing_groups(saved: Mapping[str, tuple], wanted: Mapping[str, tuple]) -> tuple[dict[str, list[str]], list[str]]:
+    """({group: its wanted keys} that the checkpoint lacks entirely and that may be initialized,
+    problems): a missing key outside every initializable group, or a group the checkpoint holds
+    in part (a typo'd or damaged checkpoint, not a model without that part), is a problem."""
+    present = _saved_in_wanted_layout(saved, wanted)
+    groups: dict[str, list[str]] = {}
+    refused = []
+    for key in wanted:
+        if key in present:
+            continue
+        group = initializable_group(key)
+        if group is None:
+            refused.append(key)
+        else:
+            groups.setdefault(group, []).append(key)
+    problems = []
+    if refused:
+        problems.append(f"not in the checkpoint: {_first(refused)} (only lightning indexers and MTP layers may be "
+                        "missing; they are initialized)")
+    partial = [g for g in groups if any(k.startswith(g + "/") for k in present)]
+    if partial:
+        problems.append("partly in the checkpoint: "
+                        + ", ".join(f"{g} lacks {_first(groups[g], 2)}" for g in partial[:3]))
+    return groups, problems
+
+
+def describe_groups(groups: Mapping[str, list[str]]) -> str:
+    """'5 arrays in 3 groups: model/layers/0/self_attn/indexer, ..., mtp/0'."""
+    names = sorted(groups)
+    arrays = sum(len(keys) for keys in groups.values())
+    return f"{arrays} arrays in {len(names)} groups: {_first(names, 4)}"
+
+
+def restore_or_initialize(abstract: Any, saved: Mapping[str, tuple], restore: Callable[[dict], dict],
+                          check: Callable[[dict], None], init_missing: Optional[Callable[[dict], dict]],
+                          fail: Callable[[str], Exception], where: str) -> Any:
+    """:func:`restore_in_saved_layout` of what the checkpoint holds; with ``init_missing``, the
+    initializable groups it lacks entirely (:func:`initializable_group`) are generated instead by
+    ``init_missing({key: ShapeDtypeStruct})`` -> ``{key: array}`` (placed with their shardings)
+    and named in one log line. Without ``init_missing`` (eval, export) every parameter must be in
+    the checkpoint. Anything else that differs raises ``fail(line)``."""
+    flat = {path_key(p): x for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    groups, problems = {}, []
+    if init_missing is not None:
+        groups, problems = missing_groups(saved, {k: tuple(x.shape) for k, x in flat.items()})
+    if problems:
+        raise fail(f"{where} does not match the model being restored; " + "; ".join(problems))
+    if not groups:
+        return restore_in_saved_layout(abstract, saved, restore, check)
+    missing = {k for keys in groups.values() for k in keys}
+    restored = restore_in_saved_layout(nest({k: x for k, x in flat.items() if k not in missing}), saved, restore, check)
+    values = _flat_abstract(restored)
+    del restored
+    values.update(init_missing({k: flat[k] for k in flat if k in missing}))
+    log.warning("%s lacks %s: initialized with the model's initializers", where, describe_groups(groups))
+    leaves = [values.pop(k) for k in flat]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), leaves)
 
 

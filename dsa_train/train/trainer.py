@@ -85,6 +85,24 @@ def state_from_tree(template: step_lib.TrainState, tree: dict) -> step_lib.Train
                                tree["nonfinite"])
 
 
+def model_initializer(config: Config):
+    """``{key: ShapeDtypeStruct with sharding} -> {key: array}``: those parameters of the model
+    ('model/layers/3/self_attn/indexer/wk/weight' keys) as a random initialization of this run
+    draws them, each generated in place on its devices. The whole model's initializer is traced,
+    and XLA drops what is not returned: only the requested arrays are computed."""
+    from dsa_train.model import create_model
+
+    def init(abstract: dict) -> dict:
+        def build():
+            state = nnx.to_flat_state(nnx.state(create_model(config.model, seed=config.train.seed)))
+            values = {"/".join(str(k) for k in path): variable.get_value() for path, variable in state}
+            return {key: values[key].astype(x.dtype) for key, x in abstract.items()}
+
+        return jax.jit(build, out_shardings={key: x.sharding for key, x in abstract.items()})()
+
+    return init
+
+
 class _NoWriter:
     """Metrics are written by process 0 only."""
 
@@ -196,7 +214,8 @@ def _train(config: Config, console: bool, run_dir: Path, accepted: list) -> RunR
             start = dataclasses.replace(start, step=restored.step)
         elif start.kind == "init_from":
             model_tree = load_model_for_init(start.path, abstract_tree(checkpoint_tree(abstract_state)[MODEL_KEY]),
-                                             model_config_dict=to_dict(config.model))
+                                             model_config_dict=to_dict(config.model),
+                                             init_missing=model_initializer(config))
             params, router_bias = model_from_tree(abstract_state, model_tree)
             del model_tree  # its arrays are donated to the new state: no second copy stays alive
             state = reinit_optimizer(config, params, router_bias, optimizers, state_shardings)  # fresh optimizer, step 0
