@@ -622,7 +622,9 @@ def _check_cache_dir(cache_dir: Optional[str], sources: _Sources) -> None:
 
 def check_for_devices(config: Config, n_devices: int, n_processes: int) -> None:
     """Checks that need the job's device and process counts (one ConfigError naming the key)."""
-    from dsa_train.parallel.mesh import MeshError, mesh_shape
+    import numpy as np
+
+    from dsa_train.parallel.mesh import MESH_AXES, MeshError, data_shards, mesh_shape
 
     try:
         sizes = mesh_shape(config.mesh, n_devices)
@@ -634,12 +636,15 @@ def check_for_devices(config: Config, n_devices: int, n_processes: int) -> None:
     if b % batch_ways:
         raise ConfigError(f"train.batch_size: {b} is not divisible by the data-parallel size data x fsdp x expert = "
                           f"{batch_ways}; the batch would be replicated instead of split")
-    if b % n_processes:
-        raise ConfigError(f"train.batch_size: {b} is not divisible by the {n_processes} processes (each feeds "
-                          "whole rows)")
-    if n_processes > 1 and batch_ways % n_processes:
-        raise ConfigError(f"mesh: data x fsdp x expert = {batch_ways} is not a multiple of the {n_processes} processes "
-                          "(each process feeds whole rows, so mesh.context and mesh.tensor can't span processes)")
+    # Processes get equal, consecutive blocks of devices (make_mesh's process-major layout). No
+    # per-process batch check: the data-shard count divides data x fsdp x expert, checked above.
+    if n_devices % n_processes:
+        raise ConfigError(f"mesh: the {n_devices} devices are not shared equally by the {n_processes} processes")
+    processes = np.arange(n_devices).reshape([sizes[a] for a in MESH_AXES]) // (n_devices // n_processes)
+    try:
+        data_shards(processes)
+    except MeshError as e:
+        raise ConfigError(f"mesh: {e}") from None
 
 
 def resolved_items(path: str | Path, overrides=()) -> list[tuple[str, Any, str]]:

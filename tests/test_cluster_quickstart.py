@@ -64,11 +64,15 @@ def test_tpu_pod_line_passes_the_start_up_checks():
     check_for_devices(load_config(REPO / words[at], sets), chips, hosts)  # one process per host
 
 
-def test_context_across_processes_is_one_line_naming_the_mesh():
+def test_context_across_processes_is_accepted_and_an_uneven_split_is_one_line_naming_the_mesh():
     config = load_config(REPO / "recipes/sparse.yaml", ["mesh.expert=8", "mesh.context=2"])  # data 15 on 240
-    with pytest.raises(ConfigError, match=r"^mesh: data x fsdp x expert = 120 is not a multiple of the 240 processes"):
-        check_for_devices(config, 240, 240)
+    check_for_devices(config, 240, 240)  # one process per GPU: pairs of processes share rows
     check_for_devices(config, 240, 30)  # one process per 8-GPU node: context stays inside it
+    config = load_config(REPO / "recipes/sparse.yaml", ["mesh.expert=8", "mesh.context=16"])  # data 2 on 256
+    check_for_devices(config, 256, 64)  # one process per 4-chip TPU host: 4 of them per row group
+    # 24 devices per process, row groups of 16: process 0 holds one and a half.
+    with pytest.raises(ConfigError, match=r"^mesh: mesh data=3,.*: process 0's devices hold parts of row groups"):
+        check_for_devices(config, 384, 16)
 
 
 STUB = "#!/bin/bash\necho \"$(basename \"$0\") $*\" >> {log}\n"

@@ -128,12 +128,12 @@ def test_rows_are_packed_full_with_document_positions(corpus):
     it.close()
 
 
-def test_processes_read_disjoint_documents(corpus):
+def test_data_shards_read_disjoint_documents(corpus):
     root, docs, tok = corpus
     seen = []
     for index in range(2):
         it = make_train_iterator(DataConfig(source="arrayrecord", paths=(str(root / "jsonl"),)), batch_size=4,
-                                 seq_len=32, vocab_size=512, seed=0, process_index=index, process_count=2)
+                                 seq_len=32, vocab_size=512, seed=0, shard_index=index, shard_count=2)
         seen.append(_stream_documents(it, len(docs["jsonl"]) // 2, tok))
         it.close()
     assert not set(seen[0]) & set(seen[1])

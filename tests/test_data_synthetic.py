@@ -72,10 +72,10 @@ def test_pairs_are_spread_over_the_context():
     assert min(distances) < 64 and max(distances) > 192
 
 
-def test_processes_split_the_global_batch_and_state_round_trips():
+def test_data_shards_split_the_global_batch_and_state_round_trips():
     whole = _iterator(batch_size=4)
     parts = [make_train_iterator(DataConfig(), batch_size=4, seq_len=128, vocab_size=512, seed=0,
-                                 process_index=i, process_count=2) for i in range(2)]
+                                 shard_index=i, shard_count=2) for i in range(2)]
     for _ in range(2):
         full = next(whole)
         halves = [next(p) for p in parts]
@@ -97,7 +97,7 @@ def test_processes_split_the_global_batch_and_state_round_trips():
     (dict(seq_len=29), "seq_len 29 is shorter than one document"),
     (dict(synthetic_doc_len=200), "exceeds seq_len"),
     (dict(synthetic_doc_len=20), "synthetic_doc_len 20 is shorter"),
-    (dict(batch_size=3, process_count=2), "multiple of the process count"),
+    (dict(batch_size=3, shard_count=2), "multiple of the data-shard count"),
 ])
 def test_bad_shapes_fail_with_one_line(kw, message):
     args = dict(batch_size=4, seq_len=128, vocab_size=512, seed=0)

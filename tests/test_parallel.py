@@ -13,12 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 from dsa_train.config import ConfigError, MeshConfig, load_config
-from dsa_train.parallel.mesh import MeshError, mesh_shape
+from dsa_train.parallel.mesh import MeshError, data_shards, mesh_shape
 from dsa_train.parallel.rules import DEFAULT_RULES, MESH_AXES, explain_spec, resolve_rules, spec_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +85,30 @@ def test_mesh_shape_resolves_the_free_axis():
         mesh_shape(MeshConfig(data=2, fsdp=8), 8)
     with pytest.raises(MeshError, match="does not divide"):
         mesh_shape(MeshConfig(data=-1, fsdp=3), 8)
+
+
+def processes_of(devices_per_process: int, **sizes) -> np.ndarray:
+    """The process of each mesh position, for the trainer's process-major layout."""
+    shape = [sizes.get(a, 1) for a in MESH_AXES]
+    return np.arange(int(np.prod(shape))).reshape(shape) // devices_per_process
+
+
+def test_data_shards_group_processes_that_share_rows():
+    # 2 row groups (data=2) of context=4: 4 processes of 2 devices, 2 per row group.
+    assert data_shards(processes_of(2, data=2, context=4)) == {0: (0, 2), 1: (0, 2), 2: (1, 2), 3: (1, 2)}
+    # Whole row groups per process: every process is its own shard.
+    assert data_shards(processes_of(4, data=4, tensor=2)) == {0: (0, 2), 1: (1, 2)}
+    assert data_shards(processes_of(8, data=2, context=4)) == {0: (0, 1)}
+    # Devices in any order, as long as each process holds a rectangle of consecutive row groups.
+    assert data_shards(np.array([0, 1, 0, 1]).reshape(1, 1, 1, 1, 4)) == {0: (0, 1), 1: (0, 1)}
+    with pytest.raises(MeshError, match=r"process 0's devices hold parts of row groups .* unevenly"):
+        data_shards(processes_of(6, data=3, context=4))  # one and a half row groups
+    with pytest.raises(MeshError, match="process 0's devices"):
+        data_shards(np.array([0, 1, 1, 0]).reshape(2, 1, 1, 1, 2))  # a diagonal
+    with pytest.raises(MeshError, match="process 0's devices"):
+        data_shards(np.array([0, 1, 0, 1]).reshape(4, 1, 1, 1, 1))  # row groups 0 and 2: not one block of rows
+    with pytest.raises(MeshError, match="overlapping or unequal blocks"):
+        data_shards(np.array([0, 0, 1, 2]).reshape(4, 1, 1, 1, 1))  # process 0 has 2 row groups, the others 1
 
 
 # ---- multi-device (subprocess) ---------------------------------------------------------------------

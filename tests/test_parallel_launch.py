@@ -24,9 +24,9 @@ COMMON = ["train.batch_size=4", "train.seq_len=32", "model.index_topk=8", "check
 COMPARED = ("loss", "lm_loss", "indexer_kl", "grad_norm/main", "grad_norm/indexer")
 
 
-def launch(*overrides: str, timeout: int = 900) -> str:
-    cmd = [sys.executable, str(REPO / "launch" / "local.py"), "-n", "2", "--cpu-devices", "2", "--timeout",
-           str(timeout), "--", sys.executable, "-m", "dsa_train.cli", "train", "configs/tiny.yaml"]
+def launch(*overrides: str, timeout: int = 900, processes: int = 2, cpu_devices: int = 2) -> str:
+    cmd = [sys.executable, str(REPO / "launch" / "local.py"), "-n", str(processes), "--cpu-devices", str(cpu_devices),
+           "--timeout", str(timeout), "--", sys.executable, "-m", "dsa_train.cli", "train", "configs/tiny.yaml"]
     for item in COMMON + list(overrides):
         cmd += ["--set", item]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -101,3 +101,17 @@ def test_two_processes_warmup_sparse_checkpoint_resume(tmp_path):
         for key in COMPARED:
             a, b = resumed[step][key], reference[step][key]
             assert a == pytest.approx(b, rel=1e-5, abs=1e-7), (step, key, a, b)
+
+
+@pytest.mark.slow
+def test_context_across_processes_trains_like_one_process(tmp_path):
+    """mesh.context = 2 over 2 processes of 1 device each (both load the same rows; each places its
+    part of the sequence, zig-zag reordered inside the step) gives the losses of 1 process with 2."""
+    mesh = ["mesh.data=1", "mesh.context=2", "mesh.context_order=zigzag", "train.stage=sparse", "train.steps=2"]
+    for processes, devices, run_dir in ((2, 1, tmp_path / "split"), (1, 2, tmp_path / "one")):
+        launch(*mesh, f"train.run_dir={run_dir}", processes=processes, cpu_devices=devices)
+    split, one = metrics(tmp_path / "split"), metrics(tmp_path / "one")
+    assert sorted(split) == sorted(one) == [1, 2]
+    for step in one:
+        for key in COMPARED:
+            assert split[step][key] == pytest.approx(one[step][key], rel=1e-5, abs=1e-6), (step, key)

@@ -40,14 +40,17 @@ def test_mesh_product_must_equal_device_count():
         check_for_devices(config, 8, 1)
 
 
-def test_batch_divisible_by_data_parallel_size_and_processes():
+def test_batch_divisible_by_data_parallel_size_and_processes_holding_whole_row_groups():
     config = load_config(TINY, ["mesh.data=-1", "mesh.fsdp=2", "train.batch_size=6"])
     with pytest.raises(ConfigError, match=r"^train.batch_size: 6 is not divisible by the data-parallel size"):
         check_for_devices(config, 8, 1)
     check_for_devices(load_config(TINY, ["train.batch_size=8"]), 8, 1)
-    config = load_config(TINY, ["mesh.data=1", "mesh.tensor=2", "train.batch_size=3"])
-    with pytest.raises(ConfigError, match=r"^train.batch_size: 3 is not divisible by the 2 processes"):
-        check_for_devices(config, 2, 2)
+    # tensor across the 2 processes: both load the same 3 rows.
+    check_for_devices(load_config(TINY, ["mesh.data=1", "mesh.tensor=2", "train.batch_size=3"]), 2, 2)
+    # 6 devices per process, row groups of tensor x context = 4: process 0 holds one and a half.
+    config = load_config(TINY, ["mesh.data=3", "mesh.context=4", "train.batch_size=3"])
+    with pytest.raises(ConfigError, match=r"^mesh: .*process 0's devices hold parts of row groups .* unevenly"):
+        check_for_devices(config, 12, 2)
 
 
 def test_plan_warns_when_the_batch_would_be_replicated(capsys):

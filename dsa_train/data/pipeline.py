@@ -4,13 +4,15 @@
 an iterator of batches in the format of :mod:`dsa_train.data.batch` with ``get_state()`` (a
 JSON-serializable dict) and ``set_state(state)`` for checkpointing.
 
-``batch_size`` is the *global* batch: each of ``process_count`` processes yields
-``batch_size // process_count`` rows. Data seeds are ``(data_config.seed, seed)``.
+``batch_size`` is the *global* batch: each of ``shard_count`` data shards yields
+``batch_size // shard_count`` rows (:func:`dsa_train.parallel.mesh.data_shard`: the processes of one
+shard, which split the sequence or the tensor axis, load the same rows). Data seeds are
+``(data_config.seed, seed)``.
 
-Token shards go through grain (per dataset: shard by process, shuffle, repeat forever with a new
+Token shards go through grain (per dataset: shard by data shard, shuffle, repeat forever with a new
 order each epoch; then a weighted mixture, concat-then-split packing, batching, prefetching):
 
-- process ``p`` of ``n`` reads documents ``p, p + n, p + 2n, ...`` of every dataset (disjoint);
+- data shard ``i`` of ``n`` reads documents ``i, i + n, i + 2n, ...`` of every dataset (disjoint);
 - packing concatenates documents into rows of seq_len; every document is its own segment, and a
   document longer than the space left is split, its continuation starting a new segment (at
   position 0) in the next row. Rows are full: with infinite repetition there is no padding.
@@ -39,11 +41,11 @@ from dsa_train.paths import is_uri
 
 
 def make_train_iterator(data_config: DataConfig, *, batch_size: int, seq_len: int, vocab_size: int,
-                        seed: int, process_index: int = 0, process_count: int = 1):
-    if not 0 <= process_index < process_count:
-        raise DataError(f"process_index {process_index} is not in [0, process_count={process_count})")
-    if batch_size < process_count or batch_size % process_count:
-        raise DataError(f"global batch size {batch_size} must be a multiple of the process count {process_count}")
+                        seed: int, shard_index: int = 0, shard_count: int = 1):
+    if not 0 <= shard_index < shard_count:
+        raise DataError(f"shard_index {shard_index} is not in [0, shard_count={shard_count})")
+    if batch_size < shard_count or batch_size % shard_count:
+        raise DataError(f"global batch size {batch_size} must be a multiple of the data-shard count {shard_count}")
     if seq_len < 1:
         raise DataError(f"seq_len must be >= 1, got {seq_len}")
     seeds = (data_config.seed, seed)
@@ -51,19 +53,19 @@ def make_train_iterator(data_config: DataConfig, *, batch_size: int, seq_len: in
         task = FusedPairTask(vocab_size=vocab_size, seq_len=seq_len, num_pairs=data_config.num_pairs,
                              num_queries=data_config.num_queries, answer_weight=data_config.synthetic_answer_weight,
                              min_pairs=data_config.synthetic_min_pairs)
-        return SyntheticIterator(task, batch_size=batch_size, seeds=seeds, process_index=process_index,
-                                 process_count=process_count)
+        return SyntheticIterator(task, batch_size=batch_size, seeds=seeds, shard_index=shard_index,
+                                 shard_count=shard_count)
     if data_config.source == "synthetic":
         task = RetrievalTask(vocab_size=vocab_size, seq_len=seq_len, num_pairs=data_config.num_pairs,
                              num_queries=data_config.num_queries, doc_len=data_config.synthetic_doc_len,
                              filler=data_config.synthetic_filler, answer_weight=data_config.synthetic_answer_weight)
-        return SyntheticIterator(task, batch_size=batch_size, seeds=seeds, process_index=process_index,
-                                 process_count=process_count)
+        return SyntheticIterator(task, batch_size=batch_size, seeds=seeds, shard_index=shard_index,
+                                 shard_count=shard_count)
     if data_config.source == "arrayrecord":
         manifests = open_datasets(data_config.paths, vocab_size=vocab_size, tokenizer=data_config.tokenizer,
                                   cache_dir=data_config.cache_dir)
         return GrainTrainIterator(manifests, data_config, batch_size=batch_size, seq_len=seq_len,
-                                  seeds=seeds, process_index=process_index, process_count=process_count)
+                                  seeds=seeds, shard_index=shard_index, shard_count=shard_count)
     raise DataError(f"unknown data.source {data_config.source!r}")
 
 
@@ -211,8 +213,8 @@ def _shuffle_seed(seeds: tuple[int, ...], dataset_index: int) -> int:
 
 
 def build_grain_dataset(manifests: list[dict], data_config: DataConfig, *, local_batch: int, seq_len: int,
-                        seeds: tuple[int, ...], process_index: int, process_count: int):
-    """The grain IterDataset of batches for this process."""
+                        seeds: tuple[int, ...], shard_index: int, shard_count: int):
+    """The grain IterDataset of batches for one data shard."""
     import grain
 
     components = []
@@ -220,10 +222,10 @@ def build_grain_dataset(manifests: list[dict], data_config: DataConfig, *, local
         shards = [s for s in m["shards"] if s["documents"] > 0]
         ds = grain.MapDataset.source(_ShardSource([str(Path(m["_dir"]) / s["path"]) for s in shards],
                                                   [s["documents"] for s in shards]))
-        ds = ds[process_index::process_count]
+        ds = ds[shard_index::shard_count]
         if len(ds) == 0:
             raise DataError(f"{m['_dir']}: {m['documents']} document(s) can't be shared among "
-                            f"{process_count} processes")
+                            f"{shard_count} data shards")
         if data_config.shuffle:
             ds = ds.shuffle(seed=_shuffle_seed(seeds, i))
         components.append(ds.repeat(None).map(functools.partial(_checked_decode, manifest=m)))
@@ -244,10 +246,10 @@ class GrainTrainIterator:
     """Batches from prepared shards; state = grain's iterator state + what it was saved for."""
 
     def __init__(self, manifests: list[dict], data_config: DataConfig, *, batch_size: int, seq_len: int,
-                 seeds: tuple[int, ...], process_index: int = 0, process_count: int = 1):
-        self._dataset = build_grain_dataset(manifests, data_config, local_batch=batch_size // process_count,
-                                            seq_len=seq_len, seeds=seeds, process_index=process_index,
-                                            process_count=process_count)
+                 seeds: tuple[int, ...], shard_index: int = 0, shard_count: int = 1):
+        self._dataset = build_grain_dataset(manifests, data_config, local_batch=batch_size // shard_count,
+                                            seq_len=seq_len, seeds=seeds, shard_index=shard_index,
+                                            shard_count=shard_count)
         self._iterator = iter(self._dataset)
         # Stop the prefetch thread before interpreter shutdown tears down the modules it uses.
         self._finalizer = weakref.finalize(self, _close_iterator, self._iterator)
@@ -256,8 +258,9 @@ class GrainTrainIterator:
             "datasets": [{"documents": m["documents"], "tokens": m["tokens"],
                           "tokenizer_sha256": m["tokenizer_sha256"]} for m in manifests],
             "weights": list(data_config.weights), "shuffle": data_config.shuffle, "seeds": list(seeds),
-            "batch_size": batch_size, "seq_len": seq_len, "process_index": process_index,
-            "process_count": process_count,
+            # Named as when every process was its own shard, so that those checkpoints resume.
+            "batch_size": batch_size, "seq_len": seq_len, "process_index": shard_index,
+            "process_count": shard_count,
         }
 
     def __iter__(self):

@@ -38,8 +38,8 @@ with positions restarting at 0; the last one may be shorter (down to ``min_len``
 document without filler) and the tail too short for any document is padding (segment 0).
 
 Row ``r`` of the global stream is generated from ``SeedSequence([seed_a, seed_b, r])`` alone, so
-any process can produce any row: process ``p`` of ``n`` takes rows ``p*b .. p*b + b - 1`` of every
-global batch of ``n*b`` rows, and the union over processes equals the single-process stream.
+any process can produce any row: data shard ``p`` of ``n`` takes rows ``p*b .. p*b + b - 1`` of every
+global batch of ``n*b`` rows, and the union over shards equals the single-process stream.
 """
 
 from __future__ import annotations
@@ -212,18 +212,18 @@ class SyntheticIterator:
     """Infinite stream of retrieval batches; the state is the number of batches produced."""
 
     def __init__(self, task: RetrievalTask, *, batch_size: int, seeds: tuple[int, ...],
-                 process_index: int = 0, process_count: int = 1):
+                 shard_index: int = 0, shard_count: int = 1):
         task.check()
         self.task, self.seeds = task, tuple(int(s) for s in seeds)
-        self.global_batch, self.local_batch = batch_size, batch_size // process_count
-        self.process_index = process_index
+        self.global_batch, self.local_batch = batch_size, batch_size // shard_count
+        self.shard_index = shard_index
         self.step = 0
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        first = self.step * self.global_batch + self.process_index * self.local_batch
+        first = self.step * self.global_batch + self.shard_index * self.local_batch
         self.step += 1
         return make_rows(self.task, self.seeds, first, self.local_batch)
 
@@ -231,7 +231,8 @@ class SyntheticIterator:
         t = self.task
         fingerprint = {"seeds": list(self.seeds), "vocab_size": t.vocab_size, "seq_len": t.seq_len,
                        "num_pairs": t.num_pairs, "num_queries": t.num_queries, "doc_len": t.doc_len,
-                       "batch_size": self.global_batch, "process_index": self.process_index}
+                       "batch_size": self.global_batch,
+                       "process_index": self.shard_index}  # named as when every process was its own shard
         if isinstance(t, FusedPairTask):
             fingerprint.update(task="fused", min_pairs=t.min_pairs)
         return fingerprint

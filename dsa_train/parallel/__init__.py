@@ -2,14 +2,14 @@
 parallelism, remat, and the memory/step-time planner (``dsa-train plan``).
 
 Entry points:
-- ``make_mesh(config.mesh)`` (mesh.py), ``resolve_rules(config.mesh.rules)`` (rules.py);
+- ``make_mesh(config.mesh)``, ``data_shard(mesh)`` (mesh.py), ``resolve_rules(config.mesh.rules)`` (rules.py);
 - ``init_train_state`` / ``jit_train_step`` (state.py), ``put_batch`` (sharding.py);
 - ``activate(mesh, rules, remat=...)`` (scope.py): the scope the model's hooks consult.
 """
 
-from dsa_train.parallel.mesh import MeshError, make_mesh
+from dsa_train.parallel.mesh import MeshError, data_shard, make_mesh
 from dsa_train.parallel.rules import DEFAULT_RULES, MESH_AXES, resolve_rules, spec_for
 from dsa_train.parallel.scope import activate, constrain, current
 
-__all__ = ["DEFAULT_RULES", "MESH_AXES", "MeshError", "activate", "constrain", "current", "make_mesh",
-           "resolve_rules", "spec_for"]
+__all__ = ["DEFAULT_RULES", "MESH_AXES", "MeshError", "activate", "constrain", "current", "data_shard",
+           "make_mesh", "resolve_rules", "spec_for"]

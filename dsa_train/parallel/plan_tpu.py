@@ -93,23 +93,22 @@ def topology_devices(topology: str):
 
 def slice_mesh(mesh_config, devices):
     """The trainer's mesh layout (``parallel.mesh.make_mesh``) over a slice's devices. The trainer's
-    multi-host check (each process feeds whole batch rows) is reported, not enforced: a plan may
-    explore meshes the trainer's data feeding does not support yet."""
+    multi-host check (each process's devices hold whole row groups or one part of one) is reported,
+    not enforced: a plan may explore meshes the trainer's data feeding does not support."""
     import numpy as np
     from jax.sharding import Mesh
 
-    from dsa_train.parallel.mesh import mesh_shape
+    from dsa_train.parallel.mesh import MeshError, data_shards, mesh_shape, process_grid
     from dsa_train.parallel.rules import MESH_AXES
 
     devices = sorted(devices, key=lambda d: (d.process_index, d.id))
     sizes = mesh_shape(mesh_config, len(devices))
     grid = np.array(devices, dtype=object).reshape([sizes[a] for a in MESH_AXES])
-    processes = len({d.process_index for d in devices})
-    batch_ways = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     note = None
-    if processes > 1 and batch_ways % processes:
-        note = (f"the slice has {processes} hosts and data x fsdp x expert = {batch_ways}: `dsa-train train` "
-                "refuses this mesh (each process feeds whole batch rows)")
+    try:
+        data_shards(process_grid(Mesh(grid, MESH_AXES)))
+    except MeshError as e:
+        note = f"`dsa-train train` refuses this mesh: {e}"
     return Mesh(grid, MESH_AXES), note
 
 

@@ -72,7 +72,10 @@ def batch_sharding(mesh: Mesh, rules: Rules, batch_size: int, seq_len: int) -> N
 def put_batch(batch: dict, sharding: NamedSharding, global_batch_size: int) -> dict:
     """Assemble global arrays from this process's rows (every process calls it with its own rows).
 
-    Each process must own whole rows: ``make_mesh`` lays devices out so that it does."""
+    The rows are the process's data shard (``mesh.data_shard``), whole sequences: where the
+    sequence (or tensor) axis spans processes, processes of one shard pass the same rows and JAX
+    places each addressable device's slice of them (a dimension given at its global size is
+    sliced, not assembled), so no process places another's part."""
     out = {}
     for key, local in batch.items():
         local = np.asarray(local)

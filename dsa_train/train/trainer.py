@@ -193,9 +193,10 @@ def _train(config: Config, console: bool, run_dir: Path, accepted: list) -> RunR
     # straight into its sharded arrays, and only a fresh start generates random weights (sharded).
     graphdef = model_graphdef(config)
     abstract_state, state_shardings = abstract_train_state(config, optimizers, mesh, rules)
+    shard_index, shard_count = parallel.data_shard(mesh)  # processes of one row group load the same rows
     data = make_train_iterator(config.data, batch_size=t.batch_size, seq_len=t.seq_len,
                                vocab_size=config.model.vocab_size, seed=t.seed,
-                               process_index=jax.process_index(), process_count=jax.process_count())
+                               shard_index=shard_index, shard_count=shard_count)
     start_step = 0
     saved_step = None  # the newest checkpoint of this run, all of whose steps were finite
     # Initial weights: resume (own run) > init_from (another run / converted HF) > random
