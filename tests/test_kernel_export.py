@@ -146,10 +146,7 @@ def _main() -> dict:
 
 @pytest.fixture(scope="module")
 def exports() -> dict:
-    # A script's sys.path starts at its own folder (tests/): name the checkout so that the exports are
-    # of this tree's code, not of whichever copy of the package is installed.
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", PYTHONPATH=path)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=1800)
