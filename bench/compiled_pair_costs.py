@@ -9,9 +9,12 @@ their mean), charging only the instructions whose call stacks (the module's Stac
 through a given kernel file, once for the compiled program and once with one more layer of the
 scanned MoE stack: the difference is one layer's cost of that kernel on one chip. Dividing by the
 visible (query, key) pairs of one chip per layer (its rows x T (T + 1) / 2 / context shards, causal,
-one document per row) gives the executed cost per pair, compared with `pair_flops` of
-`dsa_train.kernels.dense_indexer_kl` (MQA form, the one context parallelism runs) and the
-attention's 2 H (576 + 512) forward count.
+one document per row) gives the executed cost per pair, compared with the `pair_flops` of the dense
+KL's module (MQA form, the one context parallelism runs) and the attention's 2 H (576 + 512)
+forward count. The dense KL is charged to whichever form the step runs: its Pallas kernels
+(`dense_indexer_kl_pallas.py`; the FLOPs and bytes of a Pallas kernel are its declared
+`cost_estimate`, the XLA work around it is measured) or the pure-JAX loops (`dense_indexer_kl.py`);
+a file with no instructions in the program gets no row.
 
     python bench/compiled_pair_costs.py DIR/module_0000.jit_train_step.*.after_optimizations.txt \\
         --seq-len 131072 --context 16 --rows 1 --moe-layers 3 --out bench/results/compiled_pair_costs.json
@@ -25,14 +28,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dsa_train.kernels.dense_indexer_kl import pair_flops  # noqa: E402
+from dsa_train.kernels import dense_indexer_kl, dense_indexer_kl_pallas  # noqa: E402
 from dsa_train.parallel.hlo_costs import Program  # noqa: E402
 
 # DeepSeek-V3.2: 128 heads over the 576-dim latent + rope key (MQA form) and 512-dim values, 64
 # indexer heads of dim 128.
 H, D_QK, D_V, HI, DI = 128, 576, 512, 64, 128
 KERNELS = {
-    "dense_indexer_kl.py": ("dense indexer KL (fwd + bwd)", pair_flops(H, D_QK, HI, DI)),
+    "dense_indexer_kl_pallas.py": ("dense indexer KL, Pallas (fwd + bwd)",
+                                   dense_indexer_kl_pallas.pair_flops(H, D_QK, HI, DI)),
+    "dense_indexer_kl.py": ("dense indexer KL, XLA loops (fwd + bwd)", dense_indexer_kl.pair_flops(H, D_QK, HI, DI)),
     "dense_attention.py": ("dense attention (forward only)", 2 * H * (D_QK + D_V)),
 }
 
@@ -63,6 +68,8 @@ def main() -> None:
     rows = []
     for source, (what, stated) in KERNELS.items():
         m = per_layer(text, source, args.moe_layers)
+        if not (m["program_flops"] or m["program_bytes"]):
+            continue
         rows.append({"kernel": source, "what": what, "stated_flops_per_pair": stated,
                      "executed_flops_per_pair": m["layer_flops"] / pairs, "bytes_per_pair": m["layer_bytes"] / pairs,
                      "ratio": m["layer_flops"] / pairs / stated, **m})
