@@ -88,7 +88,9 @@ def test_export_peak_rss_follows_the_read_budget_not_the_model(model_dir, tmp_pa
 
 def test_a_shard_read_larger_than_the_staging_budget_gets_a_budget_that_fits(tmp_path, monkeypatch):
     """Orbax refuses a read larger than its in-flight budget; the restore then retries with one
-    that fits that read, and the weights come back exact."""
+    that fits that read, and the weights come back exact. Reads run concurrently, so the first
+    refused one may be a smaller array than the largest: each retry's budget is larger than the
+    last, and a few retries may be needed."""
     model = create_model(load_config(REPO / "configs" / "tiny.yaml").model)
     model_io.save_model(tmp_path / "model", model)
     budgets = []
@@ -97,7 +99,7 @@ def test_a_shard_read_larger_than_the_staging_budget_gets_a_budget_that_fits(tmp
     monkeypatch.setattr(model_io, "_shard_bytes", lambda x: 1)
     monkeypatch.setattr(model_io, "_staging_options", lambda budget: budgets.append(budget) or staging_options(budget))
     loaded = model_io.load_model_params(tmp_path / "model")
-    assert budgets[0] == 3 and len(budgets) == 2 and budgets[1] > 3
+    assert budgets[0] == 3 and 2 <= len(budgets) <= 3 and all(b < c for b, c in zip(budgets, budgets[1:])), budgets
     want = {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model))}
     got = {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(loaded))}
     assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
