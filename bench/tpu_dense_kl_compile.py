@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsa_train.parallel.hlo_costs import kernel_scoped_vmem
 from dsa_train.kernels.dense_indexer_kl_pallas import TPU_BLOCKS, dense_kl_sum_pallas, pair_flops
 from dsa_train.parallel import sequence_order
 
@@ -61,15 +61,7 @@ def compile_fwd_bwd(device, length: int, form: str):
 
 def kernel_vmem(hlo_text: str) -> dict:
     """Scoped VMEM each Mosaic kernel uses, as the compiled program's custom calls record it."""
-    found = {}
-    for line in hlo_text.splitlines():
-        if 'custom_call_target="tpu_custom_call"' not in line:
-            continue
-        name = re.search(r'(dense_indexer_kl_(?:forward|backward))', line)
-        used = re.search(r'"used_scoped_memory_configs":\[\{[^}]*"size":"(\d+)"', line)
-        if name and used:
-            found[name.group(1)] = int(used.group(1))
-    return found
+    return kernel_scoped_vmem(hlo_text, r'(dense_indexer_kl_(?:forward|backward))')
 
 
 def record(device, length: int, form: str) -> dict:

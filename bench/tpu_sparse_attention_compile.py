@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+from dsa_train.parallel.hlo_costs import kernel_scoped_vmem
 from dsa_train.kernels.sparse_attention_tpu import sparse_mla_attention_tpu
 from dsa_train.ops.attention import NEG_INF
 
@@ -64,15 +64,7 @@ def stated_counts(length: int, heads: int, topk: int, d: int, v_dim: int) -> dic
 
 def kernel_vmem(hlo_text: str) -> dict:
     """Scoped VMEM each Mosaic kernel uses, as the compiled program's custom calls record it."""
-    found = {}
-    for line in hlo_text.splitlines():
-        if 'custom_call_target="tpu_custom_call"' not in line:
-            continue
-        name = re.search(r'op_name="[^"]*?(sparse_mla_[a-z_]+?)[_)]*/pallas_call"', line)
-        used = re.search(r'"used_scoped_memory_configs":\[\{[^}]*"size":"(\d+)"', line)
-        if name and used:
-            found[name.group(1)] = int(used.group(1))
-    return found
+    return kernel_scoped_vmem(hlo_text, r'op_name="[^"]*?(sparse_mla_[a-z_]+?)[_)]*/pallas_call"')
 
 
 def record(device, length: int, heads: int, topk: int, d: int, v_dim: int) -> dict:

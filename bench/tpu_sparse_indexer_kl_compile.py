@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+from dsa_train.parallel.hlo_costs import kernel_scoped_vmem
 from dsa_train.kernels.indexer_kl import sparse_indexer_kl_loss_pallas
 
 RESULTS = Path(__file__).parent / "results" / "tpu_sparse_indexer_kl_compile.json"
@@ -53,15 +53,7 @@ def compile_fwd_bwd(device, length: int, heads: int = 128, topk: int = 2048, d: 
 
 def kernel_vmem(hlo_text: str) -> dict:
     """Scoped VMEM each Mosaic kernel uses, as the compiled program's custom calls record it."""
-    found = {}
-    for line in hlo_text.splitlines():
-        if 'custom_call_target="tpu_custom_call"' not in line:
-            continue
-        name = re.search(r"(sparse_indexer_kl_[a-z_]*[a-z])", line)  # the instruction is named after the kernel
-        used = re.search(r'"used_scoped_memory_configs":\[\{[^}]*"size":"(\d+)"', line)
-        if name and used:
-            found[name.group(1)] = int(used.group(1))
-    return found
+    return kernel_scoped_vmem(hlo_text, r"(sparse_indexer_kl_[a-z_]*[a-z])")
 
 
 def stated_counts(length: int, heads: int, topk: int, d: int, idx_heads: int, idx_dim: int) -> dict:

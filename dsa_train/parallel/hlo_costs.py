@@ -583,3 +583,19 @@ if __name__ == "__main__":  # python -m dsa_train.parallel.hlo_costs program.hlo
     ap.add_argument("--source", help="charge only instructions whose stack frames pass through this file")
     a = ap.parse_args()
     print(json.dumps(program_costs(open(a.hlo).read(), causal_loops=a.causal, source=a.source), indent=1))
+
+
+_SCOPED_VMEM = re.compile(r'"used_scoped_memory_configs":\[\{[^}]*"size":"(\d+)"')
+
+
+def kernel_scoped_vmem(hlo_text: str, kernel_name: str) -> dict[str, int]:
+    """Scoped VMEM bytes of each Mosaic (TPU) kernel in compiled HLO text, as its custom call
+    records it; ``kernel_name`` a regex whose first group is the kernel's name on that line."""
+    found = {}
+    for line in hlo_text.splitlines():
+        if 'custom_call_target="tpu_custom_call"' not in line:
+            continue
+        name, used = re.search(kernel_name, line), _SCOPED_VMEM.search(line)
+        if name and used:
+            found[name.group(1)] = int(used.group(1))
+    return found
