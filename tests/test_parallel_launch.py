@@ -22,6 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 COMMON = ["train.batch_size=4", "train.seq_len=32", "model.index_topk=8", "checkpoint.save_every=2",
           "train.log_every=1", "data.num_pairs=4", "data.num_queries=2"]
 COMPARED = ("loss", "lm_loss", "indexer_kl", "grad_norm/main", "grad_norm/indexer")
+# Relative tolerance per metric. Two identical launches of the sparse run over 2 processes (gloo)
+# agree bitwise in everything but the indexer's gradient norm, which differed in 1 launch of 16
+# (6e-5, once 4e-3 relative); one process with 4 devices reproduces it bitwise.
+RTOL = {"grad_norm/indexer": 1e-2}
 
 
 def launch(*overrides: str, timeout: int = 900, processes: int = 2, cpu_devices: int = 2) -> str:
@@ -100,7 +104,7 @@ def test_two_processes_warmup_sparse_checkpoint_resume(tmp_path):
     for step in (1, 2, 3, 4):
         for key in COMPARED:
             a, b = resumed[step][key], reference[step][key]
-            assert a == pytest.approx(b, rel=1e-5, abs=1e-7), (step, key, a, b)
+            assert a == pytest.approx(b, rel=RTOL.get(key, 1e-5), abs=1e-7), (step, key, a, b)
 
 
 @pytest.mark.slow
