@@ -48,6 +48,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from dsa_train.kernels import row_blocks as rb
 
@@ -55,6 +56,10 @@ F32 = jnp.float32
 NEG = -jnp.inf
 
 BLOCKS = (64, 256)  # (block_q, block_k)
+# The ``checkpoint_name`` of pass A's residuals (lse_I, psum and the target part of the gradient, fp32,
+# O(S + T) per row), here and in the Pallas form: a remat policy that saves them keeps the backward
+# from running pass A, and so forming the target, a second time (parallel/layers.py).
+PASS_A_RESIDUALS = "dense_indexer_kl_pass_a"
 
 
 def pair_flops(n_heads: int, head_dim: int, n_idx_heads: int, idx_head_dim: int, grads: bool = True) -> int:
@@ -196,6 +201,7 @@ def _kl_sum(cfg, q_idx, k_idx, w_idx, q, k, lse, weights, q_pos, q_seg, k_seg):
 def _kl_sum_fwd(cfg, q_idx, k_idx, w_idx, q, k, lse, weights, q_pos, q_seg, k_seg):
     (kl, lse_i, psum), target_part = _pass_a(cfg, True, q, k, lse, q_idx, k_idx, w_idx, weights, q_pos, q_seg,
                                              k_seg)
+    lse_i, psum, target_part = checkpoint_name((lse_i, psum, target_part), PASS_A_RESIDUALS)
     res = (q_idx, k_idx, w_idx, weights, q_pos, q_seg, k_seg, lse_i, psum, target_part)
     return (kl * weights).sum(), res
 

@@ -60,10 +60,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
 from dsa_train.kernels import indexer_tiles as tiles
 from dsa_train.kernels import row_blocks as rb
+from dsa_train.kernels.dense_indexer_kl import PASS_A_RESIDUALS
 
 F32 = jnp.float32
 NEG = -jnp.inf
@@ -548,7 +550,9 @@ def _kl_sum(cfg, q_idx, k_idx, w_idx, q, k, lse, weights, q_pos, q_seg, k_seg):
 def _kl_sum_fwd(cfg, q_idx, k_idx, w_idx, q, k, lse, weights, q_pos, q_seg, k_seg):
     kl, lse_i, psum, *target_part = _run(cfg, STATS_GRADS, q, k, lse, q_idx, k_idx, w_idx, q_pos, q_seg, k_seg,
                                          {"wt": weights})
-    res = (q_idx, k_idx, w_idx, weights, q_pos, q_seg, k_seg, lse_i, psum, tuple(target_part))
+    # Named so a remat policy can keep pass A's results: recomputing them would form the target again.
+    lse_i, psum, target_part = checkpoint_name((lse_i, psum, tuple(target_part)), PASS_A_RESIDUALS)
+    res = (q_idx, k_idx, w_idx, weights, q_pos, q_seg, k_seg, lse_i, psum, target_part)
     return (kl * weights).sum(), res
 
 

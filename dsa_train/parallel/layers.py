@@ -9,20 +9,23 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from dsa_train.kernels.dense_indexer_kl import PASS_A_RESIDUALS
 from dsa_train.ops.indexer import TOPK_INDICES
 from dsa_train.parallel.scope import constrain, remat_policy
 
 # The residual stream between layers: [batch, sequence, hidden] (hidden replicated).
 RESIDUAL = ("batch", "sequence", None)
 
-# What the backward pass may keep instead of recomputing, per `train.remat`. Both keep the
-# indexer's selected indices (small int32 [B, S, K]): re-running the top-k would cost a second
-# pass of indexer scoring over every causal pair.
-_KEEP_INDICES = jax.checkpoint_policies.save_only_these_names(TOPK_INDICES)
+# What the backward pass may keep instead of recomputing, per `train.remat`. Both keep what costs a
+# pass over every causal (query, key) pair to recompute:
+# - the indexer's selected indices (sparse stage; int32 [B, S, K]): else a second top-k scoring;
+# - the warm-up's dense-KL pass A residuals (fp32 [B, S, Hi, Di] + [B, T, Di] + O(S) per layer:
+#   0.34 GB per layer on a 671B chip at 128K under context 16): else the 128-head target again.
+_KEEP_PAIR_PASSES = jax.checkpoint_policies.save_only_these_names(TOPK_INDICES, PASS_A_RESIDUALS)
 POLICIES = {
-    "full": _KEEP_INDICES,  # keep only the layer's inputs and the indices: recompute everything else
+    "full": _KEEP_PAIR_PASSES,  # keep only the layer's inputs and those: recompute everything else
     "dots": jax.checkpoint_policies.save_from_both_policies(  # also keep weight matmul outputs
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_INDICES),
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_PAIR_PASSES),
 }
 
 

@@ -221,9 +221,12 @@ def activation_memory(config, loc: Local, stage: str, remat: str, *, fsdp: int =
             # Only the backward pass (weight gradients) of ragged_dot is lowered densely on CPU.
             moe_tmp = max(moe_tmp, _moe_transient(m, loc, c, cpu_lowering and trains_main))
         if not trains_main and remat != "none":
-            # Frozen main model under remat: only the layer input is kept; the backward pass
-            # recomputes the layer's forward (see the "one layer" phase).
-            saved_total += c * m.hidden_size * n
+            # Frozen main model under remat: the layer input and the dense KL's pass A residuals
+            # (fp32 lse_I, psum, target-part dq [Hi, Di] and dw [Hi] per query, dk [Di] per key of
+            # the whole row) are kept; the backward pass recomputes the rest of the layer's forward
+            # (see the "one layer" phase).
+            hi, di = m.index_n_heads, m.index_head_dim
+            saved_total += (c * m.hidden_size + 4 * (hi * di + hi + 2)) * n + 4 * di * loc.rows * loc.seq_full
         elif not trains_main:
             # Frozen main model: the backward pass needs only the indexer's inputs/outputs and the
             # (detached) attention inputs of the KL; everything else is transient.
