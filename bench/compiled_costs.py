@@ -15,6 +15,9 @@ each scanned stack, and the step time built from them.
     # --xla_dump_to=DIR --xla_dump_hlo_as_text) when the walker changed: memory stays as compiled
     python bench/compiled_costs.py --rewalk old.json DIR/module_0000.jit_train_step.*.after_optimizations.txt ...
 
+    # one (stage, length) compiled again: its entry in bench/results/plan_compiled.json replaced
+    python bench/compiled_costs.py --update new.json --out bench/results/plan_compiled.json
+
 Writes bench/results/compiled_costs.json and .md (or --out), and, unless --no-docs, the figures
 between the `compiled-plan` markers of docs/plan-671b.md and README.md. On 2 CPU cores each compile
 takes minutes (the JSON records lower and compile seconds); a compile that fails is recorded with
@@ -73,6 +76,11 @@ def run_one(stage: str, seq_len: int, depth_cut: str | None, target: str, timeou
     result = json.loads(last[-1])[0]
     result["wall_s"] = wall
     result["command"] = "dsa-train " + " ".join(f"'{c}'" if " " in c else c for c in cmd[3:])
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True).stdout.strip()
+    if commit.returncode == 0:
+        result["compiled_from_commit"] = commit.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
     return result
 
 
@@ -129,6 +137,14 @@ def rewalk(result_files: list[str], hlo_files: list[str]) -> list[dict]:
     return results
 
 
+def update(results: list[dict], result_files: list[str]) -> list[dict]:
+    """``results`` with the entry of each (stage, seq_len) in ``result_files`` replaced by theirs."""
+    key = lambda r: (r["stage"], r["seq_len"])  # noqa: E731
+    newer = {key(r): r for f in result_files for r in json.loads(Path(f).read_text())["results"]}
+    merged = [newer.pop(key(r), r) for r in results]
+    return merged + list(newer.values())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
@@ -143,6 +159,9 @@ def main() -> None:
     p.add_argument("--no-docs", action="store_true", help="do not update docs/plan-671b.md and README.md")
     p.add_argument("--rewalk", nargs="+", metavar="FILE",
                    help="no compile: result JSON files then, in the same order, the optimized HLO each was dumped as")
+    p.add_argument("--update", nargs="+", metavar="FILE",
+                   help="no compile: the results already in --out, each (stage, length) that a result JSON file "
+                        "given here holds replaced by its entry there (new ones appended)")
     args = p.parse_args()
     results = []
     if args.rewalk:
@@ -150,7 +169,9 @@ def main() -> None:
         if len(args.rewalk) % 2:
             p.error("--rewalk: as many HLO files as result files")
         results = rewalk(args.rewalk[:half], args.rewalk[half:])
-    for seq_len in [] if args.rewalk else args.lengths:
+    if args.update:
+        results = update(json.loads(Path(args.out).read_text())["results"], args.update)
+    for seq_len in [] if args.rewalk or args.update else args.lengths:
         for stage in args.stages:
             target = "tpu-v5p"
             cut = None if args.depth_cut == "full" else args.depth_cut

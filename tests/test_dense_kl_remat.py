@@ -93,3 +93,32 @@ def test_residuals_give_the_same_gradients():
         np.testing.assert_allclose(v, rv, rtol=1e-6)
         for a, b in zip(g, rg):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_tpu_scanned_layers_keep_the_kernel_unfused(device):
+    """Scanned layers stack the kept residuals per layer; XLA:TPU must not fuse those stacking
+    writes into the kernel's call (the fused call gets the default scoped VMEM, not the kernel's:
+    at the 671B shapes it then fails to compile)."""
+    pytest.importorskip("libtpu")
+    s, h, d, hi, di, width, layers = 512, 2, 128, 2, 128, 256, 2
+    spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(  # noqa: E731
+        shape, dtype, sharding=jax.sharding.SingleDeviceSharding(device))
+    weights, *rest = _args(spec, s, h, d, hi, di, width)
+    stacked = tuple(spec(layers, *w.shape) for w in weights)
+    kl_sum = lambda *a: kl_pallas.dense_kl_sum_pallas(*a, sm_scale=0.1, variant="tpu")  # noqa: E731
+
+    def loss(ws, x, q, k, lse, positions, seg, valid):
+        def body(total, w):
+            wq, wk, ww = w
+
+            def one(w3):
+                q_idx = (x @ w3[0]).reshape(1, s, hi, di)
+                return kl_sum(q, k, lse, q_idx, x @ w3[1], x @ w3[2], valid, positions, seg, seg)
+
+            return total + jax.checkpoint(one, policy=POLICIES["full"])((wq, wk, ww)), None
+
+        return jax.lax.scan(body, jnp.float32(0), ws)[0]
+
+    text = jax.jit(jax.value_and_grad(loss)).lower(stacked, *rest).compile().as_text()
+    kernels = [line for line in text.splitlines() if re.search(r"%dense_indexer_kl_forward[.\w]* = ", line)]
+    assert kernels and all(" custom-call(" in line for line in kernels), [line[:200] for line in kernels]

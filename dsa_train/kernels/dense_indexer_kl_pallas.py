@@ -551,7 +551,10 @@ def _kl_sum_fwd(cfg, q_idx, k_idx, w_idx, q, k, lse, weights, q_pos, q_seg, k_se
     kl, lse_i, psum, *target_part = _run(cfg, STATS_GRADS, q, k, lse, q_idx, k_idx, w_idx, q_pos, q_seg, k_seg,
                                          {"wt": weights})
     # Named so a remat policy can keep pass A's results: recomputing them would form the target again.
-    lse_i, psum, target_part = checkpoint_name((lse_i, psum, tuple(target_part)), PASS_A_RESIDUALS)
+    # The barrier keeps XLA:TPU from fusing the writes that stack them per scanned layer into the
+    # kernel's call (such a fusion is held to the default 16 MiB of scoped VMEM, not the kernel's).
+    saved = jax.lax.optimization_barrier((lse_i, psum, tuple(target_part)))
+    lse_i, psum, target_part = checkpoint_name(saved, PASS_A_RESIDUALS)
     res = (q_idx, k_idx, w_idx, weights, q_pos, q_seg, k_seg, lse_i, psum, target_part)
     return (kl * weights).sum(), res
 

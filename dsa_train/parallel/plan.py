@@ -193,6 +193,22 @@ def layer_activations(m, loc: Local, stage: str, moe_layer: bool, c: int) -> dic
     return {"attention": attn, "ffn": ffn}
 
 
+def remat_kept_per_layer(m, loc: Local, stage: str) -> float:
+    """Bytes per device that one decoder layer keeps under ``remat: full`` (parallel/layers.py's
+    policy): its input, and what costs a pass over every causal pair to recompute: the sparse
+    stage's top-k indices (int32 [K] per query), the warm-up's dense-KL pass A residuals (fp32
+    lse_I, psum, the target part's dq [Hi, Di] and dw [Hi] per query, dk [Di] per key of the whole
+    row)."""
+    c = 2 if m.compute_dtype == "bfloat16" else 4
+    kept = c * m.hidden_size * loc.tokens
+    if stage == "sparse":
+        kept += 4 * min(m.index_topk, loc.seq_full) * loc.tokens
+    elif stage == "warmup":
+        hi, di = m.index_n_heads, m.index_head_dim
+        kept += 4 * (hi * di + hi + 2) * loc.tokens + 4 * di * loc.rows * loc.seq_full
+    return kept
+
+
 def activation_memory(config, loc: Local, stage: str, remat: str, *, fsdp: int = 1, cpu_lowering: bool = False,
                       largest_param: float = 0.0) -> dict:
     """Bytes per device: what the backward pass keeps for every layer, plus the largest of the
@@ -221,12 +237,9 @@ def activation_memory(config, loc: Local, stage: str, remat: str, *, fsdp: int =
             # Only the backward pass (weight gradients) of ragged_dot is lowered densely on CPU.
             moe_tmp = max(moe_tmp, _moe_transient(m, loc, c, cpu_lowering and trains_main))
         if not trains_main and remat != "none":
-            # Frozen main model under remat: the layer input and the dense KL's pass A residuals
-            # (fp32 lse_I, psum, target-part dq [Hi, Di] and dw [Hi] per query, dk [Di] per key of
-            # the whole row) are kept; the backward pass recomputes the rest of the layer's forward
-            # (see the "one layer" phase).
-            hi, di = m.index_n_heads, m.index_head_dim
-            saved_total += (c * m.hidden_size + 4 * (hi * di + hi + 2)) * n + 4 * di * loc.rows * loc.seq_full
+            # Frozen main model under remat: what the policy keeps (remat_kept_per_layer); the
+            # backward pass recomputes the rest of the layer's forward (see the "one layer" phase).
+            saved_total += remat_kept_per_layer(m, loc, stage)
         elif not trains_main:
             # Frozen main model: the backward pass needs only the indexer's inputs/outputs and the
             # (detached) attention inputs of the KL; everything else is transient.
@@ -235,7 +248,7 @@ def activation_memory(config, loc: Local, stage: str, remat: str, *, fsdp: int =
                     + att["q absorbed [H, 576]"] + att["kv absorbed [576]"] + 4 * _div(m.num_attention_heads, loc.tp))
             saved_total += keep * n
         elif remat == "full":
-            saved_total += c * m.hidden_size * n
+            saved_total += remat_kept_per_layer(m, loc, stage)
         elif remat == "dots":
             saved_total += 0.5 * per_token * n
         else:

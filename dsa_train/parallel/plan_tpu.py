@@ -241,15 +241,15 @@ def add_step_times(m: dict, chip: Chip) -> None:
 def extrapolate_memory(peak: float, cut_cfg, full_cfg, mesh, rules) -> dict:
     """Per-chip peak at the full depth: the compiled peak, plus the exact difference of parameters
     and optimizer state (abstract train states of both depths, sharded), plus what ``remat: full``
-    keeps per extra layer (its input: hidden x local tokens in the compute dtype)."""
-    from dsa_train.parallel.plan import local_sizes, state_memory
+    keeps per extra layer (``plan.remat_kept_per_layer``: its input, the sparse stage's top-k indices,
+    the warm-up's dense-KL residuals)."""
+    from dsa_train.parallel.plan import local_sizes, remat_kept_per_layer, state_memory
 
     cut, full = state_memory(cut_cfg, mesh, rules), state_memory(full_cfg, mesh, rules)
     state = (full["params"] + full["optimizer"] + full["grads"]) - (cut["params"] + cut["optimizer"] + cut["grads"])
     loc = local_sizes(full_cfg, mesh, rules, full_cfg.train.batch_size, full_cfg.train.seq_len)
-    c = 2 if full_cfg.model.compute_dtype == "bfloat16" else 4
     extra_layers = full_cfg.model.num_hidden_layers - cut_cfg.model.num_hidden_layers
-    saved = extra_layers * c * full_cfg.model.hidden_size * loc.tokens
+    saved = extra_layers * remat_kept_per_layer(full_cfg.model, loc, full_cfg.train.stage)
     return {"peak": peak + state + saved, "state_difference": state, "saved_inputs": saved}
 
 
@@ -304,7 +304,7 @@ def format_tpu_stage(stage: str, cfg, chip: Chip, topology: str, m: dict) -> lis
             fm = m["full_memory"]
             lines.append(f"Per-chip peak extrapolated to {fs} layers: {_gb(fm['peak'])} (compiled peak + "
                          f"{_gb(fm['state_difference'])} more parameters / optimizer state / gradients, exact, + "
-                         f"{_gb(fm['saved_inputs'])} of remat-saved layer inputs): "
+                         f"{_gb(fm['saved_inputs'])} that remat keeps for the extra layers): "
                          f"{'fits' if m['fits'] else 'DOES NOT FIT'} in {HEADROOM:.0%} of {chip.hbm / GB:.0f} GB.")
         if m["full_time"]:
             f, ft = m["full_depth"], m["full_time"]
