@@ -271,16 +271,17 @@ def activation_memory(config, loc: Local, stage: str, remat: str, *, fsdp: int =
 
 
 def _one_layer(m, loc: Local, stage: str, remat: str, layer_max: float) -> float:
-    """The layer whose forward is live: warm-up without remat, about half its intermediates at
-    once; any recomputation (remat), all of them, and in the warm-up the KL's fp32 copies of the
-    absorbed queries (x2) and of the latent attention output."""
+    """The layer whose forward is live. Warm-up: about half its intermediates at once, and under
+    remat the KL's fp32 copies of the absorbed queries (x2) and of the latent attention output
+    (the backward pass recomputes only the indexer's projections: the dense KL's pass A residuals
+    are kept). Sparse: any recomputation (remat) holds all of them."""
     if stage != "warmup":
         return layer_max if remat != "none" else 0.0
     if remat == "none":
         return 0.5 * layer_max
     h = _div(m.num_attention_heads, loc.tp)
     kl_copies = 4 * h * (2 * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank) * loc.tokens
-    return layer_max + kl_copies
+    return 0.5 * layer_max + kl_copies
 
 
 # An upper bound of the fp32 tiles the dense kernels hold per shard and layer (a [1, 128, 128, 256]
