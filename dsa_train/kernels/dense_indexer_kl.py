@@ -51,15 +51,12 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from dsa_train.kernels import row_blocks as rb
+from dsa_train.ops.losses import PASS_A_RESIDUALS
 
 F32 = jnp.float32
 NEG = -jnp.inf
 
 BLOCKS = (64, 256)  # (block_q, block_k)
-# The ``checkpoint_name`` of pass A's residuals (lse_I, psum and the target part of the gradient, fp32,
-# O(S + T) per row), here and in the Pallas form: a remat policy that saves them keeps the backward
-# from running pass A, and so forming the target, a second time (parallel/layers.py).
-PASS_A_RESIDUALS = "dense_indexer_kl_pass_a"
 
 
 def pair_flops(n_heads: int, head_dim: int, n_idx_heads: int, idx_head_dim: int, grads: bool = True) -> int:

@@ -65,7 +65,7 @@ from jax.experimental import pallas as pl
 
 from dsa_train.kernels import indexer_tiles as tiles
 from dsa_train.kernels import row_blocks as rb
-from dsa_train.kernels.dense_indexer_kl import PASS_A_RESIDUALS
+from dsa_train.ops.losses import PASS_A_RESIDUALS
 
 F32 = jnp.float32
 NEG = -jnp.inf

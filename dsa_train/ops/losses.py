@@ -16,6 +16,11 @@ from dsa_train.ops.attention import NEG_INF, gather_keys
 from dsa_train.ops.indexer import masked_indexer_scores
 from dsa_train.ops.masks import causal_document_mask
 
+# Name of the dense indexer KL's pass A residuals for remat policies (jax.ad_checkpoint.checkpoint_name;
+# kernels/dense_indexer_kl.py): lse_I, psum and the target part of the gradient, fp32, O(S + T) per
+# row. A policy that keeps them spares the backward pass forming the target a second time.
+PASS_A_RESIDUALS = "dense_indexer_kl_pass_a"
+
 
 def _xlogy(p: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)

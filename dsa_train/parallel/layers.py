@@ -9,8 +9,8 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from dsa_train.kernels.dense_indexer_kl import PASS_A_RESIDUALS
 from dsa_train.ops.indexer import TOPK_INDICES
+from dsa_train.ops.losses import PASS_A_RESIDUALS
 from dsa_train.parallel.scope import constrain, remat_policy
 
 # The residual stream between layers: [batch, sequence, hidden] (hidden replicated).
