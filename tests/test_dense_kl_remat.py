@@ -21,17 +21,22 @@ from dsa_train.parallel.layers import POLICIES
 NOTHING = jax.checkpoint_policies.nothing_saveable
 
 
-def _step(kl_sum, policy, s, hi, di):
-    """value_and_grad of the KL w.r.t. indexer projections applied inside the checkpoint (as the
-    decoder layer does), the main attention's q, k, lse given."""
+def _layer_loss(kl_sum, s, hi, di):
+    """One layer's KL as a function of its indexer projections (applied inside, as the decoder
+    layer does), the main attention's q, k, lse given."""
 
     def loss(weights, x, q, k, lse, positions, seg, valid):
         wq, wk, ww = weights
         q_idx = (x @ wq).reshape(x.shape[0], s, hi, di)
         return kl_sum(q, k, lse, q_idx, x @ wk, x @ ww, valid, positions, seg, seg)
 
-    return jax.jit(lambda weights, *rest: jax.value_and_grad(
-        lambda w: jax.checkpoint(loss, policy=policy)(w, *rest))(weights))
+    return loss
+
+
+def _step(kl_sum, policy, s, hi, di):
+    """value_and_grad of one checkpointed layer's KL w.r.t. its indexer projections."""
+    loss = jax.checkpoint(_layer_loss(kl_sum, s, hi, di), policy=policy)
+    return jax.jit(lambda weights, *rest: jax.value_and_grad(lambda w: loss(w, *rest))(weights))
 
 
 def _args(spec, s, h, d, hi, di, width):
@@ -107,17 +112,10 @@ def test_tpu_scanned_layers_keep_the_kernel_unfused(device):
     stacked = tuple(spec(layers, *w.shape) for w in weights)
     kl_sum = lambda *a: kl_pallas.dense_kl_sum_pallas(*a, sm_scale=0.1, variant="tpu")  # noqa: E731
 
-    def loss(ws, x, q, k, lse, positions, seg, valid):
-        def body(total, w):
-            wq, wk, ww = w
+    layer = jax.checkpoint(_layer_loss(kl_sum, s, hi, di), policy=POLICIES["full"])
 
-            def one(w3):
-                q_idx = (x @ w3[0]).reshape(1, s, hi, di)
-                return kl_sum(q, k, lse, q_idx, x @ w3[1], x @ w3[2], valid, positions, seg, seg)
-
-            return total + jax.checkpoint(one, policy=POLICIES["full"])((wq, wk, ww)), None
-
-        return jax.lax.scan(body, jnp.float32(0), ws)[0]
+    def loss(ws, *inputs):
+        return jax.lax.scan(lambda total, w: (total + layer(w, *inputs), None), jnp.float32(0), ws)[0]
 
     text = jax.jit(jax.value_and_grad(loss)).lower(stacked, *rest).compile().as_text()
     kernels = [line for line in text.splitlines() if re.search(r"%dense_indexer_kl_forward[.\w]* = ", line)]
